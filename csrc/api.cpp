@@ -1,0 +1,64 @@
+// tokred.h: typed calls into the dispatcher. Looking ops up by name keeps this file free of
+// kernel symbols, so the same header serves CPU and CUDA builds.
+#include "tokred.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace tokred {
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+}  // namespace
+
+TensorPair topk(const at::Tensor& scores, int64_t k, bool largest, const OptTensor& lengths) {
+  static auto h =
+      op<TensorPair(const at::Tensor&, c10::SymInt, bool, const OptTensor&)>("tokred::topk");
+  return h.call(scores, k, largest, lengths);
+}
+
+at::Tensor topk_backward(const at::Tensor& grad_values, const at::Tensor& indices, int64_t n) {
+  static auto h =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>("tokred::_topk_backward");
+  return h.call(grad_values, indices, n);
+}
+
+at::Tensor gather_tokens(const at::Tensor& x, const at::Tensor& index) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&)>("tokred::gather_tokens");
+  return h.call(x, index);
+}
+
+at::Tensor gather_tokens_backward(const at::Tensor& grad, const at::Tensor& index, int64_t n) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::SymInt)>(
+      "tokred::_gather_tokens_backward");
+  return h.call(grad, index, n);
+}
+
+at::Tensor complement(const at::Tensor& index, int64_t n) {
+  static auto h = op<at::Tensor(const at::Tensor&, c10::SymInt)>("tokred::complement");
+  return h.call(index, n);
+}
+
+TensorPair prune_tokens(const at::Tensor& x, const at::Tensor& scores, int64_t k, bool fuse,
+                        int64_t num_protected, bool keep_order) {
+  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, c10::SymInt, bool,
+                                c10::SymInt, bool)>("tokred::prune_tokens");
+  return h.call(x, scores, k, fuse, num_protected, keep_order);
+}
+
+TensorPair prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                 const at::Tensor& scores, const at::Tensor& index, bool fuse,
+                                 int64_t num_protected) {
+  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, bool, c10::SymInt)>(
+      "tokred::_prune_tokens_backward");
+  return h.call(grad_out, x, scores, index, fuse, num_protected);
+}
+
+}  // namespace tokred

@@ -1,0 +1,14 @@
+// Mᵀ on the CPU: the deterministic segmented sum that every backward (and ToMe's merge) uses.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace tokred {
+
+// out[b, index[b, k], :] = Σ_k src[b, k, :], summed in ascending k with a float32 (or wider)
+// accumulator. src [B, K, C], index [B, K] int64 with entries in [-1, n); -1 marks padding and
+// contributes nothing. Returns [B, n, C] in src's dtype.
+at::Tensor scatter_sum_rows_cpu(const at::Tensor& src, const at::Tensor& index, int64_t n,
+                                const char* op);
+
+}  // namespace tokred

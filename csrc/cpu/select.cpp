@@ -1,0 +1,302 @@
+// CPU kernels of the selection ops: rows run in parallel with at::parallel_for; each row is
+// selected with a partial sort under tokred's total order (common/rank.h).
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/rank.h"
+#include "common/select_args.h"
+#include "cpu/segment.h"
+
+namespace tokred {
+namespace {
+
+int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
+// Loads row[0..n) as double: exact for every supported dtype, so the order is the same as on
+// the original values.
+template <typename scalar_t>
+void load_row(const scalar_t* row, int64_t n, int64_t stride, std::vector<double>& buf) {
+  buf.resize(n);
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<double>(row[i * stride]);
+}
+
+// The first min(k, len) positions of row[0..len) in selection order.
+void select_row(const std::vector<double>& row, int64_t len, int64_t k, bool largest,
+                std::vector<int64_t>& order) {
+  order.resize(len);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  auto before = [&](int64_t a, int64_t b) {
+    return comes_before(row[a], a, row[b], b, largest);
+  };
+  const int64_t m = std::min(k, len);
+  if (m < len) {
+    std::partial_sort(order.begin(), order.begin() + m, order.end(), before);
+  } else {
+    std::sort(order.begin(), order.end(), before);
+  }
+  order.resize(m);
+}
+
+template <typename scalar_t>
+void copy_row(scalar_t* dst, const scalar_t* src, int64_t C, int64_t stride) {
+  if (stride == 1) {
+    std::copy(src, src + C, dst);
+  } else {
+    for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores_in, int64_t k, bool largest,
+                                            const std::optional<at::Tensor>& lengths_in) {
+  const auto shape = check_topk(scores_in, k, lengths_in);
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t n = scores.size(-1);
+  const int64_t rows = leading_rows(scores);
+  std::vector<int64_t> out_shape(scores.sizes().begin(), scores.sizes().end());
+  out_shape.back() = k;
+  at::Tensor values = at::empty(out_shape, scores.options());
+  at::Tensor indices = at::empty(out_shape, scores.options().dtype(at::kLong));
+  const at::Tensor lengths = lengths_in.has_value() ? as_int64(*lengths_in) : at::Tensor();
+  const int64_t* len_p = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+  TOKRED_DISPATCH_FLOATS(scores.scalar_type(), "tokred_topk_cpu", [&] {
+    const scalar_t* s = scores.data_ptr<scalar_t>();
+    scalar_t* v = values.data_ptr<scalar_t>();
+    int64_t* ix = indices.data_ptr<int64_t>();
+    const scalar_t pad = largest ? -std::numeric_limits<scalar_t>::infinity()
+                                 : std::numeric_limits<scalar_t>::infinity();
+    const int64_t grain = std::max<int64_t>(1, 16384 / (n + 1));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<double> row;
+      std::vector<int64_t> order;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t len = len_p ? len_p[r] : n;
+        TORCH_CHECK(len >= 0 && len <= n, "tokred::topk: argument 'lengths' must hold values in [0, ",
+                    n, "], got ", len, " for row ", r);
+        load_row(s + r * n, len, 1, row);
+        select_row(row, len, k, largest, order);
+        const int64_t m = static_cast<int64_t>(order.size());
+        for (int64_t j = 0; j < m; ++j) {
+          v[r * k + j] = s[r * n + order[j]];
+          ix[r * k + j] = order[j];
+        }
+        for (int64_t j = m; j < k; ++j) {
+          v[r * k + j] = pad;
+          ix[r * k + j] = -1;
+        }
+      }
+    });
+  });
+  return {values, indices};
+}
+
+at::Tensor topk_backward_cpu(const at::Tensor& grad, const at::Tensor& indices, int64_t n) {
+  check_topk_backward(grad, indices, n);
+  const int64_t k = grad.size(-1);
+  const int64_t rows = leading_rows(grad);
+  std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
+  shape.back() = n;
+  const at::Tensor summed = scatter_sum_rows_cpu(grad.reshape({rows, k, 1}),
+                                                 indices.reshape({rows, k}), n, "_topk_backward");
+  return summed.view(shape);
+}
+
+at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index_in) {
+  check_gather_tokens(x, index_in);
+  const at::Tensor index = as_int64(index_in);
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = index.size(1);
+  at::Tensor out = at::empty({B, K, C}, x.options());
+  TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_gather_tokens_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+    const int64_t grain = std::max<int64_t>(1, 32768 / (C + 1));
+    at::parallel_for(0, B * K, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / K, i = ip[r];
+        TORCH_CHECK(i >= -1 && i < N, "tokred::gather_tokens: argument 'index' holds ", i, " at [",
+                    b, ", ", r % K, "], expected values in [0, ", N, ") or -1 for padding");
+        if (i < 0) {
+          std::fill(op + r * C, op + (r + 1) * C, scalar_t(0));
+        } else {
+          copy_row(op + r * C, xp + b * s0 + i * s1, C, s2);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& index, int64_t n) {
+  check_gather_tokens_backward(grad, index, n);
+  return scatter_sum_rows_cpu(grad, index, n, "_gather_tokens_backward");
+}
+
+at::Tensor complement_cpu(const at::Tensor& index_in, int64_t n) {
+  check_complement(index_in, n);
+  const at::Tensor index = as_int64(index_in);
+  const int64_t B = index.size(0), K = index.size(1);
+  at::Tensor out = at::empty({B, n - K}, index.options());
+  const int64_t* ip = index.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<char> seen;
+    for (int64_t b = b0; b < b1; ++b) {
+      seen.assign(n, 0);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = ip[b * K + k];
+        TORCH_CHECK(i >= 0 && i < n, "tokred::complement: argument 'index' holds ", i, " at [", b,
+                    ", ", k, "], expected values in [0, ", n, ")");
+        TORCH_CHECK(!seen[i], "tokred::complement: argument 'index' holds ", i,
+                    " twice in row ", b, ", expected distinct indices");
+        seen[i] = 1;
+      }
+      int64_t j = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!seen[i]) op[b * (n - K) + j++] = i;
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
+                                                    const at::Tensor& scores_in, int64_t k,
+                                                    bool fuse, int64_t P, bool keep_order) {
+  check_prune_tokens(x, scores_in, k, fuse, P);
+  const at::Tensor scores = scores_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(2), N = scores.size(1);
+  const int64_t rows_out = P + k + (fuse ? 1 : 0);
+  at::Tensor out = at::empty({B, rows_out, C}, x.options());
+  at::Tensor index = at::empty({B, k}, x.options().dtype(at::kLong));
+  TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_prune_tokens_cpu", [&] {
+    using x_t = scalar_t;
+    using acc_t = at::opmath_type<x_t>;
+    TOKRED_DISPATCH_FLOATS(scores.scalar_type(), "tokred_prune_tokens_cpu_scores", [&] {
+      const scalar_t* sp = scores.data_ptr<scalar_t>();
+      const x_t* xp = x.data_ptr<x_t>();
+      x_t* op = out.data_ptr<x_t>();
+      int64_t* ip = index.data_ptr<int64_t>();
+      const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<double> row;
+        std::vector<int64_t> order;
+        std::vector<char> kept;
+        std::vector<acc_t> acc;
+        for (int64_t b = b0; b < b1; ++b) {
+          load_row(sp + b * N, N, 1, row);
+          select_row(row, N, k, /*largest=*/true, order);
+          if (keep_order) std::sort(order.begin(), order.end());
+          const x_t* xb = xp + b * s0;
+          x_t* ob = op + b * rows_out * C;
+          for (int64_t r = 0; r < P; ++r) copy_row(ob + r * C, xb + r * s1, C, s2);
+          for (int64_t j = 0; j < k; ++j) {
+            ip[b * k + j] = order[j];
+            copy_row(ob + (P + j) * C, xb + (P + order[j]) * s1, C, s2);
+          }
+          if (!fuse) continue;
+          // EViT's extra token: Σ over dropped tokens of score·x, in ascending token order.
+          kept.assign(N, 0);
+          for (int64_t j = 0; j < k; ++j) kept[order[j]] = 1;
+          acc.assign(C, acc_t(0));
+          for (int64_t i = 0; i < N; ++i) {
+            if (kept[i]) continue;
+            const acc_t w = static_cast<acc_t>(sp[b * N + i]);
+            const x_t* xi = xb + (P + i) * s1;
+            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(xi[c * s2]);
+          }
+          x_t* fused = ob + (P + k) * C;
+          for (int64_t c = 0; c < C; ++c) fused[c] = static_cast<x_t>(acc[c]);
+        }
+      });
+    });
+  });
+  return {out, index};
+}
+
+std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& scores_in,
+    const at::Tensor& index_in, bool fuse, int64_t P) {
+  check_prune_tokens_backward(grad_in, x, scores_in, index_in, fuse, P);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor index = as_int64(index_in);
+  const int64_t B = x.size(0), C = x.size(2), N = scores.size(1), k = index.size(1);
+  const int64_t rows_out = grad.size(1);
+  at::Tensor grad_x = at::empty({B, P + N, C}, grad.options());
+  at::Tensor grad_s = at::empty({B, N}, scores.options());
+  TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_prune_tokens_backward_cpu", [&] {
+    using g_t = scalar_t;
+    using acc_t = at::opmath_type<g_t>;
+    TOKRED_DISPATCH_FLOATS(scores.scalar_type(), "tokred_prune_tokens_backward_cpu_scores", [&] {
+      const g_t* gp = grad.data_ptr<g_t>();
+      const g_t* xp = x.data_ptr<g_t>();
+      const scalar_t* sp = scores.data_ptr<scalar_t>();
+      const int64_t* ip = index.data_ptr<int64_t>();
+      g_t* gx = grad_x.data_ptr<g_t>();
+      scalar_t* gs = grad_s.data_ptr<scalar_t>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<int64_t> pos;
+        for (int64_t b = b0; b < b1; ++b) {
+          const g_t* gb = gp + b * rows_out * C;
+          const g_t* gfused = gb + (P + k) * C;
+          g_t* gxb = gx + b * (P + N) * C;
+          const g_t* xb = xp + b * x.stride(0);
+          pos.assign(N, -1);
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t i = ip[b * k + j];
+            TORCH_CHECK(i >= 0 && i < N, "tokred::_prune_tokens_backward: argument 'index' holds ",
+                        i, ", expected values in [0, ", N, ")");
+            pos[i] = j;
+          }
+          std::copy(gb, gb + P * C, gxb);
+          for (int64_t i = 0; i < N; ++i) {
+            g_t* dst = gxb + (P + i) * C;
+            if (pos[i] >= 0) {
+              std::copy(gb + (P + pos[i]) * C, gb + (P + pos[i] + 1) * C, dst);
+              gs[b * N + i] = scalar_t(0);
+            } else if (fuse) {
+              const acc_t w = static_cast<acc_t>(sp[b * N + i]);
+              double dot = 0;
+              for (int64_t c = 0; c < C; ++c) {
+                dst[c] = static_cast<g_t>(w * static_cast<acc_t>(gfused[c]));
+                dot += static_cast<double>(gfused[c]) *
+                       static_cast<double>(xb[(P + i) * x.stride(1) + c * x.stride(2)]);
+              }
+              gs[b * N + i] = static_cast<scalar_t>(dot);
+            } else {
+              std::fill(dst, dst + C, g_t(0));
+              gs[b * N + i] = scalar_t(0);
+            }
+          }
+        }
+      });
+    });
+  });
+  return {grad_x, grad_s};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokred, CPU, m) {
+  m.impl("topk", TORCH_FN(topk_cpu));
+  m.impl("_topk_backward", TORCH_FN(topk_backward_cpu));
+  m.impl("gather_tokens", TORCH_FN(gather_tokens_cpu));
+  m.impl("_gather_tokens_backward", TORCH_FN(gather_tokens_backward_cpu));
+  m.impl("complement", TORCH_FN(complement_cpu));
+  m.impl("prune_tokens", TORCH_FN(prune_tokens_cpu));
+  m.impl("_prune_tokens_backward", TORCH_FN(prune_tokens_backward_cpu));
+}
+
+}  // namespace tokred

@@ -1,0 +1,14 @@
+// The one place every tokred schema is declared. Kernels register per backend with
+// TORCH_LIBRARY_IMPL in cpu/, cuda/ and meta/; autograd is registered from tokred_ext/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(tokred, m) {
+  // Selection: Top-K pruning and EViT.
+  m.def("topk(Tensor scores, SymInt k, bool largest=True, Tensor? lengths=None) -> (Tensor values, Tensor indices)");
+  m.def("_topk_backward(Tensor grad_values, Tensor indices, SymInt n) -> Tensor");
+  m.def("gather_tokens(Tensor x, Tensor index) -> Tensor");
+  m.def("_gather_tokens_backward(Tensor grad, Tensor index, SymInt n) -> Tensor");
+  m.def("complement(Tensor index, SymInt n) -> Tensor");
+  m.def("prune_tokens(Tensor x, Tensor scores, SymInt k, bool fuse=False, SymInt num_protected=1, bool keep_order=False) -> (Tensor out, Tensor index)");
+  m.def("_prune_tokens_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor index, bool fuse, SymInt num_protected) -> (Tensor grad_x, Tensor grad_scores)");
+}

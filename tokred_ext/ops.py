@@ -1,0 +1,114 @@
+"""Typed wrappers of ``torch.ops.tokred.*`` and their autograd formulas.
+
+Conventions shared by every op:
+
+* Results are deterministic and bitwise repeatable. Ties go to the lower index. ``torch.topk`` and
+  ``torch.argsort`` leave tie order unspecified, so they can disagree with tokred on ties.
+* Floating dtypes float32, float16, bfloat16 and float64; accumulation in float32 or wider.
+* Index inputs may be int64 or int32; index outputs are int64.
+* Backward passes are ops of their own (``tokred::_<name>_backward``), computed as deterministic
+  segmented sums, never with atomics.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.tokred
+
+
+# --------------------------------------------------------------------------- selection
+
+def topk(scores: Tensor, k: int, largest: bool = True,
+         lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Segmented top-k over the last dimension.
+
+    Every leading index is one row (segment) of ``N = scores.shape[-1]`` entries. Returns
+    ``(values, indices)`` of shape ``[..., k]``, sorted by score (descending if ``largest``).
+    Ties go to the lower index and NaN ranks above +inf, as in ``torch.topk``; unlike
+    ``torch.topk`` the order of tied entries is fixed.
+
+    ``lengths`` (int, shape ``scores.shape[:-1]``) makes rows ragged: row ``r`` considers only its
+    first ``lengths[r]`` entries, and slots past a short row's length hold index -1 and value
+    -inf (+inf when ``largest=False``). Requires ``0 <= k <= N``. ``values`` is differentiable
+    with respect to ``scores``; ``indices`` is not.
+    """
+    return _ops.topk(scores, k, largest, lengths)
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """Gathers tokens: ``out[b, j] = x[b, index[b, j]]``.
+
+    ``x`` is ``[B, N, C]`` with any strides, ``index`` is ``[B, K]`` (int64 or int32) with values
+    in ``[0, N)``, or -1 for padding (a zero row). Returns ``[B, K, C]``. The gradient with
+    respect to ``x`` sums duplicate indices in a fixed order.
+    """
+    return _ops.gather_tokens(x, index)
+
+
+def complement(index: Tensor, n: int) -> Tensor:
+    """The indices in ``[0, n)`` missing from each row of ``index`` ``[B, K]``, ascending.
+
+    Returns int64 ``[B, n - K]``. Duplicate or out-of-range indices are an error.
+    """
+    return _ops.complement(index, n)
+
+
+def prune_tokens(x: Tensor, scores: Tensor, k: int, fuse: bool = False, num_protected: int = 1,
+                 keep_order: bool = False) -> Tuple[Tensor, Tensor]:
+    """Keeps the ``k`` best-scored tokens; with ``fuse``, adds EViT's fused token.
+
+    ``x`` is ``[B, P + N, C]`` whose first ``P = num_protected`` tokens (class, distillation) are
+    always kept; ``scores`` ``[B, N]`` rank the other ``N`` tokens. Returns
+    ``out = [protected | k kept | fused if fuse]`` of shape ``[B, P + k + fuse, C]`` and
+    ``index`` ``[B, k]``, the kept positions among the ``N`` scored tokens in the order of ``out``.
+
+    Kept tokens come in descending score order (ties: lower index first), or in ascending
+    position order with ``keep_order``. The fused token is ``sum(scores[i] * x[P + i])`` over the
+    dropped tokens, unnormalised, exactly as EViT. ``fuse=False`` is Top-K pruning. Gradients
+    flow to ``x`` and, through the fused token, to ``scores``.
+    """
+    return _ops.prune_tokens(x, scores, k, fuse, num_protected, keep_order)
+
+
+def _topk_setup(ctx, inputs, output):
+    scores = inputs[0]
+    ctx.n = scores.shape[-1]
+    ctx.save_for_backward(output[1])
+
+
+def _topk_backward(ctx, grad_values, grad_indices):
+    (indices,) = ctx.saved_tensors
+    return _ops._topk_backward(grad_values.contiguous(), indices, ctx.n), None, None, None
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index = inputs
+    ctx.n = x.shape[1]
+    ctx.save_for_backward(index)
+
+
+def _gather_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return _ops._gather_tokens_backward(grad.contiguous(), index, ctx.n), None
+
+
+def _prune_setup(ctx, inputs, output):
+    x, scores, k, fuse, num_protected, keep_order = inputs
+    ctx.fuse = fuse
+    ctx.num_protected = num_protected
+    ctx.save_for_backward(x, scores, output[1])
+
+
+def _prune_backward(ctx, grad_out, grad_index):
+    x, scores, index = ctx.saved_tensors
+    grad_x, grad_scores = _ops._prune_tokens_backward(
+        grad_out.contiguous(), x, scores, index, ctx.fuse, ctx.num_protected)
+    return grad_x, grad_scores, None, None, None, None
+
+
+torch.library.register_autograd("tokred::topk", _topk_backward, setup_context=_topk_setup)
+torch.library.register_autograd("tokred::gather_tokens", _gather_backward,
+                                setup_context=_gather_setup)
+torch.library.register_autograd("tokred::prune_tokens", _prune_backward,
+                                setup_context=_prune_setup)
