@@ -1,0 +1,43 @@
+"""Shared test parameters: every test runs on the CPU, and on CUDA where kernels and a GPU exist."""
+import pytest
+import torch
+
+import tokred_ext
+
+CUDA = torch.cuda.is_available() and tokred_ext.build_info()["cuda_kernels"]
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Tolerances for results that sum in a different order from the reference.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-2, rtol=2e-2),
+    torch.bfloat16: dict(atol=1e-1, rtol=5e-2),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).split(".")[-1])
+def dtype(request):
+    return request.param
+
+
+def tie_free(shape, dtype=torch.float32, device="cpu", generator=None):
+    """Distinct values (a random permutation), exactly representable in every dtype."""
+    n = 1
+    for s in shape:
+        n *= s
+    perm = torch.randperm(n, generator=generator).reshape(shape)
+    # 256 distinct levels are exact even in bfloat16; larger tensors repeat levels across rows.
+    vals = (perm % 256).to(torch.float64) / 256.0 if n > 256 else perm.to(torch.float64) / max(n, 1)
+    return vals.to(dtype=dtype, device=device)
+
+
+def rows_tie_free(rows, n, dtype=torch.float32, device="cpu", generator=None):
+    """[rows, n] whose every row holds distinct values (n <= 256 stays exact in bfloat16)."""
+    keys = torch.rand(rows, n, generator=generator).argsort(dim=-1).to(torch.float64)
+    return (keys / max(n, 1)).to(dtype=dtype, device=device)

@@ -1,0 +1,63 @@
+"""Token-reduction methods built from tokred ops: Top-K pruning and EViT.
+
+Each function takes either the attention map ``[B, H, N, N]`` or the class-attention scores
+``[B, N - P]`` and applies the upstream keep-count rule.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .reference import class_attention, evit_keep_count, topk_keep_count
+
+__all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune"]
+
+
+def scores_from(attn_or_scores: Tensor, num_protected: int = 1) -> Tensor:
+    """Class-attention scores ``[B, N - P]`` from an attention map, or the scores unchanged."""
+    if attn_or_scores.dim() == 4:
+        return class_attention(attn_or_scores, num_protected)
+    if attn_or_scores.dim() != 2:
+        raise ValueError("expected the attention map [B, H, N, N] or scores [B, N - P], got shape "
+                         f"{tuple(attn_or_scores.shape)}")
+    return attn_or_scores
+
+
+def _identity_index(x: Tensor, n: int) -> Tensor:
+    return torch.arange(n, device=x.device).expand(x.shape[0], n)
+
+
+def topk_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: int = 1,
+               n_initial: Optional[int] = None, keep_order: bool = False) -> Tuple[Tensor, Tensor]:
+    """Top-K pruning (Haurum et al.): keeps the best-scored tokens, drops the rest.
+
+    ``keep`` is a token count (int) or a rate (float) turned into ``int(keep * n_initial)``, with
+    ``n_initial`` the initial number of scored tokens (default: the current number). Returns the
+    reduced tokens ``[B, P + k, C]`` and the kept positions ``[B, k]``; keeping every token
+    returns ``x`` itself.
+    """
+    scores = scores_from(attn_or_scores, num_protected)
+    n = scores.shape[1]
+    k = keep if isinstance(keep, int) else topk_keep_count(keep, n_initial or n)
+    if k >= n:
+        return x, _identity_index(x, n)
+    return ops.prune_tokens(x, scores, k, fuse=False, num_protected=num_protected,
+                            keep_order=keep_order)
+
+
+def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: int = 1,
+               fuse: bool = True, keep_order: bool = False) -> Tuple[Tensor, Tensor]:
+    """EViT: keeps the most attended tokens and fuses the rest into one extra token.
+
+    ``keep`` is a token count (int) or a rate (float) turned into ``ceil(keep * N)`` with ``N``
+    the current number of scored tokens. Returns ``[B, P + k + 1, C]`` (without the extra token
+    when ``fuse=False``) and the kept positions; keeping every token returns ``x`` itself.
+    """
+    scores = scores_from(attn_or_scores, num_protected)
+    n = scores.shape[1]
+    k = keep if isinstance(keep, int) else evit_keep_count(keep, n)
+    if k >= n:
+        return x, _identity_index(x, n)
+    return ops.prune_tokens(x, scores.to(x.dtype) if scores.dtype != x.dtype else scores, k,
+                            fuse=fuse, num_protected=num_protected, keep_order=keep_order)
