@@ -44,8 +44,8 @@ def _extension():
     device = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
     debug = _flag("TOKRED_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17"]
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    cxx += ["-std=c++20"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = [("TOKRED_BUILD_PYTHON_MODULE", None)]
     if with_cuda:
         macros.append(("TOKRED_WITH_CUDA", None))
