@@ -1,0 +1,78 @@
+// Calls every tokred op through tokred.h on real data and checks the results. Exits non-zero on
+// the first mismatch, so ctest fails.
+#include <cstdlib>
+#include <iostream>
+#include <vector>
+
+#include <tokred.h>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  std::cout << (ok ? "ok    " : "FAIL  ") << what << "\n";
+  if (!ok) ++failures;
+}
+
+at::Tensor longs(std::vector<int64_t> values, std::vector<int64_t> shape) {
+  return at::tensor(values, at::kLong).view(shape);
+}
+
+at::Tensor floats(std::vector<float> values, std::vector<int64_t> shape) {
+  return at::tensor(values, at::kFloat).view(shape);
+}
+
+void selection() {
+  // Ties go to the lower index: the two 3s come out as 0 then 2.
+  const at::Tensor scores = floats({3, 1, 3, 0, 2}, {1, 5});
+  auto [values, indices] = tokred::topk(scores, 3);
+  expect(indices.equal(longs({0, 2, 4}, {1, 3})), "topk: ties to the lower index");
+  expect(values.equal(floats({3, 3, 2}, {1, 3})), "topk: values");
+
+  auto [rv, ri] = tokred::topk(floats({5, 4, 9, 1, 7, 2}, {2, 3}), 2, true, longs({1, 3}, {2}));
+  expect(ri.equal(longs({0, -1, 1, 2}, {2, 2})), "topk: ragged lengths pad with -1");
+
+  const at::Tensor grad = tokred::topk_backward(floats({1, 1, 1}, {1, 3}), indices, 5);
+  expect(grad.equal(floats({1, 0, 1, 0, 1}, {1, 5})), "topk_backward: scatter to kept entries");
+
+  const at::Tensor x = at::arange(12, at::kFloat).view({1, 4, 3});
+  const at::Tensor gathered = tokred::gather_tokens(x, longs({3, 0}, {1, 2}));
+  expect(gathered.equal(at::cat({x.select(1, 3), x.select(1, 0)}).view({1, 2, 3})),
+         "gather_tokens");
+  const at::Tensor summed = tokred::gather_tokens_backward(at::ones({1, 3, 3}),
+                                                           longs({1, 1, 2}, {1, 3}), 4);
+  expect(summed.select(1, 1).equal(at::full({1, 3}, 2.0f)), "gather_tokens_backward: duplicates sum");
+
+  expect(tokred::complement(longs({5, 0, 3, 1, 2, 7}, {2, 3}), 8)
+             .equal(longs({1, 2, 4, 6, 7, 0, 3, 4, 5, 6}, {2, 5})),
+         "complement: ascending");
+
+  // EViT on [cls, t0, t1, t2]: keep the best 2 of 3, fuse the dropped one weighted by its score.
+  const at::Tensor tokens = at::arange(8, at::kFloat).view({1, 4, 2});
+  const at::Tensor s = floats({0.5f, 0.2f, 0.3f}, {1, 3});
+  auto [out, kept] = tokred::prune_tokens(tokens, s, 2, /*fuse=*/true);
+  expect(kept.equal(longs({0, 2}, {1, 2})), "prune_tokens: kept by score");
+  expect(out.equal(floats({0, 1, 2, 3, 6, 7, 0.2f * 4, 0.2f * 5}, {1, 4, 2})),
+         "prune_tokens: [cls | kept | fused]");
+  auto [gx, gs] = tokred::prune_tokens_backward(at::ones({1, 4, 2}), tokens, s, kept, true, 1);
+  expect(gs.equal(floats({0, 9, 0}, {1, 3})), "prune_tokens_backward: score gradient");
+  expect(gx.select(1, 2).equal(floats({0.2f, 0.2f}, {1, 2})), "prune_tokens_backward: x gradient");
+}
+
+}  // namespace
+
+int main() {
+  try {
+    selection();
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return EXIT_FAILURE;
+  }
+  if (failures) {
+    std::cerr << failures << " check(s) failed\n";
+    return EXIT_FAILURE;
+  }
+  std::cout << "all tokred C++ checks passed\n";
+  return EXIT_SUCCESS;
+}
