@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define TOKRED_HD __host__ __device__ __forceinline__
@@ -36,6 +37,23 @@ TOKRED_HD int64_t rank_in_row(const T* row, int64_t n, int64_t i, bool largest) 
   int64_t r = 0;
   for (int64_t j = 0; j < n; ++j) r += comes_before(row[j], j, v, i, largest) ? 1 : 0;
   return r;
+}
+
+// An unsigned key whose ascending order is the selection order of the values (before the index
+// tie-break): equal values get equal keys (-0 and +0 too), NaN gets the key after +inf when
+// largest is false and the first key when it is true. Integer compares make sorts fast.
+TOKRED_HD uint64_t order_key(double v, bool largest) {
+  uint64_t bits;
+  if (v != v) {
+    bits = 0x7FF8000000000000ULL;  // one canonical NaN, above +inf
+  } else if (v == 0.0) {
+    bits = 0;  // -0 == +0
+  } else {
+    memcpy(&bits, &v, sizeof(bits));
+  }
+  const uint64_t sign = 1ULL << 63;
+  const uint64_t key = (bits & sign) ? ~bits : (bits | sign);  // ascending in v
+  return largest ? ~key : key;
 }
 
 }  // namespace tokred

@@ -1,5 +1,6 @@
 // CPU kernels of the selection ops: rows run in parallel with at::parallel_for; each row is
-// selected with a partial sort under tokred's total order (common/rank.h).
+// selected with nth_element and a sort of the kept prefix under tokred's total order, as
+// integer keys (common/rank.h).
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -23,29 +24,28 @@ int64_t leading_rows(const at::Tensor& t) {
   return rows;
 }
 
-// Loads row[0..n) as double: exact for every supported dtype, so the order is the same as on
-// the original values.
-template <typename scalar_t>
-void load_row(const scalar_t* row, int64_t n, int64_t stride, std::vector<double>& buf) {
-  buf.resize(n);
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<double>(row[i * stride]);
-}
+struct Entry {
+  uint64_t key;  // order_key of the value: the selection order as an integer
+  int64_t index;
+};
 
-// The first min(k, len) positions of row[0..len) in selection order.
-void select_row(const std::vector<double>& row, int64_t len, int64_t k, bool largest,
-                std::vector<int64_t>& order) {
-  order.resize(len);
-  std::iota(order.begin(), order.end(), int64_t(0));
-  auto before = [&](int64_t a, int64_t b) {
-    return comes_before(row[a], a, row[b], b, largest);
+// The first min(k, len) entries of row[0..len) in selection order, written to `order`.
+// nth_element then a sort of the kept prefix: O(len + k log k), fast also when k is close to len.
+template <typename scalar_t>
+void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
+                std::vector<Entry>& entries, std::vector<int64_t>& order) {
+  entries.resize(len);
+  for (int64_t i = 0; i < len; ++i) {
+    entries[i] = {order_key(static_cast<double>(row[i]), largest), i};
+  }
+  auto before = [](const Entry& a, const Entry& b) {
+    return a.key < b.key || (a.key == b.key && a.index < b.index);
   };
   const int64_t m = std::min(k, len);
-  if (m < len) {
-    std::partial_sort(order.begin(), order.begin() + m, order.end(), before);
-  } else {
-    std::sort(order.begin(), order.end(), before);
-  }
+  if (m < len) std::nth_element(entries.begin(), entries.begin() + m, entries.end(), before);
+  std::sort(entries.begin(), entries.begin() + m, before);
   order.resize(m);
+  for (int64_t j = 0; j < m; ++j) order[j] = entries[j].index;
 }
 
 template <typename scalar_t>
@@ -75,16 +75,15 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores_in, int64_t
     int64_t* ix = indices.data_ptr<int64_t>();
     const scalar_t pad = largest ? -std::numeric_limits<scalar_t>::infinity()
                                  : std::numeric_limits<scalar_t>::infinity();
-    const int64_t grain = std::max<int64_t>(1, 16384 / (n + 1));
+    const int64_t grain = std::max<int64_t>(1, 4096 / (n + 1));
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<double> row;
+      std::vector<Entry> entries;
       std::vector<int64_t> order;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t len = len_p ? len_p[r] : n;
         TORCH_CHECK(len >= 0 && len <= n, "tokred::topk: argument 'lengths' must hold values in [0, ",
                     n, "], got ", len, " for row ", r);
-        load_row(s + r * n, len, 1, row);
-        select_row(row, len, k, largest, order);
+        select_row(s + r * n, len, k, largest, entries, order);
         const int64_t m = static_cast<int64_t>(order.size());
         for (int64_t j = 0; j < m; ++j) {
           v[r * k + j] = s[r * n + order[j]];
@@ -190,13 +189,12 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
       int64_t* ip = index.data_ptr<int64_t>();
       const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<double> row;
+        std::vector<Entry> entries;
         std::vector<int64_t> order;
         std::vector<char> kept;
         std::vector<acc_t> acc;
         for (int64_t b = b0; b < b1; ++b) {
-          load_row(sp + b * N, N, 1, row);
-          select_row(row, N, k, /*largest=*/true, order);
+          select_row(sp + b * N, N, k, /*largest=*/true, entries, order);
           if (keep_order) std::sort(order.begin(), order.end());
           const x_t* xb = xp + b * s0;
           x_t* ob = op + b * rows_out * C;
