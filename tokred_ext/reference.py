@@ -79,3 +79,164 @@ def evit_keep_count(keep_rate: float, n_scored: int) -> int:
 def topk_keep_count(keep_rate: float, n_initial: int) -> int:
     """Haurum et al.'s Top-K rule: int(keep_rate * N0), relative to the initial patch count."""
     return int(keep_rate * n_initial)
+
+
+# --------------------------------------------------------------------------- models
+
+class ReferenceViT(torch.nn.Module):
+    """A ViT forward written the way upstream writes it, on the weights of ``model``.
+
+    ``model`` is any module with timm ``VisionTransformer``'s names (a tokred model or a timm
+    one); its parameters are shared, not copied. Attention is computed as a full ``[B, H, N, N]``
+    map; Top-K (Haurum et al.), EViT and ToMe use ``torch.topk``/``gather``/``scatter_reduce``
+    glue as upstream does. ``policy`` is read by its attributes only (``name``, ``keep_rate``,
+    ``locs``, ``fuse``, ``r``, ``prop_attn``), so any object carrying them works.
+    Protected tokens are the class token and, if the model has one, the distillation token.
+    ``token_counts`` lists the tokens leaving each block, as on tokred's models.
+    """
+
+    def __init__(self, model: torch.nn.Module, policy=None):
+        super().__init__()
+        self.model = model
+        self.policy = policy
+        self.token_counts = []
+
+    def _schedule(self, depth: int, num_patches: int):
+        policy = self.policy
+        plan = [None] * depth
+        if policy is None or policy.name == "none":
+            return plan
+        if policy.name == "tome":
+            return [r if r > 0 else None for r in _tome_parse_r(depth, policy.r)]
+        rates = policy.keep_rate
+        if isinstance(rates, (int, float)):
+            n = len(policy.locs)
+            rates = ([rates ** (i + 1) for i in range(n)] if policy.name == "topk"
+                     else [rates] * n)
+        for loc, rate in zip(policy.locs, rates):
+            plan[loc] = topk_keep_count(rate, num_patches) if policy.name == "topk" else rate
+        return plan
+
+    def forward(self, images: Tensor) -> Tensor:
+        m = self.model
+        x = m.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        b, num_patches = x.shape[0], x.shape[1]
+        dist = getattr(m, "dist_token", None)
+        prefix = [m.cls_token.expand(b, -1, -1)]
+        if dist is not None:
+            prefix.append(dist.expand(b, -1, -1))
+        x = torch.cat(prefix + [x], dim=1) + m.pos_embed
+        p = len(prefix)
+        plan = self._schedule(len(m.blocks), num_patches)
+        name = getattr(self.policy, "name", "none")
+        size = torch.ones_like(x[..., :1]) if name == "tome" else None
+        prop_attn = name == "tome" and self.policy.prop_attn
+        self.token_counts = []
+        for blk, amount in zip(m.blocks, plan):
+            y, attn, metric = _attention(blk.attn, blk.norm1(x), size if prop_attn else None)
+            x = x + blk.ls1(y)
+            if amount is not None and name == "topk":
+                x = _topk_step(x, attn, amount, p)
+            elif amount is not None and name == "evit":
+                x = _evit_step(x, attn, amount, p, self.policy.fuse)
+            elif amount is not None and name == "tome":
+                x, size = _tome_step(x, metric, amount, size, p)
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+            self.token_counts.append(x.shape[1])
+        x = m.norm(x)
+        if dist is not None:
+            return (m.head(x[:, 0]) + m.head_dist(x[:, 1])) / 2
+        return m.head(m.fc_norm(x[:, 0]))
+
+
+def _attention(attn_mod, x: Tensor, size: Optional[Tensor]):
+    """timm attention with the explicit map; ToMe's prop-attn bias and metric (keys' mean)."""
+    b, n, _ = x.shape
+    h = attn_mod.num_heads
+    qkv = attn_mod.qkv(x)
+    d = qkv.shape[-1] // (3 * h)
+    q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    if hasattr(attn_mod, "q_norm"):
+        q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+    if size is not None:
+        attn = attn + size.log()[:, None, None, :, 0]
+    attn = attn.softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(b, n, h * d)
+    if hasattr(attn_mod, "norm"):
+        out = attn_mod.norm(out)
+    return attn_mod.proj(out), attn, k.mean(dim=1)
+
+
+def _topk_step(x: Tensor, attn: Tensor, left: int, p: int) -> Tensor:
+    """Haurum et al.'s Top-K: keep the ``left`` most class-attended tokens, score order."""
+    if left >= x.shape[1] - p:
+        return x
+    _, idx = torch.topk(class_attention(attn, p), left, dim=1, largest=True, sorted=True)
+    kept = x[:, p:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :p], kept], dim=1)
+
+
+def _evit_step(x: Tensor, attn: Tensor, rate: float, p: int, fuse: bool) -> Tensor:
+    """EViT: keep ceil(rate * (N - P)) tokens, fuse the rest weighted by class attention."""
+    n = x.shape[1] - p
+    left = evit_keep_count(rate, n)
+    if left >= n:
+        return x
+    cls_attn = class_attention(attn, p)
+    _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+    c = x.shape[-1]
+    tokens = x[:, p:]
+    parts = [x[:, :p], tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))]
+    if fuse:
+        compl = complement(idx, n)
+        non_topk = tokens.gather(1, compl.unsqueeze(-1).expand(-1, -1, c))
+        weights = cls_attn.gather(1, compl).unsqueeze(-1)
+        parts.append((weights * non_topk).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+def _tome_parse_r(num_layers: int, r):
+    """ToMe's parse_r: an int per layer, a list padded with zeros, or (r, inflection)."""
+    inflect = 0.0
+    if isinstance(r, list):
+        return (r + [0] * num_layers)[:num_layers]
+    if isinstance(r, tuple):
+        r, inflect = r
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(lo + step * i) for i in range(num_layers)]
+
+
+def _tome_step(x: Tensor, metric: Tensor, r: int, size: Tensor, p: int) -> Tuple[Tensor, Tensor]:
+    """ToMe's bipartite soft matching (A = even, B = odd positions) and size-weighted merge."""
+    n = x.shape[1]
+    r = min(r, (n - p) // 2)
+    if r <= 0:
+        return x, size
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        scores[:, 0, :] = float("-inf")          # the class token never merges
+        if p > 1:
+            scores[:, :, 0] = float("-inf")      # nothing merges into the distillation token
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+        unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+        dst_idx = node_idx[..., None].gather(1, src_idx)
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t: Tensor) -> Tensor:
+        src, dst = t[:, ::2], t[:, 1::2]
+        c = t.shape[-1]
+        unm = src.gather(1, unm_idx.expand(-1, -1, c))
+        src = src.gather(1, src_idx.expand(-1, -1, c))
+        dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, c), src, reduce="sum")
+        if p > 1:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    total = merge(x * size)
+    size = merge(size)
+    return total / size, size
