@@ -28,14 +28,21 @@ def _csv(value: str) -> List[str]:
     return items
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return n
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
 
 
 def _rate(value: str) -> float:
@@ -46,16 +53,6 @@ def _rate(value: str) -> float:
     if not 0.0 < f <= 1.0:
         raise argparse.ArgumentTypeError(f"keep rate {value} must be in (0, 1]")
     return f
-
-
-def _nonneg_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"r must be >= 0, got {value}")
-    return n
 
 
 def _parser() -> argparse.ArgumentParser:
