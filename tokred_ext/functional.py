@@ -1,9 +1,9 @@
-"""Token-reduction methods built from tokred ops: Top-K pruning and EViT.
+"""Token-reduction methods built from tokred ops: Top-K pruning, EViT and ToMe.
 
 Each function takes either the attention map ``[B, H, N, N]`` or the class-attention scores
 ``[B, N - P]`` and applies the upstream keep-count rule.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -11,7 +11,7 @@ from torch import Tensor
 from . import ops
 from .reference import class_attention, evit_keep_count, topk_keep_count
 
-__all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune"]
+__all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune", "tome_merge", "parse_r"]
 
 
 def scores_from(attn_or_scores: Tensor, num_protected: int = 1) -> Tensor:
@@ -61,3 +61,40 @@ def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: in
         return x, _identity_index(x, n)
     return ops.prune_tokens(x, scores.to(x.dtype) if scores.dtype != x.dtype else scores, k,
                             fuse=fuse, num_protected=num_protected, keep_order=keep_order)
+
+
+def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
+               class_token: bool = True, distill_token: bool = False,
+               source: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One ToMe step: bipartite matching on ``metric``, then the size-weighted merge of ``x``.
+
+    Upstream's ``bipartite_soft_matching`` followed by ``merge_wavg`` (and ``merge_source``):
+    ``x`` ``[B, N, C]``, ``metric`` ``[B, N, D]`` (ToMe uses the keys averaged over heads),
+    ``size`` ``[B, N, 1]`` (None: every token has size 1). ``r`` is clamped to
+    ``(N - protected) // 2``. Returns the merged tokens ``[B, N - r, C]``, their sizes
+    ``[B, N - r, 1]`` and the source map ``[B, N0]`` (int64; ``source`` None starts from the
+    identity of this step's ``N`` tokens), which :func:`tokred_ext.ops.source_onehot` turns into
+    upstream's ``[B, N - r, N0]`` matrix.
+    """
+    unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, class_token, distill_token)
+    out, size = ops.merge(x, size, unm_idx, src_idx, dst_idx, "wavg", distill_token)
+    source = ops.merge_source(source, unm_idx, src_idx, dst_idx, x.shape[1], distill_token)
+    return out, size, source
+
+
+def parse_r(num_layers: int, r: Union[int, List[int], Tuple[int, float]]) -> List[int]:
+    """Upstream ToMe's schedule: tokens merged in each of ``num_layers`` layers.
+
+    An int is constant; a list is padded with zeros to ``num_layers``; ``(r, inflection)`` runs
+    linearly from ``int(r * (1 - inflection))`` to ``2 r - that`` (inflection -1: decreasing,
+    0: constant, 1: increasing), each value truncated with ``int``.
+    """
+    if isinstance(r, list):
+        return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
+    inflection = 0.0
+    if isinstance(r, tuple):
+        r, inflection = r
+    first = int(r * (1.0 - inflection))
+    last = 2 * r - first
+    step = (last - first) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(first + step * i) for i in range(num_layers)]
