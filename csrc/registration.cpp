@@ -11,4 +11,12 @@ TORCH_LIBRARY(tokred, m) {
   m.def("complement(Tensor index, SymInt n) -> Tensor");
   m.def("prune_tokens(Tensor x, Tensor scores, SymInt k, bool fuse=False, SymInt num_protected=1, bool keep_order=False) -> (Tensor out, Tensor index)");
   m.def("_prune_tokens_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor index, bool fuse, SymInt num_protected) -> (Tensor grad_x, Tensor grad_scores)");
+
+  // Merging: ToMe.
+  m.def("bipartite_match(Tensor metric, SymInt r, bool class_token=True, bool distill_token=False) -> (Tensor unm_idx, Tensor src_idx, Tensor dst_idx)");
+  m.def("merge(Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode=\"wavg\", bool distill_token=False) -> (Tensor out, Tensor size_out)");
+  m.def("_merge_backward(Tensor grad_out, Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode, bool distill_token) -> Tensor");
+  m.def("unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
+  m.def("_unmerge_backward(Tensor grad, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, bool distill_token) -> Tensor");
+  m.def("merge_source(Tensor? source, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
 }

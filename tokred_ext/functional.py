@@ -1,17 +1,17 @@
-"""Token-reduction methods built from tokred ops: Top-K pruning and EViT.
+"""Token-reduction methods built from tokred ops: Top-K pruning, EViT and ToMe.
 
 Each function takes either the attention map ``[B, H, N, N]`` or the class-attention scores
 ``[B, N - P]`` and applies the upstream keep-count rule.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .reference import class_attention, evit_keep_count, topk_keep_count
+from .reference import class_attention, evit_keep_count, parse_r, topk_keep_count
 
-__all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune"]
+__all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune", "tome_merge", "parse_r"]
 
 
 def scores_from(attn_or_scores: Tensor, num_protected: int = 1) -> Tensor:
@@ -61,3 +61,22 @@ def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: in
         return x, _identity_index(x, n)
     return ops.prune_tokens(x, scores.to(x.dtype) if scores.dtype != x.dtype else scores, k,
                             fuse=fuse, num_protected=num_protected, keep_order=keep_order)
+
+
+def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
+               class_token: bool = True, distill_token: bool = False,
+               source: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One ToMe step: bipartite matching on ``metric``, then the size-weighted merge of ``x``.
+
+    Upstream's ``bipartite_soft_matching`` followed by ``merge_wavg`` (and ``merge_source``):
+    ``x`` ``[B, N, C]``, ``metric`` ``[B, N, D]`` (ToMe uses the keys averaged over heads),
+    ``size`` ``[B, N, 1]`` (None: every token has size 1). ``r`` is clamped to
+    ``(N - protected) // 2``. Returns the merged tokens ``[B, N - r, C]``, their sizes
+    ``[B, N - r, 1]`` and the source map ``[B, N0]`` (int64; ``source`` None starts from the
+    identity of this step's ``N`` tokens), which :func:`tokred_ext.ops.source_onehot` turns into
+    upstream's ``[B, N - r, N0]`` matrix.
+    """
+    unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, class_token, distill_token)
+    out, size = ops.merge(x, size, unm_idx, src_idx, dst_idx, "wavg", distill_token)
+    source = ops.merge_source(source, unm_idx, src_idx, dst_idx, x.shape[1], distill_token)
+    return out, size, source

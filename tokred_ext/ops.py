@@ -112,3 +112,101 @@ torch.library.register_autograd("tokred::gather_tokens", _gather_backward,
                                 setup_context=_gather_setup)
 torch.library.register_autograd("tokred::prune_tokens", _prune_backward,
                                 setup_context=_prune_setup)
+
+
+# --------------------------------------------------------------------------- merging
+
+def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
+                    distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching on ``metric`` ``[B, N, D]``.
+
+    Set A is the even positions of the sequence, set B the odd ones. Each A token's partner is
+    its most cosine-similar B token (the first maximum); the ``r`` A tokens with the most similar
+    partners merge. The class token's row (A[0]) and the distillation token's column (B[0]) are
+    excluded, and ``r`` is clamped to ``(N - protected) // 2`` as upstream; ``r <= 0`` (after
+    clamping) is no merge. A tokens are ranked by descending similarity with ties to the lower
+    index (upstream's ``argsort`` leaves ties unspecified).
+
+    Returns int64 ``unm_idx`` ``[B, ceil(N/2) - r]`` (unmerged A tokens: ascending with a class
+    token, else by rank; ascending when ``r == 0``), ``src_idx`` ``[B, r]`` (merged A tokens, by
+    rank) and ``dst_idx`` ``[B, r]`` (their B partners). Not differentiable.
+    """
+    return _ops.bipartite_match(metric, r, class_token, distill_token)
+
+
+def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
+          mode: str = "wavg", distill_token: bool = False) -> Tuple[Tensor, Tensor]:
+    """Merges ``x`` ``[B, N, C]`` by a match: ``[B, N - r, C]`` laid out ``[unmerged A | B]``.
+
+    With ``distill_token`` the layout is upstream's ``[unm[0], B[0], unm[1:], B[1:]]``. Each B
+    token reduces itself and its sources (``include_self`` as upstream): ``mode`` ``"sum"``,
+    ``"mean"``, ``"amax"``, or ``"wavg"``, the ``size``-weighted average of upstream
+    ``merge_wavg`` (``size`` ``[B, N, 1]`` in x's dtype; None means ones). Returns the merged
+    tokens and the summed sizes ``[B, N - r, 1]`` (in every mode). ``r == 0`` returns copies.
+    Sums run in ascending token order in float32 or wider, never with atomics. Differentiable
+    with respect to ``x``; ``size`` carries no gradient.
+    """
+    return _ops.merge(x, size, unm_idx, src_idx, dst_idx, mode, distill_token)
+
+
+def unmerge(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
+            distill_token: bool = False) -> Tensor:
+    """The inverse layout of :func:`merge`: ``[B, n - r, C] -> [B, n, C]``.
+
+    Every token goes back to its original position and every merged source receives a copy of
+    its destination (ToMe for Stable Diffusion, dense outputs). Differentiable with respect to
+    ``x``.
+    """
+    return _ops.unmerge(x, unm_idx, src_idx, dst_idx, n, distill_token)
+
+
+def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
+                 n: int, distill_token: bool = False) -> Tensor:
+    """Source tracking: updates the map from original patches to current tokens.
+
+    ``source`` ``[B, N0]`` (int) holds, for every original patch, the position of the token that
+    contains it among the current ``n`` tokens; None stands for the identity ``[B, n]``. Returns
+    the int64 map after the merge, positions in ``[0, n - r)``. Use :func:`source_onehot` for
+    upstream's ``[B, N, N0]`` layout.
+    """
+    return _ops.merge_source(source, unm_idx, src_idx, dst_idx, n, distill_token)
+
+
+def source_onehot(source: Tensor, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Upstream ToMe's ``source`` matrix ``[B, n, N0]`` from a source map ``[B, N0]``.
+
+    ``out[b, i, p] = 1`` if original patch ``p`` is in current token ``i``.
+    """
+    return torch.nn.functional.one_hot(source.long(), n).transpose(1, 2).to(dtype)
+
+
+def _merge_setup(ctx, inputs, output):
+    x, size, unm_idx, src_idx, dst_idx, mode, distill_token = inputs
+    ctx.mode = mode
+    ctx.distill_token = distill_token
+    ctx.save_for_backward(x, size, unm_idx, src_idx, dst_idx)
+
+
+def _merge_backward(ctx, grad_out, grad_size):
+    x, size, unm_idx, src_idx, dst_idx = ctx.saved_tensors
+    grad_x = _ops._merge_backward(grad_out.contiguous(), x, size, unm_idx, src_idx, dst_idx,
+                                  ctx.mode, ctx.distill_token)
+    return grad_x, None, None, None, None, None, None
+
+
+def _unmerge_setup(ctx, inputs, output):
+    x, unm_idx, src_idx, dst_idx, n, distill_token = inputs
+    ctx.distill_token = distill_token
+    ctx.save_for_backward(unm_idx, src_idx, dst_idx)
+
+
+def _unmerge_backward(ctx, grad):
+    unm_idx, src_idx, dst_idx = ctx.saved_tensors
+    grad_x = _ops._unmerge_backward(grad.contiguous(), unm_idx, src_idx, dst_idx,
+                                    ctx.distill_token)
+    return grad_x, None, None, None, None, None
+
+
+torch.library.register_autograd("tokred::merge", _merge_backward, setup_context=_merge_setup)
+torch.library.register_autograd("tokred::unmerge", _unmerge_backward,
+                                setup_context=_unmerge_setup)

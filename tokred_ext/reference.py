@@ -5,7 +5,7 @@ benchmarks time them against. They follow upstream code (EViT, Haurum's Top-K, T
 except where tokred pins down what upstream leaves open: ties go to the lower index.
 """
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -79,3 +79,250 @@ def evit_keep_count(keep_rate: float, n_scored: int) -> int:
 def topk_keep_count(keep_rate: float, n_initial: int) -> int:
     """Haurum et al.'s Top-K rule: int(keep_rate * N0), relative to the initial patch count."""
     return int(keep_rate * n_initial)
+
+
+# --------------------------------------------------------------------------- merging: ToMe
+# Upstream ToMe (facebookresearch/ToMe, tome/merge.py) re-expressed with explicit index tensors.
+# One change: the A tokens are ranked with a stable argsort, so ties go to the lower index.
+
+def parse_r(num_layers: int, r: Union[int, List[int], Tuple[int, float]]) -> List[int]:
+    """Upstream ToMe's schedule: tokens merged in each of ``num_layers`` layers.
+
+    An int is constant; a list is padded with zeros to ``num_layers``; ``(r, inflection)`` runs
+    linearly from ``int(r * (1 - inflection))`` to ``2 r - that`` (inflection -1: decreasing,
+    0: constant, 1: increasing), each value truncated with ``int``.
+    """
+    if isinstance(r, list):
+        return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
+    inflection = 0.0
+    if isinstance(r, tuple):
+        r, inflection = r
+    first = int(r * (1.0 - inflection))
+    last = 2 * r - first
+    step = (last - first) / (num_layers - 1) if num_layers > 1 else 0.0
+    return [int(first + step * i) for i in range(num_layers)]
+
+
+def tome_clamp_r(r: int, n: int, class_token: bool = True, distill_token: bool = False) -> int:
+    """Upstream's clamp: at most half of the unprotected tokens merge; r <= 0 means no merge."""
+    protected = int(class_token) + int(distill_token)
+    return max(0, min(r, (n - protected) // 2))
+
+
+def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
+                    distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """tokred::bipartite_match as upstream's bipartite_soft_matching (its index tensors)."""
+    b, n, _ = metric.shape
+    r = tome_clamp_r(r, n, class_token, distill_token)
+    na = (n + 1) // 2
+    if r == 0:
+        none = torch.empty(b, 0, dtype=torch.long, device=metric.device)
+        return torch.arange(na, device=metric.device).expand(b, na).clone(), none, none.clone()
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        scores = metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)
+        if class_token:
+            scores[..., 0, :] = -math.inf
+        if distill_token:
+            scores[..., :, 0] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+        unm_idx, src_idx = edge_idx[..., r:], edge_idx[..., :r]
+        dst_idx = node_idx.gather(-1, src_idx)
+        if class_token:
+            unm_idx = unm_idx.sort(dim=-1).values
+    return unm_idx, src_idx, dst_idx
+
+
+def _tome_apply(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, mode: str,
+                distill_token: bool) -> Tensor:
+    """Upstream's merge(x, mode): gather the A tokens, scatter_reduce (include_self) into B."""
+    b, _, c = x.shape
+    u, r = unm_idx.shape[1], src_idx.shape[1]
+    a_tok, b_tok = x[:, ::2], x[:, 1::2]
+    unm = a_tok.gather(1, unm_idx.long()[..., None].expand(b, u, c))
+    src = a_tok.gather(1, src_idx.long()[..., None].expand(b, r, c))
+    dst = b_tok.scatter_reduce(1, dst_idx.long()[..., None].expand(b, r, c), src, reduce=mode)
+    if distill_token:
+        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+    return torch.cat([unm, dst], dim=1)
+
+
+def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
+          mode: str = "wavg", distill_token: bool = False) -> Tuple[Tensor, Tensor]:
+    """tokred::merge: upstream merge (sum, mean, amax) or merge_wavg; also the summed sizes."""
+    if size is None:
+        size = torch.ones_like(x[..., :1])
+    if src_idx.shape[1] == 0:
+        return x.clone(), size.clone()
+    size_out = _tome_apply(size, unm_idx, src_idx, dst_idx, "sum", distill_token)
+    if mode == "wavg":
+        out = _tome_apply(x * size, unm_idx, src_idx, dst_idx, "sum", distill_token) / size_out
+    else:
+        out = _tome_apply(x, unm_idx, src_idx, dst_idx, mode, distill_token)
+    return out, size_out
+
+
+def unmerge(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
+            distill_token: bool = False) -> Tensor:
+    """tokred::unmerge: upstream unmerge; every merged source gets a copy of its destination.
+
+    Upstream assumes the layout without distillation token; with ``distill_token`` the interleave
+    is undone first.
+    """
+    u, r = unm_idx.shape[1], src_idx.shape[1]
+    if r == 0:
+        return x.clone()
+    b, _, c = x.shape
+    if distill_token:
+        unm = torch.cat([x[:, :1], x[:, 2:u + 1]], dim=1)
+        dst = torch.cat([x[:, 1:2], x[:, u + 1:]], dim=1)
+    else:
+        unm, dst = x[:, :u], x[:, u:]
+    src = dst.gather(1, dst_idx.long()[..., None].expand(b, r, c))
+    out = x.new_zeros(b, n, c)
+    out[:, 1::2] = dst
+    out = out.scatter(1, (2 * unm_idx.long())[..., None].expand(b, u, c), unm)
+    return out.scatter(1, (2 * src_idx.long())[..., None].expand(b, r, c), src)
+
+
+def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
+                 n: int, distill_token: bool = False) -> Tensor:
+    """tokred::merge_source: the output token of each original patch, as unmerge of positions."""
+    b, r = src_idx.shape
+    pos = torch.arange(n - r, device=src_idx.device, dtype=torch.float64)
+    dest = unmerge(pos.expand(b, n - r)[..., None], unm_idx, src_idx, dst_idx, n,
+                   distill_token)[..., 0].long()
+    return dest if source is None else dest.gather(1, source.long())
+
+
+def merge_source_onehot(source: Optional[Tensor], x: Tensor, unm_idx: Tensor, src_idx: Tensor,
+                        dst_idx: Tensor, distill_token: bool = False) -> Tensor:
+    """Upstream merge_source: the [B, N, N0] 0/1 matrix merged with mode amax."""
+    if source is None:
+        b, t, _ = x.shape
+        source = torch.eye(t, device=x.device)[None].expand(b, t, t)
+    if src_idx.shape[1] == 0:
+        return source
+    return _tome_apply(source, unm_idx, src_idx, dst_idx, "amax", distill_token)
+
+
+def tome_step(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
+              class_token: bool = True, distill_token: bool = False) -> Tuple[Tensor, Tensor]:
+    """One upstream ToMe step: bipartite_soft_matching, then merge_wavg."""
+    unm_idx, src_idx, dst_idx = bipartite_match(metric, r, class_token, distill_token)
+    return merge(x, size, unm_idx, src_idx, dst_idx, "wavg", distill_token)
+
+# --------------------------------------------------------------------------- models
+
+class ReferenceViT(torch.nn.Module):
+    """A ViT forward written the way upstream writes it, on the weights of ``model``.
+
+    ``model`` is any module with timm ``VisionTransformer``'s names (a tokred model or a timm
+    one); its parameters are shared, not copied. Attention is computed as a full ``[B, H, N, N]``
+    map; Top-K (Haurum et al.), EViT and ToMe use ``torch.topk``/``gather``/``scatter_reduce``
+    glue as upstream does. ``policy`` is read by its attributes only (``name``, ``keep_rate``,
+    ``locs``, ``fuse``, ``r``, ``prop_attn``), so any object carrying them works.
+    Protected tokens are the class token and, if the model has one, the distillation token.
+    ``token_counts`` lists the tokens leaving each block, as on tokred's models.
+    """
+
+    def __init__(self, model: torch.nn.Module, policy=None):
+        super().__init__()
+        self.model = model
+        self.policy = policy
+        self.token_counts = []
+
+    def _schedule(self, depth: int, num_patches: int):
+        policy = self.policy
+        plan = [None] * depth
+        if policy is None or policy.name == "none":
+            return plan
+        if policy.name == "tome":
+            return [r if r > 0 else None for r in parse_r(depth, policy.r)]
+        rates = policy.keep_rate
+        if isinstance(rates, (int, float)):
+            n = len(policy.locs)
+            rates = ([rates ** (i + 1) for i in range(n)] if policy.name == "topk"
+                     else [rates] * n)
+        for loc, rate in zip(policy.locs, rates):
+            plan[loc] = topk_keep_count(rate, num_patches) if policy.name == "topk" else rate
+        return plan
+
+    def forward(self, images: Tensor) -> Tensor:
+        m = self.model
+        x = m.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        b, num_patches = x.shape[0], x.shape[1]
+        dist = getattr(m, "dist_token", None)
+        prefix = [m.cls_token.expand(b, -1, -1)]
+        if dist is not None:
+            prefix.append(dist.expand(b, -1, -1))
+        x = torch.cat(prefix + [x], dim=1) + m.pos_embed
+        p = len(prefix)
+        plan = self._schedule(len(m.blocks), num_patches)
+        name = getattr(self.policy, "name", "none")
+        size = torch.ones_like(x[..., :1]) if name == "tome" else None
+        prop_attn = name == "tome" and self.policy.prop_attn
+        self.token_counts = []
+        for blk, amount in zip(m.blocks, plan):
+            y, attn, metric = _attention(blk.attn, blk.norm1(x), size if prop_attn else None)
+            x = x + blk.ls1(y)
+            if amount is not None and name == "topk":
+                x = _topk_step(x, attn, amount, p)
+            elif amount is not None and name == "evit":
+                x = _evit_step(x, attn, amount, p, self.policy.fuse)
+            elif amount is not None and name == "tome":
+                x, size = tome_step(x, metric, amount, size, True, p > 1)
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+            self.token_counts.append(x.shape[1])
+        x = m.norm(x)
+        if dist is not None:
+            return (m.head(x[:, 0]) + m.head_dist(x[:, 1])) / 2
+        return m.head(m.fc_norm(x[:, 0]))
+
+
+def _attention(attn_mod, x: Tensor, size: Optional[Tensor]):
+    """timm attention with the explicit map; ToMe's prop-attn bias and metric (keys' mean)."""
+    b, n, _ = x.shape
+    h = attn_mod.num_heads
+    qkv = attn_mod.qkv(x)
+    d = qkv.shape[-1] // (3 * h)
+    q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    if hasattr(attn_mod, "q_norm"):
+        q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+    if size is not None:
+        attn = attn + size.log()[:, None, None, :, 0]
+    attn = attn.softmax(dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(b, n, h * d)
+    if hasattr(attn_mod, "norm"):
+        out = attn_mod.norm(out)
+    return attn_mod.proj(out), attn, k.mean(dim=1)
+
+
+def _topk_step(x: Tensor, attn: Tensor, left: int, p: int) -> Tensor:
+    """Haurum et al.'s Top-K: keep the ``left`` most class-attended tokens, score order."""
+    if left >= x.shape[1] - p:
+        return x
+    _, idx = torch.topk(class_attention(attn, p), left, dim=1, largest=True, sorted=True)
+    kept = x[:, p:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :p], kept], dim=1)
+
+
+def _evit_step(x: Tensor, attn: Tensor, rate: float, p: int, fuse: bool) -> Tensor:
+    """EViT: keep ceil(rate * (N - P)) tokens, fuse the rest weighted by class attention."""
+    n = x.shape[1] - p
+    left = evit_keep_count(rate, n)
+    if left >= n:
+        return x
+    cls_attn = class_attention(attn, p)
+    _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
+    c = x.shape[-1]
+    tokens = x[:, p:]
+    parts = [x[:, :p], tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))]
+    if fuse:
+        compl = complement(idx, n)
+        non_topk = tokens.gather(1, compl.unsqueeze(-1).expand(-1, -1, c))
+        weights = cls_attn.gather(1, compl).unsqueeze(-1)
+        parts.append((weights * non_topk).sum(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1)

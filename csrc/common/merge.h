@@ -1,0 +1,137 @@
+// ToMe's bipartite matching and merge plan, written once for the CPU and the CUDA kernels.
+//
+// A sequence of N tokens is split by position: set A = even positions (A[a] = token 2a), set B =
+// odd positions (B[j] = token 2j + 1). A match picks r A tokens (sources) and, for each, its most
+// similar B token (destination). The merged sequence has N - r tokens laid out as
+//   [unmerged A tokens (in unm_idx order) | every B token (in order)]
+// and, with a distillation token, upstream's interleave [unm[0], B[0], unm[1:], B[1:]] that keeps
+// the class token at 0 and the distillation token at 1.
+//
+// The merge plan maps every original token t to its output token dest[t]; each output token is
+// the reduction of its members {t : dest[t] = o}, taken in ascending t. dest alone describes merge
+// (a segmented reduction), unmerge (a gather), both backwards and source tracking.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/rank.h"
+
+namespace tokred {
+
+enum class MergeMode : int { kSum = 0, kMean = 1, kAmax = 2, kWavg = 3 };
+
+struct TomeDims {
+  int64_t n;     // tokens before the merge
+  int64_t na;    // |A| = ceil(n / 2)
+  int64_t nb;    // |B| = floor(n / 2)
+  int64_t r;     // merged (source) tokens
+  int64_t u;     // unmerged A tokens = na - r
+  int64_t nout;  // tokens after the merge = n - r
+  bool distill;
+};
+
+TOKRED_HD TomeDims tome_dims(int64_t n, int64_t r, bool distill) {
+  TomeDims d;
+  d.n = n;
+  d.na = (n + 1) / 2;
+  d.nb = n / 2;
+  d.r = r;
+  d.u = d.na - r;
+  d.nout = n - r;
+  d.distill = distill;
+  return d;
+}
+
+// Upstream's clamp: at most half of the unprotected tokens merge; r <= 0 is no merge.
+TOKRED_HD int64_t tome_clamp_r(int64_t r, int64_t n, bool class_token, bool distill_token) {
+  const int64_t prot = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
+  const int64_t cap = n > prot ? (n - prot) / 2 : 0;
+  const int64_t rr = r < cap ? r : cap;
+  return rr > 0 ? rr : 0;
+}
+
+// Output position of the k-th unmerged A token and of B token j.
+TOKRED_HD int64_t tome_unm_out(int64_t k, const TomeDims& d) {
+  return (d.distill && k > 0) ? k + 1 : k;
+}
+TOKRED_HD int64_t tome_dst_out(int64_t j, const TomeDims& d) {
+  return (d.distill && j == 0) ? 1 : d.u + j;
+}
+
+// Pairs excluded from matching: the class token's row (A[0]) and the distillation token's
+// column (B[0]).
+TOKRED_HD bool tome_excluded(int64_t a, int64_t j, bool class_token, bool distill_token) {
+  return (class_token && a == 0) || (distill_token && j == 0);
+}
+
+// Cosine similarity from a raw dot product and the two inverse norms (no eps, as upstream: a zero
+// vector gives NaN). Excluded pairs score -inf.
+template <typename acc_t>
+TOKRED_HD acc_t tome_score(acc_t dot, acc_t inv_a, acc_t inv_b, bool excluded) {
+  return excluded ? -acc_t(INFINITY) : dot * inv_a * inv_b;
+}
+
+// Running "first maximum" of a row: NaN counts as the largest value (as torch.max), ties keep the
+// lower column.
+template <typename acc_t>
+TOKRED_HD void tome_argmax_step(acc_t v, int64_t j, acc_t& best, int64_t& best_j) {
+  if (best_j < 0 || comes_before(v, j, best, best_j, /*largest=*/true)) {
+    best = v;
+    best_j = j;
+  }
+}
+
+// Where A token a goes, given the ranks (descending best similarity, ties to the lower index) of
+// all na A tokens: a source slot in [0, r) (returned as -1 - slot), or an unmerged slot in
+// [0, u). Unmerged tokens are in ascending order with a class token (upstream sorts them), in
+// rank order without.
+TOKRED_HD int64_t tome_slot(const int64_t* rank, int64_t a, int64_t na, int64_t r,
+                            bool class_token) {
+  if (rank[a] < r) return -1 - rank[a];
+  if (!class_token) return rank[a] - r;
+  int64_t slot = 0;
+  for (int64_t i = 0; i < a; ++i) slot += rank[i] >= r ? 1 : 0;
+  (void)na;
+  return slot;
+}
+
+// One step of a mode's reduction over an output's members (the first member initialises acc).
+template <typename acc_t>
+TOKRED_HD void tome_accumulate(MergeMode mode, bool first, acc_t v, acc_t w, acc_t& acc) {
+  if (mode == MergeMode::kAmax) {
+    if (first || v != v || (acc == acc && v > acc)) acc = v;  // NaN propagates
+  } else if (mode == MergeMode::kWavg) {
+    acc = first ? w * v : acc + w * v;
+  } else {
+    acc = first ? v : acc + v;
+  }
+}
+
+// The reduced value of an output with `count` members whose weights sum to wsum.
+template <typename acc_t>
+TOKRED_HD acc_t tome_finish(MergeMode mode, acc_t acc, acc_t wsum, int64_t count) {
+  if (mode == MergeMode::kMean) return acc / static_cast<acc_t>(count);
+  if (mode == MergeMode::kWavg) return acc / wsum;
+  return acc;
+}
+
+// d out / d member: the share of an output's gradient that a member with value v and weight w
+// receives. amax splits it evenly between the members equal to the maximum (as torch's
+// scatter_reduce); `ties` is how many members equal out.
+template <typename acc_t>
+TOKRED_HD acc_t tome_grad_coef(MergeMode mode, acc_t v, acc_t w, acc_t out, acc_t wsum,
+                               int64_t count, int64_t ties) {
+  switch (mode) {
+    case MergeMode::kMean:
+      return acc_t(1) / static_cast<acc_t>(count);
+    case MergeMode::kWavg:
+      return w / wsum;
+    case MergeMode::kAmax:
+      return v == out ? acc_t(1) / static_cast<acc_t>(ties) : acc_t(0);
+    default:
+      return acc_t(1);
+  }
+}
+
+}  // namespace tokred

@@ -1,0 +1,125 @@
+#include "common/merge_args.h"
+
+#include "common/checks.h"
+
+namespace tokred {
+
+MergeMode parse_merge_mode(std::string_view mode, const char* op) {
+  if (mode == "sum") return MergeMode::kSum;
+  if (mode == "mean") return MergeMode::kMean;
+  if (mode == "amax") return MergeMode::kAmax;
+  if (mode == "wavg") return MergeMode::kWavg;
+  TOKRED_CHECK(false, op, "mode", "must be one of 'sum', 'mean', 'amax', 'wavg', got '", mode,
+               "'");
+  return MergeMode::kSum;
+}
+
+c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n, bool class_token,
+                           bool distill_token) {
+  const int64_t prot = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
+  const c10::SymInt cap = ((n - prot) / 2).max(c10::SymInt(0));
+  return r.min(cap).max(c10::SymInt(0));
+}
+
+c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r,
+                                  bool class_token, bool distill_token) {
+  const char* op = "bipartite_match";
+  check_float(metric, op, "metric");
+  check_dim(metric, 3, op, "metric", "[B, N, D]");
+  return tome_clamped_r(r, metric.sym_size(1), class_token, distill_token);
+}
+
+c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                                const at::Tensor& dst_idx, const c10::SymInt& batch,
+                                const c10::SymInt& n, const char* op) {
+  check_index(unm_idx, op, "unm_idx");
+  check_index(src_idx, op, "src_idx");
+  check_index(dst_idx, op, "dst_idx");
+  check_dim(unm_idx, 2, op, "unm_idx", "[B, ceil(N/2) - r]");
+  check_dim(src_idx, 2, op, "src_idx", "[B, r]");
+  check_dim(dst_idx, 2, op, "dst_idx", "[B, r]");
+  check_same_device(unm_idx, src_idx, op, "unm_idx", "src_idx");
+  check_same_device(src_idx, dst_idx, op, "src_idx", "dst_idx");
+  TOKRED_SYM_CHECK(unm_idx.sym_size(0).sym_eq(batch), op, "unm_idx", "must have batch size ",
+                   batch, ", got ", unm_idx.sym_size(0));
+  TOKRED_CHECK(dst_idx.sym_sizes() == src_idx.sym_sizes(), op, "dst_idx",
+               "must have the shape of src_idx ", src_idx.sym_sizes(), ", got ",
+               dst_idx.sym_sizes());
+  TOKRED_SYM_CHECK(src_idx.sym_size(0).sym_eq(batch), op, "src_idx", "must have batch size ",
+                   batch, ", got ", src_idx.sym_size(0));
+  const c10::SymInt r = src_idx.sym_size(1);
+  const c10::SymInt na = (n + 1) / 2;
+  TOKRED_SYM_CHECK((unm_idx.sym_size(1) + r).sym_eq(na), op, "unm_idx",
+                   "and src_idx must together list the ceil(N/2) = ", na,
+                   " tokens of set A, got ", unm_idx.sym_size(1), " + ", r);
+  return r;
+}
+
+c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                        const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                        const at::Tensor& dst_idx, std::string_view mode, const char* op) {
+  check_float(x, op, "x");
+  check_dim(x, 3, op, "x", "[B, N, C]");
+  parse_merge_mode(mode, op);
+  if (size.has_value()) {
+    const at::Tensor& s = *size;
+    TOKRED_CHECK(s.scalar_type() == x.scalar_type(), op, "size", "must have the dtype of x ",
+                 x.scalar_type(), ", got ", s.scalar_type());
+    check_same_device(x, s, op, "x", "size");
+    const std::vector<c10::SymInt> want = {x.sym_size(0), x.sym_size(1), c10::SymInt(1)};
+    TOKRED_CHECK(s.sym_sizes() == c10::SymIntArrayRef(want), op, "size",
+                 "must have shape [B, N, 1] = ", c10::SymIntArrayRef(want), ", got ",
+                 s.sym_sizes());
+  }
+  check_same_device(x, unm_idx, op, "x", "unm_idx");
+  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), op);
+}
+
+void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
+                               const char* op) {
+  check_dim(grad, 3, op, "grad_out", "[B, N - r, C]");
+  TOKRED_CHECK(grad.scalar_type() == x.scalar_type(), op, "grad_out", "must have the dtype of x ",
+               x.scalar_type(), ", got ", grad.scalar_type());
+  check_same_device(grad, x, op, "grad_out", "x");
+  const std::vector<c10::SymInt> want = {x.sym_size(0), x.sym_size(1) - r, x.sym_size(2)};
+  TOKRED_CHECK(grad.sym_sizes() == c10::SymIntArrayRef(want), op, "grad_out",
+               "must have shape [B, N - r, C] = ", c10::SymIntArrayRef(want), ", got ",
+               grad.sym_sizes());
+}
+
+c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
+                                   const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                                   const char* op) {
+  check_float(grad, op, "grad");
+  check_dim(grad, 3, op, "grad", "[B, n, C]");
+  check_same_device(grad, unm_idx, op, "grad", "unm_idx");
+  return check_match_indices(unm_idx, src_idx, dst_idx, grad.sym_size(0), grad.sym_size(1), op);
+}
+
+c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
+                          const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                          const c10::SymInt& n, const char* op) {
+  check_float(x, op, "x");
+  check_dim(x, 3, op, "x", "[B, n - r, C]");
+  check_same_device(x, unm_idx, op, "x", "unm_idx");
+  TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
+  const c10::SymInt r = check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), n, op);
+  TOKRED_SYM_CHECK(x.sym_size(1).sym_eq(n - r), op, "x", "must have n - r = ", n - r,
+                   " tokens, got ", x.sym_size(1));
+  return r;
+}
+
+c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
+                               const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                               const c10::SymInt& n) {
+  const char* op = "merge_source";
+  TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
+  if (source.has_value()) {
+    check_index(*source, op, "source");
+    check_dim(*source, 2, op, "source", "[B, N0]");
+    check_same_device(*source, unm_idx, op, "source", "unm_idx");
+  }
+  return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, op);
+}
+
+}  // namespace tokred

@@ -1,0 +1,55 @@
+// Validation and output shapes of the ToMe ops, shared by the CPU, CUDA and Meta kernels so every
+// backend rejects the same inputs with the same message.
+#pragma once
+
+#include <optional>
+#include <string_view>
+
+#include <ATen/ATen.h>
+
+#include "common/merge.h"
+
+namespace tokred {
+
+// "sum" | "mean" | "amax" | "wavg"; anything else is an error naming op.
+MergeMode parse_merge_mode(std::string_view mode, const char* op);
+
+// The clamped r of bipartite_match as a SymInt: max(0, min(r, (N - protected) // 2)).
+c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n, bool class_token,
+                           bool distill_token);
+
+// metric [B, N, D]; returns the clamped r.
+c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r,
+                                  bool class_token, bool distill_token);
+
+// The three index tensors of a match for a sequence of n tokens: unm_idx [B, ceil(n/2) - r],
+// src_idx [B, r], dst_idx [B, r]. Returns r.
+c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                                const at::Tensor& dst_idx, const c10::SymInt& batch,
+                                const c10::SymInt& n, const char* op);
+
+// x [B, N, C], size None or [B, N, 1] of x's dtype. Returns r.
+c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                        const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                        const at::Tensor& dst_idx, std::string_view mode, const char* op);
+
+// grad_out [B, N - r, C] of x's dtype and batch, for a merge of x [B, N, C].
+void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
+                               const char* op);
+
+// grad [B, n, C], the gradient of an unmerge to n tokens. Returns r.
+c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
+                                   const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                                   const char* op);
+
+// x [B, n - r, C]. Returns r.
+c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
+                          const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                          const c10::SymInt& n, const char* op);
+
+// source None or [B, N0] int of token positions in [0, n). Returns r.
+c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
+                               const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                               const c10::SymInt& n);
+
+}  // namespace tokred

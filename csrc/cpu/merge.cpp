@@ -1,0 +1,376 @@
+// CPU kernels of the ToMe ops. Matching runs one batch row per task: dot products vectorise over
+// set B, the first-maximum, rank and slot rules come from common/merge.h. Merging builds the plan
+// (dest, and each output's members in ascending order) and reduces every output token on its own,
+// so sums run in a fixed order without atomics.
+#include <algorithm>
+#include <cmath>
+#include <string_view>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/merge.h"
+#include "common/merge_args.h"
+
+namespace tokred {
+namespace {
+
+template <typename scalar_t>
+void match_row(const scalar_t* m, const TomeDims& d, int64_t D, bool class_token,
+               bool distill_token, int64_t* unm, int64_t* src, int64_t* dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = d.n, na = d.na, nb = d.nb;
+  std::vector<acc_t> inv(n), bt(D * nb), s(nb), node_max(na);
+  std::vector<int64_t> node_idx(na), rank(na);
+  for (int64_t t = 0; t < n; ++t) {
+    acc_t ss = 0;
+    for (int64_t k = 0; k < D; ++k) {
+      const acc_t v = static_cast<acc_t>(m[t * D + k]);
+      ss += v * v;
+    }
+    inv[t] = acc_t(1) / std::sqrt(ss);
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    for (int64_t k = 0; k < D; ++k) bt[k * nb + j] = static_cast<acc_t>(m[(2 * j + 1) * D + k]);
+  }
+  for (int64_t a = 0; a < na; ++a) {
+    std::fill(s.begin(), s.end(), acc_t(0));
+    const scalar_t* ma = m + 2 * a * D;
+    for (int64_t k = 0; k < D; ++k) {
+      const acc_t av = static_cast<acc_t>(ma[k]);
+      const acc_t* bk = bt.data() + k * nb;
+      for (int64_t j = 0; j < nb; ++j) s[j] += av * bk[j];
+    }
+    acc_t best = 0;
+    int64_t best_j = -1;
+    for (int64_t j = 0; j < nb; ++j) {
+      const acc_t v = tome_score(s[j], inv[2 * a], inv[2 * j + 1],
+                                 tome_excluded(a, j, class_token, distill_token));
+      tome_argmax_step(v, j, best, best_j);
+    }
+    node_max[a] = best;
+    node_idx[a] = best_j;
+  }
+  for (int64_t a = 0; a < na; ++a) rank[a] = rank_in_row(node_max.data(), na, a, true);
+  for (int64_t a = 0; a < na; ++a) {
+    const int64_t slot = tome_slot(rank.data(), a, na, d.r, class_token);
+    if (slot < 0) {
+      src[-1 - slot] = a;
+      dst[-1 - slot] = node_idx[a];
+    } else {
+      unm[slot] = a;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Tensor& metric_in,
+                                                                   int64_t r_in, bool class_token,
+                                                                   bool distill_token) {
+  const int64_t r = check_bipartite_match(metric_in, r_in, class_token, distill_token).expect_int();
+  const at::Tensor metric = metric_in.contiguous();
+  const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
+  const TomeDims d = tome_dims(N, r, distill_token);
+  const auto opts = metric.options().dtype(at::kLong);
+  at::Tensor unm = at::empty({B, d.u}, opts);
+  at::Tensor src = at::empty({B, r}, opts);
+  at::Tensor dst = at::empty({B, r}, opts);
+  if (B == 0) return {unm, src, dst};
+  if (r == 0) {
+    unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
+    return {unm, src, dst};
+  }
+  TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cpu", [&] {
+    const scalar_t* mp = metric.data_ptr<scalar_t>();
+    int64_t* up = unm.data_ptr<int64_t>();
+    int64_t* sp = src.data_ptr<int64_t>();
+    int64_t* dp = dst.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        match_row(mp + b * N * D, d, D, class_token, distill_token, up + b * d.u, sp + b * r,
+                  dp + b * r);
+      }
+    });
+  });
+  return {unm, src, dst};
+}
+
+// ---- the plan
+
+struct Plan {
+  at::Tensor dest, offsets, members;  // [B, n], [B, nout + 1], [B, n]
+  TomeDims d;
+  int64_t B;
+};
+
+Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
+                int64_t n, bool distill, const char* op) {
+  const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
+  const int64_t B = src.size(0), r = src.size(1);
+  const TomeDims d = tome_dims(n, r, distill);
+  const auto opts = unm.options();
+  Plan p{at::empty({B, n}, opts), at::empty({B, d.nout + 1}, opts), at::empty({B, n}, opts), d,
+         B};
+  const int64_t *up = unm.data_ptr<int64_t>(), *sp = src.data_ptr<int64_t>(),
+                *dp = dst.data_ptr<int64_t>();
+  int64_t *dest = p.dest.data_ptr<int64_t>(), *off = p.offsets.data_ptr<int64_t>(),
+          *mem = p.members.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t* de = dest + b * n;
+      int64_t* of = off + b * (d.nout + 1);
+      int64_t* me = mem + b * n;
+      if (r == 0) {  // no merge: the identity, as upstream's do_nothing
+        for (int64_t t = 0; t < n; ++t) de[t] = me[t] = of[t] = t;
+        of[n] = n;
+        continue;
+      }
+      std::fill(de, de + n, int64_t(-1));
+      auto place_a = [&](int64_t a, int64_t o, const char* arg, int64_t k) {
+        TORCH_CHECK(a >= 0 && a < d.na, "tokred::", op, ": argument '", arg, "' holds ", a,
+                    " at [", b, ", ", k, "], expected an index of set A in [0, ", d.na, ")");
+        TORCH_CHECK(de[2 * a] < 0, "tokred::", op, ": argument '", arg, "' holds A token ", a,
+                    " at [", b, ", ", k,
+                    "], which unm_idx and src_idx already list: expected each A token once");
+        de[2 * a] = o;
+      };
+      for (int64_t k = 0; k < d.u; ++k) place_a(up[b * d.u + k], tome_unm_out(k, d), "unm_idx", k);
+      for (int64_t k = 0; k < r; ++k) {
+        const int64_t j = dp[b * r + k];
+        TORCH_CHECK(j >= 0 && j < d.nb, "tokred::", op, ": argument 'dst_idx' holds ", j, " at [",
+                    b, ", ", k, "], expected an index of set B in [0, ", d.nb, ")");
+        place_a(sp[b * r + k], tome_dst_out(j, d), "src_idx", k);
+      }
+      for (int64_t j = 0; j < d.nb; ++j) de[2 * j + 1] = tome_dst_out(j, d);
+      // Counting sort by destination keeps each output's members in ascending order.
+      std::fill(of, of + d.nout + 1, int64_t(0));
+      for (int64_t t = 0; t < n; ++t) ++of[de[t] + 1];
+      for (int64_t o = 0; o < d.nout; ++o) of[o + 1] += of[o];
+      std::vector<int64_t> cursor(of, of + d.nout);
+      for (int64_t t = 0; t < n; ++t) me[cursor[de[t]]++] = t;
+    }
+  });
+  return p;
+}
+
+// ---- merge: each output token reduces its members
+
+// Output token i = b * nout + o of a plan: its members are me[begin..end), ascending.
+struct OutputView {
+  int64_t b, begin, end;
+  const int64_t* me;
+  int64_t count() const { return end - begin; }
+};
+
+OutputView output_view(const Plan& p, int64_t i) {
+  const int64_t b = i / p.d.nout, o = i % p.d.nout;
+  const int64_t* of = p.offsets.data_ptr<int64_t>() + b * (p.d.nout + 1) + o;
+  return {b, of[0], of[1], p.members.data_ptr<int64_t>() + b * p.d.n};
+}
+
+// out [B, nout, C] and the summed sizes [B, nout, 1] (count of members when size is None).
+std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
+                                               const std::optional<at::Tensor>& size_in,
+                                               const Plan& p, MergeMode mode) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = p.B, n = p.d.n, nout = p.d.nout, C = x.size(2);
+  at::Tensor out = at::empty({B, nout, C}, x.options());
+  at::Tensor size_out = at::empty({B, nout, 1}, x.options());
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  if (B == 0 || nout == 0) return {out, size_out};
+  TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_merge_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* sz = size.defined() ? size.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* so = size_out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 8192 / (C + 1));
+    at::parallel_for(0, B * nout, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc(C);
+      for (int64_t i = i0; i < i1; ++i) {
+        const OutputView ov = output_view(p, i);
+        const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
+        acc_t wsum = 0;
+        scalar_t* orow = op + i * C;
+        for (int64_t m = of[0]; m < of[1]; ++m) {
+          const int64_t t = me[m];
+          const acc_t w = sz ? static_cast<acc_t>(sz[b * n + t]) : acc_t(1);
+          wsum += w;
+          if (count == 1) {  // a lone token is copied exactly in every mode
+            std::copy(xp + (b * n + t) * C, xp + (b * n + t + 1) * C, orow);
+            break;
+          }
+          const scalar_t* xr = xp + (b * n + t) * C;
+          const bool first = m == of[0];
+          for (int64_t c = 0; c < C; ++c) {
+            tome_accumulate(mode, first, static_cast<acc_t>(xr[c]), w, acc[c]);
+          }
+        }
+        so[i] = static_cast<scalar_t>(wsum);
+        if (count == 1) continue;
+        for (int64_t c = 0; c < C; ++c) {
+          orow[c] = static_cast<scalar_t>(tome_finish(mode, acc[c], wsum, count));
+        }
+      }
+    });
+  });
+  return {out, size_out};
+}
+
+// The backward of reduce_plan: every input token receives its share of its output's gradient.
+at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
+                       const std::optional<at::Tensor>& size_in, const Plan& p, MergeMode mode) {
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t B = p.B, n = p.d.n, nout = p.d.nout, C = grad.size(2);
+  at::Tensor grad_x = at::empty({B, n, C}, grad.options());
+  if (B == 0 || nout == 0) return grad_x;
+  const at::Tensor x = mode == MergeMode::kAmax ? x_in.contiguous() : at::Tensor();
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_merge_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.defined() ? x.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sz = size.defined() ? size.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 8192 / (C + 1));
+    at::parallel_for(0, B * nout, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> mx(C);
+      std::vector<int64_t> ties(C);
+      for (int64_t i = i0; i < i1; ++i) {
+        const OutputView ov = output_view(p, i);
+        const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
+        const scalar_t* grow = gp + i * C;
+        if (count == 1) {
+          std::copy(grow, grow + C, gx + (b * n + me[of[0]]) * C);
+          continue;
+        }
+        acc_t wsum = 0;
+        for (int64_t m = of[0]; m < of[1]; ++m) {
+          wsum += sz ? static_cast<acc_t>(sz[b * n + me[m]]) : acc_t(1);
+        }
+        if (mode == MergeMode::kAmax) {
+          for (int64_t m = of[0]; m < of[1]; ++m) {
+            const scalar_t* xr = xp + (b * n + me[m]) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              tome_accumulate(mode, m == of[0], static_cast<acc_t>(xr[c]), acc_t(1), mx[c]);
+            }
+          }
+          std::fill(ties.begin(), ties.end(), int64_t(0));
+          for (int64_t m = of[0]; m < of[1]; ++m) {
+            const scalar_t* xr = xp + (b * n + me[m]) * C;
+            for (int64_t c = 0; c < C; ++c) ties[c] += static_cast<acc_t>(xr[c]) == mx[c];
+          }
+        }
+        for (int64_t m = of[0]; m < of[1]; ++m) {
+          const int64_t t = me[m];
+          const acc_t w = sz ? static_cast<acc_t>(sz[b * n + t]) : acc_t(1);
+          scalar_t* grow_x = gx + (b * n + t) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = xp ? static_cast<acc_t>(xp[(b * n + t) * C + c]) : acc_t(0);
+            const acc_t coef = tome_grad_coef(mode, v, w, mx[c], wsum, count, ties[c]);
+            grow_x[c] = static_cast<scalar_t>(coef * static_cast<acc_t>(grow[c]));
+          }
+        }
+      }
+    });
+  });
+  return grad_x;
+}
+
+// out[b, t] = x[b, dest[b, t]]: unmerge, and the sum-mode backward.
+at::Tensor gather_plan(const at::Tensor& x_in, const Plan& p) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = p.B, n = p.d.n, nout = p.d.nout, C = x.size(2);
+  at::Tensor out = at::empty({B, n, C}, x.options());
+  if (B == 0 || n == 0) return out;
+  TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_unmerge_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t* dest = p.dest.data_ptr<int64_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / (C + 1));
+    at::parallel_for(0, B * n, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* row = xp + ((i / n) * nout + dest[i]) * C;
+        std::copy(row, row + C, op + i * C);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x,
+                                             const std::optional<at::Tensor>& size,
+                                             const at::Tensor& unm, const at::Tensor& src,
+                                             const at::Tensor& dst, c10::string_view mode,
+                                             bool distill) {
+  const char* op = "merge";
+  check_merge(x, size, unm, src, dst, mode, op);
+  const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
+  return reduce_plan(x, size, p, parse_merge_mode(mode, op));
+}
+
+at::Tensor merge_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                              const std::optional<at::Tensor>& size, const at::Tensor& unm,
+                              const at::Tensor& src, const at::Tensor& dst,
+                              c10::string_view mode, bool distill) {
+  const char* op = "_merge_backward";
+  const int64_t r = check_merge(x, size, unm, src, dst, mode, op).expect_int();
+  check_merge_backward_grad(grad, x, r, op);
+  const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
+  const MergeMode m = parse_merge_mode(mode, op);
+  if (m == MergeMode::kSum) return gather_plan(grad, p);
+  return spread_plan(grad, x, size, p, m);
+}
+
+at::Tensor unmerge_cpu(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
+                       const at::Tensor& dst, int64_t n, bool distill) {
+  const char* op = "unmerge";
+  check_unmerge(x, unm, src, dst, n, op);
+  return gather_plan(x, build_plan(unm, src, dst, n, distill, op));
+}
+
+at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& unm,
+                                const at::Tensor& src, const at::Tensor& dst, bool distill) {
+  const char* op = "_unmerge_backward";
+  check_unmerge_backward(grad, unm, src, dst, op);
+  const Plan p = build_plan(unm, src, dst, grad.size(1), distill, op);
+  return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
+}
+
+at::Tensor merge_source_cpu(const std::optional<at::Tensor>& source_in, const at::Tensor& unm,
+                            const at::Tensor& src, const at::Tensor& dst, int64_t n,
+                            bool distill) {
+  const char* op = "merge_source";
+  check_merge_source(source_in, unm, src, dst, n);
+  const Plan p = build_plan(unm, src, dst, n, distill, op);
+  if (!source_in.has_value()) return p.dest;
+  const at::Tensor source = as_int64(*source_in);
+  const int64_t B = source.size(0), N0 = source.size(1);
+  at::Tensor out = at::empty({B, N0}, source.options());
+  const int64_t* sp = source.data_ptr<int64_t>();
+  const int64_t* dest = p.dest.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * N0; ++i) {
+    const int64_t t = sp[i];
+    TORCH_CHECK(t >= 0 && t < n, "tokred::merge_source: argument 'source' holds ", t, " at [",
+                i / std::max<int64_t>(N0, 1), ", ", i % std::max<int64_t>(N0, 1),
+                "], expected a token position in [0, ", n, ")");
+    o[i] = dest[(i / N0) * n + t];
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokred, CPU, m) {
+  m.impl("bipartite_match", TORCH_FN(bipartite_match_cpu));
+  m.impl("merge", TORCH_FN(merge_cpu));
+  m.impl("_merge_backward", TORCH_FN(merge_backward_cpu));
+  m.impl("unmerge", TORCH_FN(unmerge_cpu));
+  m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_cpu));
+  m.impl("merge_source", TORCH_FN(merge_source_cpu));
+}
+
+}  // namespace tokred

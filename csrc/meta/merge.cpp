@@ -1,0 +1,72 @@
+// Meta kernels of the ToMe ops: shapes only, with SymInts (r is clamped symbolically), for
+// torch.compile, export and C++ callers on the meta device.
+#include <torch/library.h>
+
+#include "common/merge_args.h"
+
+namespace tokred {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_meta(const at::Tensor& metric,
+                                                                    c10::SymInt r,
+                                                                    bool class_token,
+                                                                    bool distill_token) {
+  const c10::SymInt rr = check_bipartite_match(metric, r, class_token, distill_token);
+  const c10::SymInt B = metric.sym_size(0), na = (metric.sym_size(1) + 1) / 2;
+  const auto opts = metric.options().dtype(at::kLong);
+  return {at::empty_symint({B, na - rr}, opts), at::empty_symint({B, rr}, opts),
+          at::empty_symint({B, rr}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_meta(const at::Tensor& x,
+                                              const std::optional<at::Tensor>& size,
+                                              const at::Tensor& unm, const at::Tensor& src,
+                                              const at::Tensor& dst, c10::string_view mode, bool) {
+  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, "merge");
+  const c10::SymInt nout = x.sym_size(1) - r;
+  return {at::empty_symint({x.sym_size(0), nout, x.sym_size(2)}, x.options()),
+          at::empty_symint({x.sym_size(0), nout, c10::SymInt(1)}, x.options())};
+}
+
+at::Tensor merge_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                               const std::optional<at::Tensor>& size, const at::Tensor& unm,
+                               const at::Tensor& src, const at::Tensor& dst, c10::string_view mode,
+                               bool) {
+  const char* op = "_merge_backward";
+  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, op);
+  check_merge_backward_grad(grad, x, r, op);
+  return at::empty_symint(x.sym_sizes(), grad.options());
+}
+
+at::Tensor unmerge_meta(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
+                        const at::Tensor& dst, c10::SymInt n, bool) {
+  check_unmerge(x, unm, src, dst, n, "unmerge");
+  return at::empty_symint({x.sym_size(0), n, x.sym_size(2)}, x.options());
+}
+
+at::Tensor unmerge_backward_meta(const at::Tensor& grad, const at::Tensor& unm,
+                                 const at::Tensor& src, const at::Tensor& dst, bool) {
+  const c10::SymInt r = check_unmerge_backward(grad, unm, src, dst, "_unmerge_backward");
+  return at::empty_symint({grad.sym_size(0), grad.sym_size(1) - r, grad.sym_size(2)},
+                          grad.options());
+}
+
+at::Tensor merge_source_meta(const std::optional<at::Tensor>& source, const at::Tensor& unm,
+                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n, bool) {
+  check_merge_source(source, unm, src, dst, n);
+  if (source.has_value()) return at::empty_symint(source->sym_sizes(), source->options().dtype(at::kLong));
+  return at::empty_symint({unm.sym_size(0), n}, unm.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokred, Meta, m) {
+  m.impl("bipartite_match", TORCH_FN(bipartite_match_meta));
+  m.impl("merge", TORCH_FN(merge_meta));
+  m.impl("_merge_backward", TORCH_FN(merge_backward_meta));
+  m.impl("unmerge", TORCH_FN(unmerge_meta));
+  m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_meta));
+  m.impl("merge_source", TORCH_FN(merge_source_meta));
+}
+
+}  // namespace tokred

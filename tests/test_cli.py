@@ -1,0 +1,151 @@
+"""The tokred command end to end, at tiny sizes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tokred_ext import bench, cli
+from tokred_ext import visualize as vis
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info(capsys):
+    rc, out, _ = run(capsys, "info")
+    assert rc == 0
+    assert torch.__version__ in out and "tokred::prune_tokens" in out
+    assert "CUDA kernels:" in out and "device" in out
+
+
+def test_module_entry_point():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "tokred_ext", "info"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and "tokred::topk" in res.stdout
+
+
+def test_bench_tiny(capsys, tmp_path):
+    policies = "none,topk,evit" + (",tome" if bench.tome_available() else "")
+    path = tmp_path / "rows.json"
+    rc, out, err = run(capsys, "bench", "--models", "deit_tiny", "--policies", policies,
+                       "--batch-size", "1", "--iters", "1", "--warmup", "0", "--device", "cpu",
+                       "--json", str(path), "--markdown")
+    assert rc == 0, err
+    rows = json.loads(path.read_text())
+    n_pol = len(policies.split(","))
+    assert len(rows) == 2 * n_pol
+    assert {r["impl"] for r in rows} == {"tokred", "reference"}
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["speedup_vs_none"] > 0 and r["speedup_vs_reference"] > 0
+    tokens = {(r["policy"], r["impl"]): r["tokens_out"] for r in rows}
+    assert tokens[("topk", "tokred")] == tokens[("topk", "reference")] == 68
+    assert tokens[("evit", "tokred")] == 72 and tokens[("none", "tokred")] == 197
+    assert out.startswith("| model | policy | impl |")
+    assert out.count("\n| deit_tiny") == 2 * n_pol
+
+
+def test_bench_policy_values_and_plain_table(capsys):
+    rc, out, _ = run(capsys, "bench", "--models", "deit_tiny", "--policies", "topk:0.5",
+                     "--impls", "tokred", "--batch-size", "1", "--iters", "1", "--warmup", "0",
+                     "--no-progress", "--json", "-")
+    assert rc == 0
+    table, _, js = out.partition("[")
+    assert "images/s" in table and "x reference" in table
+    assert json.loads("[" + js)[0]["tokens_out"] == 1 + 24  # int(0.5**3 * 196)
+
+
+BAD = [
+    ["bench", "--models", "resnet50"],
+    ["bench", "--policies", "dynamicvit"],
+    ["bench", "--policies", "topk:abc"],
+    ["bench", "--batch-size", "0"],
+    ["bench", "--keep-rate", "1.5"],
+    ["bench", "--device", "cuda:7", "--models", "deit_tiny"],
+    ["bench", "--impls", "triton"],
+    ["bench", "--dtype", "float8"],
+    ["visualize", "-o", "x.png", "--method", "topk", "--r", "3"],
+    ["visualize", "-o", "x.png", "--method", "magic"],
+    ["visualize", "/does/not/exist.png", "-o", "x.png", "--method", "evit"],
+    ["visualize", "-o", "/does/not/exist/x.png", "--method", "evit"],
+    ["visualize", "--method", "evit"],
+    ["visualize", "-o", "x.png", "--method", "evit", "--model", "nope"],
+    ["frobnicate"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD, ids=[" ".join(a) for a in BAD])
+def test_bad_arguments_one_line(capsys, argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokred: error: "), err
+    assert "Traceback" not in err
+
+
+def test_bad_checkpoint_one_line(capsys, tmp_path):
+    ckpt = tmp_path / "w.pth"
+    torch.save({"model": {"not_a_weight": torch.zeros(1)}}, ckpt)
+    rc, _, err = run(capsys, "visualize", "-o", str(tmp_path / "o.png"), "--method", "evit",
+                     "--model", "deit_tiny", "--checkpoint", str(ckpt))
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+
+
+def _check_png(path, panels, method, num_prefix=1, patch=16, size=224):
+    from PIL import Image
+    png = Image.open(path)
+    png.load()
+    assert png.format == "PNG"
+    assert png.size == (size * (1 + len(panels)), size + vis.LABEL_HEIGHT)
+    png = png.convert("RGB")
+    original = vis.load_image(vis.DEFAULT_IMAGE, size)
+    grid = size // patch
+    for i, (_, _, source) in enumerate(panels):
+        groups = vis.patch_groups(source, num_prefix)
+        ids, counts = torch.unique(groups, return_counts=True)
+        count = dict(zip(ids.tolist(), counts.tolist()))
+        colour_of = {}
+        for p, g in enumerate(groups.tolist()):
+            row, col = divmod(p, grid)
+            cx, cy = col * patch + patch // 2, row * patch + patch // 2
+            px = png.getpixel((size * (i + 1) + cx, vis.LABEL_HEIGHT + cy))
+            if g < 0:
+                assert px == vis.PRUNED
+            elif count[g] >= 2:
+                assert colour_of.setdefault(g, px) == px  # one colour per group
+            else:
+                assert px == tuple(original[cy, cx].tolist())
+        assert len(set(colour_of.values())) == len(colour_of)  # groups are told apart
+        n_groups = sum(1 for g, c in count.items() if g >= 0 and c >= 2)
+        assert len(colour_of) == n_groups
+    return png
+
+
+@pytest.mark.parametrize("method,args", [("evit", ["--keep-rate", "0.5"]), ("topk", []),
+                                         ("tome", ["--r", "16"])])
+def test_visualize_png_matches_source_maps(capsys, tmp_path, method, args):
+    if method == "tome" and not bench.tome_available():
+        pytest.skip("functional.tome_merge not available yet")
+    out = tmp_path / f"{method}.png"
+    rc, stdout, err = run(capsys, "visualize", "-o", str(out), "--method", method,
+                          "--model", "deit_tiny", *args)
+    assert rc == 0, err
+    assert "wrote" in stdout
+    kr = float(args[1]) if method != "tome" and args else None
+    r = int(args[1]) if method == "tome" else None
+    _, panels = vis.trace(vis.load_image(vis.DEFAULT_IMAGE, 224), method, "deit_tiny", r, kr)
+    png = _check_png(out, panels, method)
+    if method == "topk":
+        pruned = sum(int((s[1:] < 0).sum()) for _, _, s in panels)
+        assert pruned == (196 - 137) + (196 - 96) + (196 - 67)
+    if method == "evit":
+        fused = [int(torch.unique(s[1:], return_counts=True)[1].max()) for _, _, s in panels]
+        assert fused[0] == 196 - 98 and all(f > 1 for f in fused)  # the fused token's group

@@ -1,0 +1,347 @@
+"""ToMe ops (bipartite_match, merge, unmerge, merge_source) against tokred_ext.reference."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+import tokred_ext
+from tokred_ext import functional as F
+from tokred_ext import ops
+from tokred_ext import reference as R
+
+from conftest import TOL, tie_free
+from merge_cases import random_sizes, separated_metric
+
+MODES = ["sum", "mean", "amax", "wavg"]
+PROTECT = [(True, False), (False, False), (True, True), (False, True)]
+PROTECT_IDS = ["cls", "none", "cls+dist", "dist"]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _match_both(metric, r, cls, dist):
+    got = ops.bipartite_match(metric, r, cls, dist)
+    want = R.bipartite_match(metric, r, cls, dist)
+    for g, w, name in zip(got, want, ("unm_idx", "src_idx", "dst_idx")):
+        assert g.dtype == torch.long and g.device == metric.device, name
+        assert torch.equal(g.cpu(), w.cpu()), (name, g, w)
+    return got
+
+
+# --------------------------------------------------------------------------- bipartite_match
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 16, 17, 33])
+def test_bipartite_match_matches_reference(device, dtype, cls, dist, n):
+    g = _gen(n)
+    metric = separated_metric(3, n, cls, dist, dtype, device, g)
+    cap = R.tome_clamp_r(10**6, n, cls, dist)
+    for r in sorted({-2, 0, 1, 3, cap, cap + 1, 10**6}):
+        unm, src, dst = _match_both(metric, r, cls, dist)
+        rr = R.tome_clamp_r(r, n, cls, dist)
+        assert unm.shape == (3, (n + 1) // 2 - rr) and src.shape == dst.shape == (3, rr)
+
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_bipartite_match_random_metric_float64(device, cls, dist):
+    g = _gen(1)
+    for n, r in [(197, 16), (196, 13), (50, 24), (65, 8)]:
+        metric = torch.randn(4, n, 64, dtype=torch.float64, generator=g).to(device)
+        _match_both(metric, r, cls, dist)
+
+
+def test_bipartite_match_non_contiguous(device):
+    metric = separated_metric(2, 17, d=16, generator=_gen(2)).to(device)
+    wide = torch.zeros(17, 2, 32, device=device).transpose(0, 1)
+    wide[..., ::2] = metric
+    _match_both(wide[..., ::2], 4, True, False)
+
+
+# --------------------------------------------------------------------------- merge
+
+def _indices(device, b, n, r, cls, dist, g, int32=False):
+    metric = separated_metric(b, n, cls, dist, generator=g).to(device)
+    idx = R.bipartite_match(metric, r, cls, dist)
+    return tuple(i.int() for i in idx) if int32 else idx
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_merge_matches_reference(device, dtype, mode, cls, dist):
+    g = _gen(3)
+    for n, r, with_size in [(17, 5, True), (16, 7, False), (9, 100, True), (8, 0, True),
+                            (1, 1, False), (2, 1, True)]:
+        idx = _indices(device, 3, n, r, cls, dist, g, int32=n % 2 == 1)
+        x = tie_free((3, 6, n), dtype, device, g).transpose(1, 2)  # non-contiguous
+        size = random_sizes(3, n, dtype, device, g) if with_size else None
+        out, size_out = ops.merge(x, size, *idx, mode, dist)
+        want, want_size = R.merge(x.double(), None if size is None else size.double(), *idx, mode,
+                                  dist)
+        assert out.dtype == dtype and size_out.dtype == dtype
+        assert_close(out.double(), want, **TOL[dtype])
+        assert_close(size_out.double(), want_size, **TOL[dtype])
+
+
+def test_merge_r0_is_identity(device):
+    x = torch.randn(2, 9, 4, device=device)
+    idx = ops.bipartite_match(torch.randn(2, 9, 3, device=device), 0)
+    for mode in MODES:
+        out, size = ops.merge(x, None, *idx, mode)
+        assert torch.equal(out, x) and torch.equal(size, torch.ones(2, 9, 1, device=device))
+
+
+def test_empty_batch_and_single_token(device):
+    for b, tokens, left in [(0, 9, 6), (3, 1, 1), (0, 0, 0), (2, 2, 2)]:
+        metric = torch.randn(b, tokens, 4, device=device)
+        x = torch.randn(b, tokens, 5, device=device, requires_grad=True)
+        idx = ops.bipartite_match(metric, 3)
+        out, size = ops.merge(x, None, *idx, "wavg")
+        assert out.shape == (b, left, 5) and size.shape == (b, left, 1)
+        out.sum().backward()
+        assert ops.unmerge(out, *idx, tokens).shape == (b, tokens, 5)
+        assert ops.merge_source(None, *idx, tokens).shape == (b, tokens)
+
+
+# --------------------------------------------------------------------------- unmerge, sources
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_unmerge_matches_reference(device, dtype, cls, dist):
+    g = _gen(4)
+    for n, r in [(17, 5), (16, 8), (9, 100), (8, 0), (3, 1)]:
+        idx = _indices(device, 2, n, r, cls, dist, g, int32=n % 2 == 0)
+        rr = idx[1].shape[1]
+        x = tie_free((2, 7, n - rr), dtype, device, g).transpose(1, 2)
+        got = ops.unmerge(x, *idx, n, dist)
+        assert torch.equal(got, R.unmerge(x, *idx, n, dist))
+        # merge then unmerge gives every token the value of the token it ended in
+        merged, _ = ops.merge(got, None, *idx, "mean", dist)
+        assert_close(merged, x, **TOL[dtype])
+
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_merge_source_matches_reference_and_upstream_onehot(device, cls, dist):
+    g = _gen(5)
+    n = 17
+    src_map, onehot = None, None
+    x = torch.zeros(2, n, 1, device=device)
+    for r in [3, 2, 5, 1]:
+        idx = _indices(device, 2, n, r, cls, dist, g)
+        got = ops.merge_source(src_map, *idx, n, dist)
+        assert torch.equal(got, R.merge_source(src_map, *idx, n, dist))
+        onehot = R.merge_source_onehot(onehot, x, *idx, dist)
+        src_map = got
+        n -= idx[1].shape[1]
+        x = x[:, :n]
+        assert torch.equal(ops.source_onehot(src_map, n), onehot)
+        assert int(src_map.max()) < n
+
+
+def test_source_int32(device):
+    idx = _indices(device, 2, 9, 2, True, False, _gen(6))
+    source = torch.arange(9, device=device, dtype=torch.int32).expand(2, 9)
+    assert torch.equal(ops.merge_source(source, *idx, 9), ops.merge_source(None, *idx, 9))
+
+
+# --------------------------------------------------------------------------- ToMe over 12 layers
+
+@pytest.mark.parametrize("cls,dist", [(True, False), (True, True)], ids=["cls", "cls+dist"])
+def test_twelve_layers_equal_upstream_recipe(device, cls, dist):
+    g = _gen(7)
+    b, n, c = 2, 197, 24
+    x = torch.randn(b, n, c, dtype=torch.float64, generator=g).to(device)
+    x_ref, size, size_ref, source, source_ref = x, None, None, None, None
+    for r in F.parse_r(12, 16):
+        metric = torch.randn(b, x.shape[1], 16, dtype=torch.float64, generator=g).to(device)
+        proj = torch.randn(c, c, dtype=torch.float64, generator=g).to(device) / c ** 0.5
+        idx = R.bipartite_match(metric, r, cls, dist)
+        if idx[1].shape[1] > 0:  # upstream's block skips the merge when r is clamped to 0
+            source_ref = R.merge_source_onehot(source_ref, x_ref, *idx, dist)
+            x_ref, size_ref = R.merge(x_ref, size_ref, *idx, "wavg", dist)
+        x, size, source = F.tome_merge(x, metric, r, size, cls, dist, source)
+        assert_close(x, x_ref)
+        assert_close(size, size_ref)
+        x, x_ref = torch.tanh(x @ proj), torch.tanh(x_ref @ proj)
+    assert x.shape[1] == (11 if not dist else 12)
+    assert torch.equal(ops.source_onehot(source, x.shape[1], torch.float64),
+                       source_ref.double())
+
+
+def test_parse_r():
+    assert F.parse_r(12, 8) == [8] * 12
+    assert F.parse_r(4, [3, 2]) == [3, 2, 0, 0]
+    assert F.parse_r(12, (16, -1)) == [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
+    assert F.parse_r(12, (16, 1)) == [0, 2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32]
+    assert F.parse_r(12, (8, -0.5)) == [12, 11, 10, 9, 9, 8, 7, 6, 6, 5, 4, 4]
+
+
+# --------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dist", [False, True])
+def test_merge_gradcheck(device, mode, dist):
+    g = _gen(8)
+    idx = _indices(device, 2, 11, 4, True, dist, g)
+    x = tie_free((2, 11, 3), torch.float64, device, g).requires_grad_()
+    size = random_sizes(2, 11, torch.float64, device, g)
+    for s in (size, None):
+        assert torch.autograd.gradcheck(lambda t: ops.merge(t, s, *idx, mode, dist)[0], (x,))
+
+
+@pytest.mark.parametrize("dist", [False, True])
+def test_unmerge_gradcheck(device, dist):
+    idx = _indices(device, 2, 11, 4, True, dist, _gen(9))
+    x = torch.randn(2, 7, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.unmerge(t, *idx, 11, dist), (x,))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_merge_grad_matches_reference(device, dtype, mode):
+    g = _gen(10)
+    idx = _indices(device, 3, 15, 6, True, False, g)
+    x = tie_free((3, 15, 8), dtype, device, g)
+    size = random_sizes(3, 15, dtype, device, g)
+    grad = tie_free((3, 9, 8), dtype, device, g)
+    xa = x.clone().requires_grad_()
+    ops.merge(xa, size, *idx, mode)[0].backward(grad)
+    xr = x.double().requires_grad_()
+    R.merge(xr, size.double(), *idx, mode)[0].backward(grad.double())
+    assert_close(xa.grad.double(), xr.grad, **TOL[dtype])
+
+
+def test_amax_ties_split_gradient_like_torch(device):
+    idx = _indices(device, 1, 5, 2, False, False, _gen(11))
+    x = torch.ones(1, 5, 2, dtype=torch.float64, device=device, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    ops.merge(x, None, *idx, "amax")[0].sum().backward()
+    R.merge(xr, None, *idx, "amax")[0].sum().backward()
+    assert_close(x.grad, xr.grad)
+
+
+# --------------------------------------------------------------------------- determinism
+
+def test_bitwise_deterministic(device):
+    g = _gen(12)
+    metric = torch.randn(8, 197, 64, generator=g).to(device)
+    x = torch.randn(8, 197, 96, generator=g).to(device)
+    size = random_sizes(8, 197, generator=g).to(device)
+    runs = []
+    for _ in range(2):
+        xa = x.clone().requires_grad_()
+        idx = ops.bipartite_match(metric, 16)
+        out, s = ops.merge(xa, size, *idx, "wavg")
+        up = ops.unmerge(out, *idx, 197)
+        (up * torch.arange(197 * 96, device=device).view(1, 197, 96).sin()).sum().backward()
+        runs.append(idx + (out, s, up, xa.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- opcheck
+
+def _opcheck_samples(device):
+    g = _gen(13)
+    x = tie_free((2, 9, 4), torch.float32, device, g)
+    metric = separated_metric(2, 9, generator=g).to(device)
+    size = random_sizes(2, 9, generator=g).to(device)
+    idx = ops.bipartite_match(metric, 3)
+    idx_d = ops.bipartite_match(metric, 3, True, True)
+    merged = torch.randn(2, 6, 4, device=device)
+    return x, metric, size, idx, idx_d, merged
+
+
+def test_opcheck(device):
+    x, metric, size, idx, idx_d, merged = _opcheck_samples(device)
+    xg = x.clone().requires_grad_()
+    cases = [
+        (torch.ops.tokred.bipartite_match.default, (metric, 3, True, False)),
+        (torch.ops.tokred.bipartite_match.default, (metric, 100, False, True)),
+        (torch.ops.tokred.merge.default, (xg, size, *idx, "wavg", False)),
+        (torch.ops.tokred.merge.default, (xg, None, *idx, "mean", False)),
+        (torch.ops.tokred.merge.default, (xg, None, *idx_d, "amax", True)),
+        (torch.ops.tokred.merge.default, (xg, size, *idx, "sum", False)),
+        (torch.ops.tokred._merge_backward.default,
+         (merged, x, size, *idx, "wavg", False)),
+        (torch.ops.tokred.unmerge.default, (merged.clone().requires_grad_(), *idx, 9, False)),
+        (torch.ops.tokred._unmerge_backward.default, (x, *idx_d, True)),
+        (torch.ops.tokred.merge_source.default, (None, *idx, 9, False)),
+        (torch.ops.tokred.merge_source.default,
+         (torch.randint(0, 9, (2, 20), device=device), *idx, 9, False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------- script, compile
+
+def test_torchscript(device):
+    scripted = torch.jit.script(F.tome_merge)
+    g = _gen(14)
+    x = torch.randn(2, 17, 8, generator=g).to(device)
+    metric = separated_metric(2, 17, generator=g).to(device)
+    for a, b in zip(scripted(x, metric, 4), F.tome_merge(x, metric, 4)):
+        assert torch.equal(a, b)
+    unm = torch.jit.script(ops.unmerge)
+    idx = ops.bipartite_match(metric, 4)
+    assert torch.equal(unm(x[:, :13], *idx, 17), ops.unmerge(x[:, :13], *idx, 17))
+
+
+def test_torch_compile_dynamic_no_recompile(device):
+    torch._dynamo.reset()
+
+    def step(x, metric, r, size, source):
+        x, size, source = F.tome_merge(x, metric, r, size, True, False, source)
+        up = ops.unmerge(x, *ops.bipartite_match(metric, r), metric.shape[1])
+        return x, size, source, up
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    g = _gen(15)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for b, n, r in [(2, 17, 4), (3, 25, 5), (4, 33, 3)]:
+            x = torch.randn(b, n, 8, generator=g).to(device)
+            metric = separated_metric(b, n, generator=g).to(device)
+            size = random_sizes(b, n, generator=g).to(device)
+            source = torch.arange(n, device=device).expand(b, n).contiguous()
+            for a, e in zip(compiled(x, metric, r, size, source), step(x, metric, r, size, source)):
+                assert torch.equal(a, e)
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_errors(device):
+    x, metric, size, (unm, src, dst), _, merged = _opcheck_samples(device)
+    bad = [
+        (lambda: ops.bipartite_match(metric[0], 3), r"bipartite_match: argument 'metric' must be 3-D"),
+        (lambda: ops.bipartite_match(metric.long(), 3), r"'metric' must be float32"),
+        (lambda: ops.merge(x, size, unm, src, dst, "max"), r"'mode' must be one of"),
+        (lambda: ops.merge(x[0], size, unm, src, dst), r"merge: argument 'x' must be 3-D"),
+        (lambda: ops.merge(x, size[..., 0], unm, src, dst), r"'size' must have shape \[B, N, 1\]"),
+        (lambda: ops.merge(x, size.double(), unm, src, dst), r"'size' must have the dtype of x"),
+        (lambda: ops.merge(x, size, unm.float(), src, dst), r"'unm_idx' must be an int64 or int32"),
+        (lambda: ops.merge(x, size, unm[:, 1:], src, dst), r"'unm_idx' and src_idx must together"),
+        (lambda: ops.merge(x, size, unm, src, dst[:, :2]), r"'dst_idx' must have the shape of src_idx"),
+        (lambda: ops.merge(x, size, unm[:1], src, dst), r"'unm_idx' must have batch size 2"),
+        (lambda: ops.merge(x, size, unm + 5, src, dst), r"'unm_idx' holds \d+ at \[0, 0\], expected an index of set A in \[0, 5\)"),
+        (lambda: ops.merge(x, size, unm, src.clone().fill_(-1), dst), r"'src_idx' holds -1"),
+        (lambda: ops.merge(x, size, unm, dst * 0 + unm[:, :1], dst), r"'src_idx' holds A token \d+ at \[0, 0\], which unm_idx and src_idx already list"),
+        (lambda: ops.merge(x, size, unm, src, dst + 4), r"'dst_idx' holds \d+ at \[0, 0\], expected an index of set B in \[0, 4\)"),
+        (lambda: ops.unmerge(merged[:, 1:], unm, src, dst, 9), r"unmerge: argument 'x' must have n - r = 6 tokens, got 5"),
+        (lambda: ops.unmerge(merged, unm, src, dst, 11), r"'unm_idx' and src_idx must together list the ceil\(N/2\) = 6"),
+        (lambda: ops.merge_source(torch.full((2, 3), 9, device=device), unm, src, dst, 9), r"'source' holds 9 at \[0, 0\], expected a token position in \[0, 9\)"),
+        (lambda: ops.merge_source(src.float(), unm, src, dst, 9), r"'source' must be an int64 or int32"),
+        (lambda: torch.ops.tokred._merge_backward(merged[:, 1:], x, size, unm, src, dst, "sum", False), r"'grad_out' must have shape \[B, N - r, C\]"),
+        (lambda: torch.ops.tokred._unmerge_backward(x[:, 1:], unm, src, dst, False), r"_unmerge_backward: argument 'unm_idx' and src_idx must together"),
+    ]
+    for fn, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()
+
+
+def test_meta_shapes_with_clamped_r():
+    metric = torch.empty(3, 197, 64, device="meta")
+    for r, cls, dist, want in [(16, True, False, 16), (200, True, False, 98), (200, True, True, 97),
+                               (-3, True, False, 0), (99, False, False, 98)]:
+        unm, src, dst = ops.bipartite_match(metric, r, cls, dist)
+        assert unm.shape == (3, 99 - want) and src.shape == dst.shape == (3, want)
+        out, size = ops.merge(torch.empty(3, 197, 8, device="meta"), None, unm, src, dst)
+        assert out.shape == (3, 197 - want, 8) and size.shape == (3, 197 - want, 1)

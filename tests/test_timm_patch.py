@@ -1,0 +1,172 @@
+"""tokred_ext.patch.timm: a patched timm ViT equals tokred's model and the reference model.
+
+The timm tests skip where timm is not importable (CI: timm needs torchvision); a stand-in with
+timm's structure and names exercises the patch everywhere.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tokred_ext.patch
+from tokred_ext import functional, reference
+from tokred_ext.models import VisionTransformer, create_model
+from tokred_ext.nn import EViT, Mlp, PatchEmbed, ToMe, TopK
+
+HAS_TOME = hasattr(functional, "tome_merge")
+POLICIES = [("topk", lambda: TopK(0.6, locs=(0, 2))), ("evit", lambda: EViT(0.6, locs=(1, 3))),
+            ("tome", lambda: ToMe(6))]
+IDS = [p[0] for p in POLICIES]
+
+
+def _skip_missing(name):
+    if name == "tome" and not HAS_TOME:
+        pytest.skip("functional.tome_merge not available yet")
+
+
+def _peaked(model):
+    """Random weights large enough that class attention has no near-ties."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() > 1 else 0.1)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- timm stand-in
+
+class _Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self.attn_drop, self.proj_drop = nn.Dropout(0.0), nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _Attention(dim, heads)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.ls1 = self.ls2 = self.drop_path1 = self.drop_path2 = nn.Identity()
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class TimmLikeViT(nn.Module):
+    """timm VisionTransformer's structure: Sequential blocks called with one argument."""
+
+    def __init__(self, dim=64, depth=4, heads=4):
+        super().__init__()
+        self.num_prefix_tokens = 1
+        self.patch_embed = PatchEmbed(64, 8, 3, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 65, dim))
+        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc_norm = nn.Identity()
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        return self.head(self.fc_norm(self.norm(self.blocks(x))[:, 0]))
+
+
+@pytest.mark.parametrize("name,make", POLICIES, ids=IDS)
+def test_patch_timm_like_equals_model_and_reference(name, make):
+    _skip_missing(name)
+    timm_like = _peaked(TimmLikeViT())
+    ours = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+                             num_classes=10).eval()
+    ours.load_state_dict(timm_like.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = timm_like(x)
+        tokred_ext.patch.timm(timm_like, make())
+        out = timm_like(x)
+        ours.reduction = make()
+        torch.testing.assert_close(out, ours(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, reference.ReferenceViT(timm_like, make())(x), atol=1e-4,
+                                   rtol=1e-4)
+    assert timm_like.token_counts == ours.token_counts and timm_like.token_counts[-1] < 65
+    assert not torch.allclose(out, plain, atol=1e-3)
+    tokred_ext.patch.remove(timm_like)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_like(x), plain)
+
+
+def test_patch_rejects_bad_input():
+    with pytest.raises(TypeError, match="ReductionPolicy"):
+        tokred_ext.patch.timm(TimmLikeViT(), "tome")
+    with pytest.raises(ValueError, match="no 'blocks'"):
+        tokred_ext.patch.timm(nn.Linear(2, 2), TopK(0.5))
+
+
+# --------------------------------------------------------------------------- real timm
+
+TIMM_CASES = [("deit_tiny_patch16_224", {}),
+              ("deit_tiny_distilled_patch16_224", {}),
+              ("vit_small_patch16_224", dict(init_values=0.5, qk_norm=True))]
+
+
+def _timm_model(name, kwargs):
+    timm = pytest.importorskip("timm")
+    if kwargs:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+        model = TimmViT(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                        **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False)
+    return _peaked(model)
+
+
+@pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
+def test_timm_weights_load_into_tokred_model(case):
+    name, kwargs = case
+    model = _timm_model(name, kwargs)
+    distilled = "distilled" in name
+    ours = VisionTransformer(embed_dim=192, depth=12, num_heads=3, distilled=distilled,
+                             **kwargs).eval()
+    ours.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,make", POLICIES, ids=IDS)
+@pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
+def test_timm_patch_equals_reference(case, name, make):
+    _skip_missing(name)
+    model = _timm_model(*case)
+    x = torch.randn(2, 3, 224, 224)
+    policy = TopK(0.7) if name == "topk" else EViT(0.7) if name == "evit" else ToMe(13)
+    ref_policy = copy.deepcopy(policy)
+    with torch.no_grad():
+        tokred_ext.patch.timm(model, policy)
+        out = model(x)
+        expected = reference.ReferenceViT(model, ref_policy)(x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert model.token_counts[-1] < 197
+
+
+def test_timm_create_model_names_match_factories():
+    timm = pytest.importorskip("timm")
+    for name in ["deit_small_patch16_224", "deit_base_distilled_patch16_224",
+                 "vit_base_patch16_384"]:
+        theirs = timm.create_model(name, pretrained=False)
+        ours = create_model(name)
+        assert set(theirs.state_dict()) == set(ours.state_dict()), name

@@ -1,0 +1,6 @@
+"""``python -m tokred_ext``: the ``tokred`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

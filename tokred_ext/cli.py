@@ -1,0 +1,223 @@
+"""The ``tokred`` command: ``bench``, ``info`` and ``visualize``.
+
+Bad arguments print one line, ``tokred: error: ...``, and exit with status 2.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """A bad argument: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def _csv(value: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return n
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
+
+
+def _rate(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 < f <= 1.0:
+        raise argparse.ArgumentTypeError(f"keep rate {value} must be in (0, 1]")
+    return f
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tokred", description="Token reduction for vision transformers.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    b = sub.add_parser("bench", help="throughput of models with each policy, tokred vs reference")
+    b.add_argument("--models", type=_csv, default=["deit_small", "deit_base"],
+                   help="comma-separated model names (default: deit_small,deit_base)")
+    b.add_argument("--policies", type=_csv, default=None,
+                   help="comma-separated: none,topk,evit,tome; a value may follow a colon, "
+                        "e.g. tome:8,evit:0.5 (default: all four)")
+    b.add_argument("--impls", type=_csv, default=["tokred", "reference"],
+                   help="tokred,reference (default: both)")
+    b.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="default: 256 on CUDA, 4 on CPU")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="default: float16 on CUDA, float32 on CPU")
+    b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
+    b.add_argument("--iters", type=_positive_int, default=None,
+                   help="timed iterations (default: 20 on CUDA, 3 on CPU)")
+    b.add_argument("--warmup", type=_nonneg_int, default=None,
+                   help="warm-up iterations (default: 5 on CUDA, 1 on CPU)")
+    b.add_argument("--keep-rate", type=_rate, default=0.7, help="Top-K/EViT keep rate (0.7)")
+    b.add_argument("--r", type=_nonneg_int, default=13, help="ToMe tokens merged per layer (13)")
+    b.add_argument("--json", metavar="PATH", default=None, help="also write rows as JSON ('-': stdout)")
+    b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("info", help="versions, CUDA kernels, registered ops, device")
+
+    v = sub.add_parser("visualize", help="draw merged or pruned patches over an image")
+    v.add_argument("image", nargs="?", default=None,
+                   help="image file (default: the sample shipped with tokred)")
+    v.add_argument("-o", "--output", required=True, help="output PNG")
+    v.add_argument("--method", choices=["tome", "evit", "topk"], default="tome")
+    group = v.add_mutually_exclusive_group()
+    group.add_argument("--r", type=_nonneg_int, default=None, help="ToMe: tokens merged per layer")
+    group.add_argument("--keep-rate", type=_rate, default=None, help="Top-K/EViT keep rate")
+    v.add_argument("--model", default="deit_small", help="model name (default: deit_small)")
+    v.add_argument("--checkpoint", default=None, help="state dict to load (e.g. timm weights)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    return p
+
+
+def _bench(args) -> int:
+    import torch
+
+    from . import bench
+    from .models.vit import ALIASES, MODELS
+
+    for m in args.models:
+        if ALIASES.get(m, m) not in MODELS:
+            raise UsageError(f"unknown model {m!r}; choose from "
+                             f"{', '.join(list(ALIASES) + list(MODELS))}")
+    for i in args.impls:
+        if i not in bench.IMPLS:
+            raise UsageError(f"unknown impl {i!r}; choose from {', '.join(bench.IMPLS)}")
+    policies = args.policies
+    if policies is None:
+        policies = [p for p in bench.POLICY_NAMES if p != "tome" or bench.tome_available()]
+    for p in policies:
+        try:
+            bench.make_policy(p, args.keep_rate, args.r)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    device = args.device or bench.best_device()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UsageError(f"device {device!r} is not usable: {str(e).splitlines()[0]}") from None
+    dtype = args.dtype or bench.defaults(device)["dtype"]
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise UsageError("--dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
+    rows = bench.run(args.models, policies, args.impls, args.batch_size, dtype, device,
+                     args.iters, args.warmup, args.keep_rate, args.r,
+                     progress=not args.no_progress)
+    print(bench.format_table(rows, markdown=args.markdown))
+    if args.json:
+        text = json.dumps(rows, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+def _info(args) -> int:
+    import torch
+
+    import tokred_ext
+    from . import bench
+
+    info = tokred_ext.build_info()
+    lines = [f"tokred     {tokred_ext.__version__}",
+             f"torch      {torch.__version__}",
+             f"python     {platform.python_version()}"]
+    for mod in ("timm", "PIL", "tqdm"):
+        try:
+            version = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            version = "not installed"
+        lines.append(f"{mod:<10} {version}")
+    archs = info["cuda_arch_list"] or "default"
+    lines.append("CUDA kernels: " + (f"built (archs: {archs})" if info["cuda_kernels"]
+                                     else "not built (CPU kernels only)"))
+    if torch.cuda.is_available():
+        lines.append(f"device     cuda: {torch.cuda.get_device_name()} "
+                     f"(torch CUDA {torch.version.cuda})")
+    else:
+        lines.append(f"device     cpu ({torch.get_num_threads()} threads; no CUDA device)")
+    lines.append(f"ToMe ops   {'available' if bench.tome_available() else 'not available'}")
+    lines.append(f"ops ({len(info['ops'])}):")
+    lines += [f"  {name}" for name in info["ops"]]
+    print("\n".join(lines))
+    return 0
+
+
+def _visualize(args) -> int:
+    from . import bench
+    from .models.vit import ALIASES, MODELS
+
+    if args.image is not None and not os.path.isfile(args.image):
+        raise UsageError(f"image {args.image!r} does not exist")
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise UsageError(f"checkpoint {args.checkpoint!r} does not exist")
+    if ALIASES.get(args.model, args.model) not in MODELS:
+        raise UsageError(f"unknown model {args.model!r}")
+    if args.method == "tome" and args.keep_rate is not None:
+        raise UsageError("--keep-rate is for topk/evit; ToMe takes --r")
+    if args.method != "tome" and args.r is not None:
+        raise UsageError(f"--r is for tome; {args.method} takes --keep-rate")
+    if args.method == "tome" and not bench.tome_available():
+        raise UsageError("--method tome needs tokred_ext.functional.tome_merge, which this "
+                         "build does not have")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"output folder {out_dir!r} does not exist")
+    from .visualize import visualize
+    try:
+        img, panels = visualize(args.image, args.output, args.method, args.model, args.r,
+                                args.keep_rate, args.checkpoint, args.seed)
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable image, wrong checkpoint
+        raise UsageError(str(e).splitlines()[0]) from None
+    counts = ", ".join(f"block {b + 1}: {t}" for b, t, _ in panels)
+    print(f"wrote {args.output} ({img.width}x{img.height}); tokens after {counts}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return {"bench": _bench, "info": _info, "visualize": _visualize}[args.command](args)
+    except UsageError as e:
+        print(f"tokred: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokred: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Models built from tokred_ext.nn."""
+from .vit import MODELS, VisionTransformer, create_model  # noqa: F401
+from .vit import (deit_base_distilled_patch16_224, deit_base_patch16_224,  # noqa: F401
+                  deit_small_distilled_patch16_224, deit_small_patch16_224,
+                  deit_tiny_distilled_patch16_224, deit_tiny_patch16_224,
+                  vit_base_patch16_224, vit_base_patch16_384, vit_large_patch16_224,
+                  vit_large_patch16_384)

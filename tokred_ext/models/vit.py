@@ -1,0 +1,183 @@
+"""Vision Transformer with timm's parameter names and a ``reduction=`` policy.
+
+timm weights load with ``load_state_dict`` (``patch_embed.proj``, ``cls_token``, ``dist_token``,
+``pos_embed``, ``blocks.*``, ``norm``, ``fc_norm``, ``head``, ``head_dist``). After a forward
+pass, ``model.token_counts`` lists the tokens leaving each block (class and distillation token
+included), and with a policy built with ``trace_source=True``, ``model.sources`` holds, after
+each block, the map ``[B, N0]`` from every initial token to its current index (-1 once pruned).
+"""
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import Block, PatchEmbed, ReductionPolicy
+
+__all__ = ["VisionTransformer", "MODELS", "create_model"]
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 qk_norm: bool = False, init_values: Optional[float] = None,
+                 distilled: bool = False, global_pool: str = "token",
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, reduction: Optional[ReductionPolicy] = None):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.global_pool = global_pool
+        self.distilled = distilled
+        self.num_prefix_tokens = 2 if distilled else 1
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.pos_embed = nn.Parameter(
+            torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values,
+                  drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)
+            for i in range(depth)])
+        use_fc_norm = global_pool == "avg"
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if distilled:
+            self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0
+                              else nn.Identity())
+        self.reduction = reduction
+        self.token_counts: List[int] = []
+        self.sources: List[Tensor] = []
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.normal_(self.dist_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    def set_reduction(self, policy: Optional[ReductionPolicy]) -> "VisionTransformer":
+        self.reduction = policy
+        return self
+
+    def _embed(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x)
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
+        return self.pos_drop(torch.cat(prefix + [x], dim=1) + self.pos_embed)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Normalised tokens after the last block ``[B, N_last, C]``."""
+        return self._forward_tokens(x)[0]
+
+    def _forward_tokens(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        x = self._embed(x)
+        policy = self.reduction
+        depth = len(self.blocks)
+        plan = policy.plan(depth, self.num_patches) if policy is not None else [None] * depth
+        b, n0 = x.shape[0], x.shape[1]
+        size: Optional[Tensor] = None
+        source: Optional[Tensor] = None
+        if policy is not None and policy.needs_metric:
+            size = torch.ones(b, n0, 1, dtype=x.dtype, device=x.device)
+        trace = policy is not None and policy.trace_source
+        if trace:
+            source = torch.arange(n0, device=x.device).expand(b, n0).contiguous()
+        counts: List[int] = []
+        sources: List[Tensor] = []
+        for blk, amount in zip(self.blocks, plan):
+            x, size, source = blk(x, amount, policy, size, source, self.num_prefix_tokens)
+            counts.append(x.shape[1])
+            if trace:
+                sources.append(source)
+        self.token_counts = counts
+        self.sources = sources
+        return self.norm(x), size
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False,
+                     size: Optional[Tensor] = None) -> Tensor:
+        p = self.num_prefix_tokens
+        if self.distilled:
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            return (self.head(self.head_drop(x)) + self.head_dist(self.head_drop(x_dist))) / 2
+        if self.global_pool == "avg":
+            x = _size_weighted_mean(x[:, p:], None if size is None else size[:, p:])
+        else:
+            x = x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, size = self._forward_tokens(x)
+        return self.forward_head(x, size=size)
+
+
+def _size_weighted_mean(x: Tensor, size: Optional[Tensor]) -> Tensor:
+    if size is None:
+        return x.mean(dim=1)
+    return (x * size).sum(dim=1) / size.sum(dim=1)
+
+
+def _factory(name: str, **cfg) -> Callable[..., VisionTransformer]:
+    def make(reduction: Optional[ReductionPolicy] = None, **kwargs) -> VisionTransformer:
+        return VisionTransformer(**{**cfg, **kwargs}, reduction=reduction)
+
+    make.__name__ = name
+    make.__doc__ = f"{name}: {cfg} (timm names; load timm weights with load_state_dict)."
+    return make
+
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_LARGE = dict(embed_dim=1024, depth=24, num_heads=16)
+
+MODELS: Dict[str, Callable[..., VisionTransformer]] = {
+    "deit_tiny_patch16_224": _factory("deit_tiny_patch16_224", **_TINY),
+    "deit_small_patch16_224": _factory("deit_small_patch16_224", **_SMALL),
+    "deit_base_patch16_224": _factory("deit_base_patch16_224", **_BASE),
+    "deit_tiny_distilled_patch16_224": _factory("deit_tiny_distilled_patch16_224", **_TINY,
+                                                distilled=True),
+    "deit_small_distilled_patch16_224": _factory("deit_small_distilled_patch16_224", **_SMALL,
+                                                 distilled=True),
+    "deit_base_distilled_patch16_224": _factory("deit_base_distilled_patch16_224", **_BASE,
+                                                distilled=True),
+    "vit_base_patch16_224": _factory("vit_base_patch16_224", **_BASE),
+    "vit_large_patch16_224": _factory("vit_large_patch16_224", **_LARGE),
+    "vit_base_patch16_384": _factory("vit_base_patch16_384", **_BASE, img_size=384),
+    "vit_large_patch16_384": _factory("vit_large_patch16_384", **_LARGE, img_size=384),
+}
+ALIASES = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
+           "deit_base": "deit_base_patch16_224"}
+
+globals().update(MODELS)
+__all__ += list(MODELS)
+
+
+def create_model(name: str, reduction: Optional[ReductionPolicy] = None,
+                 **kwargs) -> VisionTransformer:
+    """Builds a model by name (``MODELS``, or the short ``deit_tiny/small/base``)."""
+    full = ALIASES.get(name, name)
+    if full not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(list(ALIASES) + list(MODELS))}")
+    return MODELS[full](reduction=reduction, **kwargs)

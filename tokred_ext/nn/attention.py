@@ -1,0 +1,97 @@
+"""Multi-head self-attention with timm's parameter names, on ``F.scaled_dot_product_attention``.
+
+Besides the attention output it can return what a reduction policy needs, without ever forming
+the ``[B, H, N, N]`` attention map:
+
+* class-attention scores: the softmax of the class token's row only, per head, averaged over
+  heads, over the keys after the ``P`` protected tokens; equal to ``attn[:, :, 0, P:].mean(1)``;
+* ToMe's metric: the keys averaged over heads ``[B, N, head_dim]``;
+* ToMe's proportional attention: an additive ``log(size)`` bias on every key.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Attention", "attention_forward", "size_bias"]
+
+
+def size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """ToMe's proportional-attention bias ``log(size)`` as an SDPA mask ``[B, 1, 1, N]``."""
+    return size.reshape(size.shape[0], 1, 1, -1).log().to(dtype)
+
+
+def attention_forward(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None,
+                      need_scores: bool = False, num_protected: int = 1,
+                      need_metric: bool = False
+                      ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The forward pass of any module with timm ``Attention``'s attributes.
+
+    ``attn`` needs ``qkv``, ``num_heads``, ``proj`` and optionally ``q_norm``, ``k_norm``,
+    ``attn_drop``, ``norm`` (timm's scale norm) and ``proj_drop``. Returns ``(out, scores,
+    metric)``: ``scores`` ``[B, N - num_protected]`` when ``need_scores``, ``metric``
+    ``[B, N, head_dim]`` when ``need_metric``, else None. ``size`` ``[B, N]`` or ``[B, N, 1]``
+    turns on proportional attention.
+    """
+    b, n, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x)
+    head_dim = qkv.shape[-1] // (3 * heads)
+    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    bias = size_bias(size, q.dtype) if size is not None else None
+    drop = getattr(attn, "attn_drop", None)
+    p = drop.p if (drop is not None and attn.training) else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+
+    scores: Optional[Tensor] = None
+    if need_scores:
+        # Only the class token's query row: [B, H, 1, N] logits, softmax in float32 or wider.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        logits = q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1) * (head_dim ** -0.5)
+        if bias is not None:
+            logits = logits + bias.to(acc)
+        scores = logits.softmax(dim=-1)[:, :, 0, num_protected:].mean(dim=1)
+    metric = k.mean(dim=1) if need_metric else None
+
+    out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    out = attn.proj(out)
+    proj_drop = getattr(attn, "proj_drop", None)
+    if proj_drop is not None:
+        out = proj_drop(out)
+    return out, scores, metric
+
+
+class Attention(nn.Module):
+    """timm-compatible attention (``qkv``, ``q_norm``, ``k_norm``, ``proj``) that can also return
+    class-attention scores, ToMe's metric, and apply proportional attention."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
+                 qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 norm_layer=nn.LayerNorm):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, size: Optional[Tensor] = None, need_scores: bool = False,
+                num_protected: int = 1, need_metric: bool = False
+                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        return attention_forward(self, x, size, need_scores, num_protected, need_metric)

@@ -1,0 +1,198 @@
+"""Token-reduction policies: where in the network to reduce, by how much, and with which method.
+
+A policy is handed to a model (``VisionTransformer(reduction=...)``) or to
+``tokred_ext.patch.timm``. For every forward pass the model asks it for a per-layer ``plan``
+(one entry per block, ``None`` where the block does not reduce); each block then calls
+``reduce`` after its attention residual and before its MLP, as EViT, Haurum et al. and ToMe do.
+
+The policies hold no parameters. They call only ``tokred_ext.functional``.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional
+
+__all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "update_source"]
+
+Rates = Union[float, Sequence[float]]
+
+
+def update_source(source: Tensor, index: Tensor, num_protected: int, n_old: int,
+                  fused: bool) -> Tensor:
+    """Follows each original token through a prune: ``source[b, t]`` is the current index of
+    original token ``t`` (-1 once dropped). ``index`` ``[B, k]`` are the kept positions among the
+    scored tokens, in output order; with ``fused`` the dropped tokens go to the fused token."""
+    b, k = index.shape
+    p = num_protected
+    dropped = p + k if fused else -1
+    new_of_old = torch.full((b, n_old), dropped, dtype=torch.long, device=source.device)
+    new_of_old[:, :p] = torch.arange(p, device=source.device)
+    new_of_old.scatter_(1, index.long() + p,
+                        torch.arange(p, p + k, device=source.device).expand(b, k))
+    moved = new_of_old.gather(1, source.clamp_min(0))
+    return torch.where(source >= 0, moved, source)
+
+
+def _per_location(rates: Rates, locs: Sequence[int], what: str) -> List[float]:
+    if isinstance(rates, (int, float)):
+        return [float(rates)] * len(locs)
+    rates = [float(r) for r in rates]
+    if len(rates) != len(locs):
+        raise ValueError(f"{what}: got {len(rates)} keep rates for {len(locs)} locations")
+    return rates
+
+
+def _check_rate(rate: float, what: str) -> None:
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"{what}: keep rate must be in (0, 1], got {rate}")
+
+
+class ReductionPolicy(nn.Module):
+    """Base class. Subclasses set what the attention must return and implement plan/reduce."""
+
+    name = "none"
+    needs_scores = False
+    needs_metric = False
+
+    def __init__(self, trace_source: bool = False):
+        super().__init__()
+        self.trace_source = trace_source
+
+    def uses_size(self) -> bool:
+        """Whether the attention takes proportional (``log(size)``) attention."""
+        return False
+
+    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+        raise NotImplementedError
+
+    def reduce(self, x: Tensor, amount: float, scores: Optional[Tensor],
+               metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
+               num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        raise NotImplementedError
+
+    def _check_locs(self, depth: int) -> None:
+        for loc in self.locs:
+            if not 0 <= loc < depth:
+                raise ValueError(f"{self.name}: location {loc} is outside the {depth} blocks")
+
+
+class TopK(ReductionPolicy):
+    """Top-K pruning (Haurum et al.): after block ``locs[i]`` keep the
+    ``int(keep_rate**(i+1) * num_patches)`` patches the class token attends to most.
+
+    ``keep_rate`` is a base rate (powered per location, as upstream) or one absolute rate per
+    location. The class token (and a distillation token) is always kept.
+    """
+
+    name = "topk"
+    needs_scores = True
+
+    def __init__(self, keep_rate: Rates = 0.7, locs: Sequence[int] = (3, 6, 9),
+                 trace_source: bool = False):
+        super().__init__(trace_source)
+        self.locs = tuple(int(loc) for loc in locs)
+        if isinstance(keep_rate, (int, float)):
+            _check_rate(float(keep_rate), "TopK")
+            self.rates = [float(keep_rate) ** (i + 1) for i in range(len(self.locs))]
+        else:
+            self.rates = _per_location(keep_rate, self.locs, "TopK")
+        for r in self.rates:
+            _check_rate(r, "TopK")
+        self.keep_rate = keep_rate
+
+    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+        self._check_locs(depth)
+        out: List[Optional[float]] = [None] * depth
+        for loc, rate in zip(self.locs, self.rates):
+            out[loc] = float(int(rate * num_patches))  # upstream: int(kr_i * 196)
+        return out
+
+    def reduce(self, x, amount, scores, metric, size, source, num_prefix):
+        n_old = x.shape[1]
+        k = int(amount)
+        if k >= n_old - num_prefix:
+            return x, size, source
+        x, index = functional.topk_prune(x, scores, k, num_protected=num_prefix)
+        if source is not None:
+            source = update_source(source, index, num_prefix, n_old, fused=False)
+        return x, size, source
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}, locs={self.locs}"
+
+
+class EViT(ReductionPolicy):
+    """EViT: after block ``locs[i]`` keep ``ceil(keep_rate * (N - P))`` of the current tokens the
+    class token attends to most and (``fuse``) add one token, their attention-weighted sum.
+
+    Upstream EViT protects only the class token; here a distillation token is protected too
+    (its head reads it), so distilled models keep both.
+    """
+
+    name = "evit"
+    needs_scores = True
+
+    def __init__(self, keep_rate: Rates = 0.7, locs: Sequence[int] = (3, 6, 9), fuse: bool = True,
+                 trace_source: bool = False):
+        super().__init__(trace_source)
+        self.locs = tuple(int(loc) for loc in locs)
+        self.rates = _per_location(keep_rate, self.locs, "EViT")
+        for r in self.rates:
+            _check_rate(r, "EViT")
+        self.keep_rate = keep_rate
+        self.fuse = fuse
+
+    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+        self._check_locs(depth)
+        out: List[Optional[float]] = [None] * depth
+        for loc, rate in zip(self.locs, self.rates):
+            out[loc] = rate
+        return out
+
+    def reduce(self, x, amount, scores, metric, size, source, num_prefix):
+        n_old = x.shape[1]
+        k = math.ceil(amount * (n_old - num_prefix))
+        if k >= n_old - num_prefix:
+            return x, size, source
+        x, index = functional.evit_prune(x, scores, k, num_protected=num_prefix, fuse=self.fuse)
+        if source is not None:
+            source = update_source(source, index, num_prefix, n_old, fused=self.fuse)
+        return x, size, source
+
+    def extra_repr(self) -> str:
+        return f"keep_rate={self.keep_rate}, locs={self.locs}, fuse={self.fuse}"
+
+
+class ToMe(ReductionPolicy):
+    """Token Merging: in every block merge ``r`` tokens by bipartite soft matching on the keys
+    (averaged over heads), size-weighted; ``r`` follows ToMe's ``parse_r`` schedule (an int, a
+    list per layer, or ``(r, inflection)``) and is clamped to half the unprotected tokens.
+
+    ``prop_attn`` adds ``log(size)`` to the attention logits. ``trace_source`` keeps the map from
+    every original token to the token it was merged into (``model.source``).
+    """
+
+    name = "tome"
+    needs_metric = True
+
+    def __init__(self, r: Union[int, Sequence[int], Tuple[int, float]] = 13,
+                 prop_attn: bool = True, trace_source: bool = False):
+        super().__init__(trace_source)
+        self.r = r
+        self.prop_attn = prop_attn
+
+    def uses_size(self) -> bool:
+        return self.prop_attn
+
+    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+        return [float(r) if r > 0 else None for r in functional.parse_r(depth, self.r)]
+
+    def reduce(self, x, amount, scores, metric, size, source, num_prefix):
+        return functional.tome_merge(x, metric, int(amount), size=size, class_token=True,
+                                     distill_token=num_prefix > 1, source=source)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"

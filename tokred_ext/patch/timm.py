@@ -1,0 +1,111 @@
+"""Apply a tokred reduction policy to an existing timm ``VisionTransformer``, in place.
+
+As ToMe's ``apply_patch`` does, the model's and its blocks' classes are swapped for subclasses
+whose ``forward`` runs tokred's block (``tokred_ext.nn.block_forward``) on timm's own modules, so
+the weights stay where they are and ``state_dict`` is unchanged. Class and distillation tokens,
+LayerScale (``ls1``/``ls2``), q/k norm and timm's scale norm are all honoured.
+"""
+from typing import Optional
+
+from torch import Tensor, nn
+
+from ..nn import ReductionPolicy, block_forward
+
+__all__ = ["apply", "remove"]
+
+
+class _TokredBlock:
+    """Mixed in front of timm's Block class."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("tokred's patched blocks do not take attention masks")
+        st = self._tokred_state
+        policy = st["policy"]
+        if self._tokred_layer == 0:
+            b, n = x.shape[0], x.shape[1]
+            st["size"] = (x.new_ones(b, n, 1) if policy.needs_metric else None)
+            st["source"] = (_arange_source(x) if policy.trace_source else None)
+        amount = st["plan"][self._tokred_layer]
+        x, st["size"], st["source"] = block_forward(self, x, amount, policy, st["size"],
+                                                    st["source"], st["num_prefix"])
+        st["counts"].append(x.shape[1])
+        if policy.trace_source:
+            st["sources"].append(st["source"])
+        return x
+
+
+class _TokredModel:
+    """Mixed in front of timm's VisionTransformer class: resets the per-forward state."""
+
+    def forward(self, *args, **kwargs):
+        st = self._tokred_state
+        st["plan"] = st["policy"].plan(len(self.blocks), self.patch_embed.num_patches)
+        st["counts"], st["sources"] = [], []
+        out = super().forward(*args, **kwargs)
+        self.token_counts = st["counts"]
+        self.sources = st["sources"]
+        return out
+
+
+def _arange_source(x: Tensor) -> Tensor:
+    import torch
+
+    b, n = x.shape[0], x.shape[1]
+    return torch.arange(n, device=x.device).expand(b, n).contiguous()
+
+
+def _subclass(obj: nn.Module, mixin: type) -> None:
+    cls = obj.__class__
+    if issubclass(cls, mixin):
+        return
+    obj.__class__ = type(f"Tokred{cls.__name__}", (mixin, cls), {"_tokred_base": cls})
+
+
+def _num_prefix(model: nn.Module) -> int:
+    if getattr(model, "cls_token", None) is None:
+        raise ValueError("tokred.patch.timm needs a model with a class token (cls_token)")
+    n = 1 + int(getattr(model, "dist_token", None) is not None)
+    declared = getattr(model, "num_prefix_tokens", n)
+    if declared != n:
+        raise ValueError(f"model has {declared} prefix tokens; only a class token and an "
+                         "optional distillation token are supported (no register tokens)")
+    return n
+
+
+def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
+    """Makes ``model`` (a timm VisionTransformer or VisionTransformerDistilled) reduce tokens
+    with ``policy``. Calling it again swaps the policy. Returns ``model``.
+
+    After each forward, ``model.token_counts`` lists the tokens leaving each block and, with
+    ``trace_source``, ``model.sources`` the per-block source maps.
+    """
+    if not isinstance(policy, ReductionPolicy):
+        raise TypeError(f"policy must be a tokred_ext.nn.ReductionPolicy, got {type(policy)}")
+    for attr in ("blocks", "patch_embed"):
+        if not hasattr(model, attr):
+            raise ValueError(f"not a timm VisionTransformer: the model has no '{attr}'")
+    state = {"policy": policy, "num_prefix": _num_prefix(model), "plan": None, "size": None,
+             "source": None, "counts": [], "sources": []}
+    model._tokred_state = state
+    _subclass(model, _TokredModel)
+    for i, blk in enumerate(model.blocks):
+        for name in ("ls1", "ls2"):
+            if not hasattr(blk, name):        # timm < 0.6.12
+                setattr(blk, name, nn.Identity())
+        if not hasattr(blk, "drop_path1"):    # timm < 0.6.12 has one drop_path
+            blk.drop_path1 = blk.drop_path2 = blk.drop_path
+        blk._tokred_state = state
+        blk._tokred_layer = i
+        _subclass(blk, _TokredBlock)
+    model.token_counts, model.sources = [], []
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undoes ``apply``: restores the original classes."""
+    for obj in [model] + list(getattr(model, "blocks", [])):
+        base = getattr(type(obj), "_tokred_base", None)
+        if base is not None:
+            obj.__class__ = base
+    return model

@@ -1,0 +1,148 @@
+"""Draws which patches a policy merged or pruned, layer by layer, over the image.
+
+The model runs with ``trace_source=True``; each panel shows, after one block, every patch's
+group (the token now holding it): a patch still alone keeps its pixels, every group of two or
+more patches (ToMe merges, EViT's fused token) is filled with one colour (the group's mean,
+made unique within the panel) and outlined, and pruned patches are dark. Works with random
+weights (the groups then follow random features); load timm weights with ``checkpoint``.
+"""
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .bench import make_policy
+from .models import create_model
+
+__all__ = ["DEFAULT_IMAGE", "PRUNED", "LABEL_HEIGHT", "load_image", "trace", "patch_groups",
+           "render", "visualize"]
+
+DEFAULT_IMAGE = os.path.join(os.path.dirname(__file__), "assets", "sample.png")
+PRUNED = (24, 24, 24)
+EDGE = (255, 255, 255)
+LABEL_HEIGHT = 14
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def _pil():
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        raise RuntimeError("visualize needs Pillow: pip install pillow") from None
+    return Image, ImageDraw
+
+
+def load_image(path: str, size: int) -> Tensor:
+    """The image resized (shorter side) and centre-cropped to ``size``: uint8 ``[S, S, 3]``."""
+    Image, _ = _pil()
+    img = Image.open(path).convert("RGB")
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+
+
+def trace(pixels: Tensor, method: str, model_name: str = "deit_small",
+          r: Optional[int] = None, keep_rate: Optional[float] = None,
+          checkpoint: Optional[str] = None, seed: int = 0):
+    """Runs the model on ``pixels`` ``[S, S, 3]``; returns ``(model, panels)`` with ``panels`` a
+    list of ``(block, tokens, source [N0])`` after the blocks worth showing."""
+    spec = method if (r is None and keep_rate is None) else \
+        f"{method}:{r if method == 'tome' else keep_rate}"
+    policy = make_policy(spec, trace_source=True)
+    torch.manual_seed(seed)
+    model = create_model(model_name).eval()
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and key in state:
+                state = state[key]
+        model.load_state_dict(state)
+    model.reduction = policy
+    x = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255
+    with torch.no_grad():
+        model((x - _MEAN) / _STD)
+    depth = len(model.blocks)
+    if method == "tome":
+        blocks = sorted({max(0, depth * q // 4 - 1) for q in (1, 2, 3, 4)})
+    else:
+        blocks = list(policy.locs)
+    panels = [(b, model.token_counts[b], model.sources[b][0]) for b in blocks]
+    return model, panels
+
+
+def patch_groups(source: Tensor, num_prefix: int) -> Tensor:
+    """The group (current token index, -1 if pruned) of every patch, row-major."""
+    return source[num_prefix:]
+
+
+def _group_colours(pixels: Tensor, groups: Tensor, grid: int, patch: int) -> Dict[int, Tuple]:
+    """Mean colour of every group of two or more patches, unique within the panel."""
+    ids, counts = torch.unique(groups, return_counts=True)
+    means = pixels.view(grid, patch, grid, patch, 3).float().mean(dim=(1, 3)).view(-1, 3)
+    used = {PRUNED, EDGE}
+    colours: Dict[int, Tuple] = {}
+    for g, c in zip(ids.tolist(), counts.tolist()):
+        if g < 0 or c < 2:
+            continue
+        rgb = [int(v) for v in means[groups == g].mean(dim=0).round().tolist()]
+        k = 0
+        while tuple(rgb) in used:       # nudge until unique
+            rgb[k % 3] = (rgb[k % 3] + 7) % 256
+            k += 1
+        colours[g] = tuple(rgb)
+        used.add(tuple(rgb))
+    return colours
+
+
+def render(pixels: Tensor, panels: List[Tuple[int, int, Tensor]], num_prefix: int,
+           patch: int, method: str):
+    """The input and one panel per entry of ``panels``, side by side, each labelled."""
+    Image, ImageDraw = _pil()
+    s = pixels.shape[0]
+    grid = s // patch
+    base = Image.frombytes("RGB", (s, s), bytes(pixels.flatten().tolist()))
+    out = Image.new("RGB", (s * (1 + len(panels)), s + LABEL_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    out.paste(base, (0, LABEL_HEIGHT))
+    draw.text((2, 1), "input", fill=(0, 0, 0))
+    for i, (block, tokens, source) in enumerate(panels):
+        x0 = s * (i + 1)
+        groups = patch_groups(source, num_prefix)
+        colours = _group_colours(pixels, groups, grid, patch)
+        out.paste(base, (x0, LABEL_HEIGHT))
+        g2 = groups.view(grid, grid).tolist()
+        for row in range(grid):
+            for col in range(grid):
+                g = g2[row][col]
+                box = (x0 + col * patch, LABEL_HEIGHT + row * patch,
+                       x0 + (col + 1) * patch - 1, LABEL_HEIGHT + (row + 1) * patch - 1)
+                if g < 0:
+                    draw.rectangle(box, fill=PRUNED)
+                elif g in colours:
+                    draw.rectangle(box, fill=colours[g])
+                    # Outline the group: an edge where the neighbour belongs elsewhere.
+                    if col + 1 < grid and g2[row][col + 1] != g:
+                        draw.line([(box[2], box[1]), (box[2], box[3])], fill=EDGE)
+                    if row + 1 < grid and g2[row + 1][col] != g:
+                        draw.line([(box[0], box[3]), (box[2], box[3])], fill=EDGE)
+        draw.text((x0 + 2, 1), f"{method} block {block + 1}: {tokens} tokens", fill=(0, 0, 0))
+    return out
+
+
+def visualize(image: Optional[str], output: str, method: str, model_name: str = "deit_small",
+              r: Optional[int] = None, keep_rate: Optional[float] = None,
+              checkpoint: Optional[str] = None, seed: int = 0):
+    """Writes the visualisation PNG; returns ``(image, panels)``."""
+    model_probe = create_model(model_name)  # validates the name; gives the geometry
+    size, patch = model_probe.patch_embed.img_size, model_probe.patch_embed.patch_size
+    del model_probe
+    pixels = load_image(image or DEFAULT_IMAGE, size)
+    model, panels = trace(pixels, method, model_name, r, keep_rate, checkpoint, seed)
+    img = render(pixels, panels, model.num_prefix_tokens, patch, method)
+    img.save(output, format="PNG")
+    return img, panels
