@@ -61,4 +61,43 @@ TensorPair prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x
   return h.call(grad_out, x, scores, index, fuse, num_protected);
 }
 
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using T = const at::Tensor&;
+
+TensorTriple bipartite_match(T metric, int64_t r, bool class_token, bool distill_token) {
+  static auto h = op<TensorTriple(T, c10::SymInt, bool, bool)>("tokred::bipartite_match");
+  return h.call(metric, r, class_token, distill_token);
+}
+
+TensorPair merge(T x, const OptTensor& size, T unm_idx, T src_idx, T dst_idx,
+                 const std::string& mode, bool distill_token) {
+  static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view, bool)>(
+      "tokred::merge");
+  return h.call(x, size, unm_idx, src_idx, dst_idx, mode, distill_token);
+}
+
+at::Tensor merge_backward(T grad_out, T x, const OptTensor& size, T unm_idx, T src_idx,
+                          T dst_idx, const std::string& mode, bool distill_token) {
+  static auto h = op<at::Tensor(T, T, const OptTensor&, T, T, T, c10::string_view, bool)>(
+      "tokred::_merge_backward");
+  return h.call(grad_out, x, size, unm_idx, src_idx, dst_idx, mode, distill_token);
+}
+
+at::Tensor unmerge(T x, T unm_idx, T src_idx, T dst_idx, int64_t n, bool distill_token) {
+  static auto h = op<at::Tensor(T, T, T, T, c10::SymInt, bool)>("tokred::unmerge");
+  return h.call(x, unm_idx, src_idx, dst_idx, n, distill_token);
+}
+
+at::Tensor unmerge_backward(T grad, T unm_idx, T src_idx, T dst_idx, bool distill_token) {
+  static auto h = op<at::Tensor(T, T, T, T, bool)>("tokred::_unmerge_backward");
+  return h.call(grad, unm_idx, src_idx, dst_idx, distill_token);
+}
+
+at::Tensor merge_source(const OptTensor& source, T unm_idx, T src_idx, T dst_idx, int64_t n,
+                        bool distill_token) {
+  static auto h = op<at::Tensor(const OptTensor&, T, T, T, c10::SymInt, bool)>(
+      "tokred::merge_source");
+  return h.call(source, unm_idx, src_idx, dst_idx, n, distill_token);
+}
+
 }  // namespace tokred

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/ATen.h>
@@ -35,5 +36,31 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward(const at::Tensor& grad_
                                                          const at::Tensor& scores,
                                                          const at::Tensor& index, bool fuse,
                                                          int64_t num_protected);
+
+// ToMe. bipartite_match: metric [B, N, D] -> (unm_idx [B, ceil(N/2) - r], src_idx [B, r],
+// dst_idx [B, r]), r clamped to (N - protected) / 2; ties to the lower index.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match(const at::Tensor& metric,
+                                                               int64_t r, bool class_token = true,
+                                                               bool distill_token = false);
+// x [B, N, C] -> (out [B, N - r, C], summed sizes [B, N - r, 1]); mode sum | mean | amax | wavg.
+std::tuple<at::Tensor, at::Tensor> merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                                         const at::Tensor& dst_idx,
+                                         const std::string& mode = "wavg",
+                                         bool distill_token = false);
+at::Tensor merge_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                          const std::optional<at::Tensor>& size, const at::Tensor& unm_idx,
+                          const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                          const std::string& mode, bool distill_token);
+// x [B, n - r, C] -> [B, n, C]; merged sources get a copy of their destination.
+at::Tensor unmerge(const at::Tensor& x, const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                   const at::Tensor& dst_idx, int64_t n, bool distill_token = false);
+at::Tensor unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
+                            const at::Tensor& src_idx, const at::Tensor& dst_idx,
+                            bool distill_token);
+// source [B, N0] (current token of each original patch; nullopt = identity of n) -> updated map.
+at::Tensor merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
+                        const at::Tensor& src_idx, const at::Tensor& dst_idx, int64_t n,
+                        bool distill_token = false);
 
 }  // namespace tokred

@@ -1,0 +1,455 @@
+// CUDA kernels of the ToMe ops.
+//
+// bipartite_match: one block per batch row. Inverse norms, node maxima and ranks live in shared
+// memory; similarities are computed tile by tile (A rows x B rows x channels in shared memory),
+// reduced to each A token's first maximum on the fly and never written to global memory. Ranks
+// are counts (common/rank.h), so no sort is needed and ties go to the lower index.
+//
+// merge family: a plan kernel writes dest (the output token of every input token, as on the CPU);
+// build_segments_cuda groups each row's tokens by destination in ascending order (CSR); every
+// output element then reduces its members in that fixed order, without atomics. Index values are
+// bounds-checked: a bad one trips CUDA_KERNEL_ASSERT and is skipped, nothing is written out of
+// bounds.
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/merge.h"
+#include "common/merge_args.h"
+#include "cuda/segment.h"
+
+namespace tokred {
+namespace {
+
+constexpr int kRows = 128;   // A tokens per chunk: one per thread
+constexpr int kTileJ = 32;   // B tokens per tile
+constexpr int kTileK = 16;   // channels per tile
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t total) {
+  return std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 16);
+}
+
+template <typename acc_t>
+size_t match_smem_bytes(int64_t n) {
+  const int64_t na = (n + 1) / 2;
+  return sizeof(acc_t) * (n + na) + sizeof(int64_t) * 2 * na;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict__ metric,
+                                                      int64_t n, int64_t D, int64_t r,
+                                                      bool class_token, bool distill_token,
+                                                      int64_t* __restrict__ unm,
+                                                      int64_t* __restrict__ src,
+                                                      int64_t* __restrict__ dst) {
+  __shared__ acc_t As[kRows][kTileK + 1];
+  __shared__ acc_t Bs[kTileJ][kTileK];
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TomeDims d = tome_dims(n, r, distill_token);
+  acc_t* inv = reinterpret_cast<acc_t*>(smem);
+  acc_t* node_max = inv + n;
+  int64_t* node_idx = reinterpret_cast<int64_t*>(
+      smem + ((sizeof(acc_t) * (n + d.na) + 7) / 8) * 8);
+  int64_t* rank = node_idx + d.na;
+  const int64_t b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const scalar_t* m = metric + b * n * D;
+
+  // 1. inverse norms, one warp per token
+  const int lane = tid % C10_WARP_SIZE, warp = tid / C10_WARP_SIZE;
+  for (int64_t t = warp; t < n; t += kRows / C10_WARP_SIZE) {
+    acc_t ss = 0;
+    for (int64_t k = lane; k < D; k += C10_WARP_SIZE) {
+      const acc_t v = static_cast<acc_t>(m[t * D + k]);
+      ss += v * v;
+    }
+    for (int off = C10_WARP_SIZE / 2; off > 0; off /= 2) ss += __shfl_down_sync(0xffffffffu, ss, off);
+    if (lane == 0) inv[t] = acc_t(1) / ::sqrt(ss);
+  }
+  __syncthreads();
+
+  // 2. each thread's A token against every B token, tile by tile; keep the first maximum
+  for (int64_t a0 = 0; a0 < d.na; a0 += kRows) {
+    const int64_t a = a0 + tid;
+    acc_t best = 0;
+    int64_t best_j = -1;
+    for (int64_t j0 = 0; j0 < d.nb; j0 += kTileJ) {
+      acc_t acc[kTileJ];
+#pragma unroll
+      for (int jj = 0; jj < kTileJ; ++jj) acc[jj] = 0;
+      for (int64_t k0 = 0; k0 < D; k0 += kTileK) {
+        for (int i = tid; i < kRows * kTileK; i += kRows) {
+          const int64_t row = a0 + i / kTileK, k = k0 + i % kTileK;
+          As[i / kTileK][i % kTileK] =
+              (row < d.na && k < D) ? static_cast<acc_t>(m[2 * row * D + k]) : acc_t(0);
+        }
+        for (int i = tid; i < kTileJ * kTileK; i += kRows) {
+          const int64_t j = j0 + i / kTileK, k = k0 + i % kTileK;
+          Bs[i / kTileK][i % kTileK] =
+              (j < d.nb && k < D) ? static_cast<acc_t>(m[(2 * j + 1) * D + k]) : acc_t(0);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int jj = 0; jj < kTileJ; ++jj) {
+#pragma unroll
+          for (int kk = 0; kk < kTileK; ++kk) acc[jj] += As[tid][kk] * Bs[jj][kk];
+        }
+        __syncthreads();
+      }
+      if (a < d.na) {
+#pragma unroll
+        for (int jj = 0; jj < kTileJ; ++jj) {
+          const int64_t j = j0 + jj;
+          if (j >= d.nb) break;
+          const acc_t v = tome_score(acc[jj], inv[2 * a], inv[2 * j + 1],
+                                     tome_excluded(a, j, class_token, distill_token));
+          tome_argmax_step(v, j, best, best_j);
+        }
+      }
+    }
+    if (a < d.na) {
+      node_max[a] = best;
+      node_idx[a] = best_j;
+    }
+  }
+  __syncthreads();
+
+  // 3. rank by count, 4. place every A token
+  for (int64_t a = tid; a < d.na; a += kRows) rank[a] = rank_in_row(node_max, d.na, a, true);
+  __syncthreads();
+  for (int64_t a = tid; a < d.na; a += kRows) {
+    const int64_t slot = tome_slot(rank, a, d.na, r, class_token);
+    if (slot < 0) {
+      src[b * r + (-1 - slot)] = a;
+      dst[b * r + (-1 - slot)] = node_idx[a];
+    } else {
+      unm[b * d.u + slot] = a;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Tensor& metric_in,
+                                                                    int64_t r_in,
+                                                                    bool class_token,
+                                                                    bool distill_token) {
+  const int64_t r = check_bipartite_match(metric_in, r_in, class_token, distill_token).expect_int();
+  const c10::cuda::OptionalCUDAGuard guard(metric_in.device());
+  const at::Tensor metric = metric_in.contiguous();
+  const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
+  const TomeDims d = tome_dims(N, r, distill_token);
+  const auto opts = metric.options().dtype(at::kLong);
+  at::Tensor unm = at::empty({B, d.u}, opts);
+  at::Tensor src = at::empty({B, r}, opts);
+  at::Tensor dst = at::empty({B, r}, opts);
+  if (B == 0) return {unm, src, dst};
+  if (r == 0) {
+    unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
+    return {unm, src, dst};
+  }
+  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(),
+              "tokred::bipartite_match: argument 'metric' has too many rows for the CUDA grid, ",
+              "got B = ", B);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = match_smem_bytes<acc_t>(N) + 8;
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          metric.get_device()));
+    const size_t limit = static_cast<size_t>(optin) -
+                         sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
+    TORCH_CHECK(smem <= limit, "tokred::bipartite_match: argument 'metric' has N = ", N,
+                " tokens; the CUDA kernel keeps a row in shared memory and supports at most ",
+                "about ", limit / (2 * sizeof(acc_t) + 8), " tokens");
+    auto kernel = match_kernel<scalar_t, acc_t>;
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned>(B), kRows, smem, stream>>>(
+        metric.data_ptr<scalar_t>(), N, D, r, class_token, distill_token,
+        unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {unm, src, dst};
+}
+
+// ---- the plan
+
+__global__ void plan_kernel(const int64_t* __restrict__ unm, const int64_t* __restrict__ src,
+                            const int64_t* __restrict__ dst, int64_t B, TomeDims d,
+                            int64_t* __restrict__ dest) {
+  const int64_t per_row = d.u + d.r + d.nb;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * per_row;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / per_row, e = i % per_row;
+    int64_t t, o;
+    if (e < d.u) {  // unmerged A token
+      t = 2 * unm[b * d.u + e];
+      o = tome_unm_out(e, d);
+    } else if (e < d.u + d.r) {  // merged A token and its destination
+      const int64_t k = e - d.u, j = dst[b * d.r + k];
+      CUDA_KERNEL_ASSERT(j >= 0 && j < d.nb && "tokred::merge: dst_idx out of range");
+      if (j < 0 || j >= d.nb) continue;
+      t = 2 * src[b * d.r + k];
+      o = tome_dst_out(j, d);
+    } else {  // B token
+      const int64_t j = e - d.u - d.r;
+      t = 2 * j + 1;
+      o = tome_dst_out(j, d);
+    }
+    CUDA_KERNEL_ASSERT(t >= 0 && t < d.n && "tokred::merge: unm_idx or src_idx out of range");
+    if (t < 0 || t >= d.n) continue;
+    dest[b * d.n + t] = o;
+  }
+}
+
+struct PlanCuda {
+  at::Tensor dest, order, offsets;  // [B, n], [B, n], [B, nout + 1]
+  TomeDims d;
+  int64_t B;
+};
+
+// segments=false skips the CSR grouping (gathers need dest only).
+PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
+                    int64_t n, bool distill, bool segments = true) {
+  const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
+  const int64_t B = src.size(0), r = src.size(1);
+  PlanCuda p{at::Tensor(), at::Tensor(), at::Tensor(), tome_dims(n, r, distill), B};
+  if (r == 0) {  // no merge: the identity, as upstream's do_nothing
+    p.dest = at::arange(n, unm.options()).expand({B, n}).contiguous();
+  } else {
+    // A token listed twice leaves another one at -1: build_segments skips it as padding and an
+    // output ends up with no member, which the reduction kernels assert on.
+    p.dest = at::full({B, n}, -1, unm.options());
+    const int64_t total = B * (p.d.u + p.d.r + p.d.nb);
+    if (total > 0) {
+      plan_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), B, p.d,
+          p.dest.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  if (segments) std::tie(p.order, p.offsets) = build_segments_cuda(p.dest, p.d.nout);
+  return p;
+}
+
+// ---- reductions over a plan: one thread per output element, members in ascending order
+
+template <typename scalar_t>
+__global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ size,
+                              const int64_t* __restrict__ order,
+                              const int64_t* __restrict__ offsets, int64_t B, int64_t n,
+                              int64_t nout, int64_t C, MergeMode mode, scalar_t* __restrict__ out,
+                              scalar_t* __restrict__ size_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * nout * C;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % C, bo = i / C, b = bo / nout, o = bo % nout;
+    const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
+    CUDA_KERNEL_ASSERT(begin < end && "tokred::merge: an output token has no member");
+    acc_t acc = 0, wsum = 0;
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t t = order[b * n + m];
+      if (t < 0 || t >= n) continue;
+      const acc_t w = size ? static_cast<acc_t>(size[b * n + t]) : acc_t(1);
+      wsum += w;
+      tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + t) * C + c]), w, acc);
+      if (end - begin == 1) acc = static_cast<acc_t>(x[(b * n + t) * C + c]);
+    }
+    out[i] = static_cast<scalar_t>(end - begin == 1 ? acc
+                                                    : tome_finish(mode, acc, wsum, end - begin));
+    if (c == 0 && size_out) size_out[bo] = static_cast<scalar_t>(wsum);
+  }
+}
+
+// grad_x[b, t, c]: t's share of the gradient of its output dest[b, t].
+template <typename scalar_t>
+__global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                              const scalar_t* __restrict__ size, const int64_t* __restrict__ dest,
+                              const int64_t* __restrict__ order,
+                              const int64_t* __restrict__ offsets, int64_t B, int64_t n,
+                              int64_t nout, int64_t C, MergeMode mode,
+                              scalar_t* __restrict__ grad_x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i % C, bt = i / C, b = bt / n;
+    const int64_t o = dest[bt];
+    CUDA_KERNEL_ASSERT(o >= 0 && o < nout && "tokred::_merge_backward: token without output");
+    if (o < 0 || o >= nout) {
+      grad_x[i] = scalar_t(0);
+      continue;
+    }
+    const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
+    const acc_t g = static_cast<acc_t>(grad[(b * nout + o) * C + c]);
+    if (end - begin == 1) {
+      grad_x[i] = static_cast<scalar_t>(g);
+      continue;
+    }
+    acc_t wsum = 0, mx = 0;
+    int64_t ties = 0;
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t s = order[b * n + m];
+      wsum += size ? static_cast<acc_t>(size[b * n + s]) : acc_t(1);
+      if (mode == MergeMode::kAmax) {
+        tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + s) * C + c]), acc_t(1),
+                        mx);
+      }
+    }
+    if (mode == MergeMode::kAmax) {
+      for (int64_t m = begin; m < end; ++m) {
+        ties += static_cast<acc_t>(x[(b * n + order[b * n + m]) * C + c]) == mx ? 1 : 0;
+      }
+    }
+    const acc_t v = x ? static_cast<acc_t>(x[i]) : acc_t(0);
+    const acc_t w = size ? static_cast<acc_t>(size[bt]) : acc_t(1);
+    grad_x[i] = static_cast<scalar_t>(tome_grad_coef(mode, v, w, mx, wsum, end - begin, ties) * g);
+  }
+}
+
+// out[b, t, c] = x[b, dest[b, t], c]; also the sum-mode backward.
+template <typename scalar_t>
+__global__ void gather_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ dest,
+                              int64_t B, int64_t n, int64_t nout, int64_t C,
+                              scalar_t* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t bt = i / C, o = dest[bt];
+    CUDA_KERNEL_ASSERT(o >= 0 && o < nout && "tokred::unmerge: token without output");
+    out[i] = (o >= 0 && o < nout) ? x[((bt / n) * nout + o) * C + i % C] : scalar_t(0);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
+                                               const std::optional<at::Tensor>& size_in,
+                                               const PlanCuda& p, MergeMode mode) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t C = x.size(2), total = p.B * p.d.nout * C;
+  at::Tensor out = at::empty({p.B, p.d.nout, C}, x.options());
+  at::Tensor size_out = at::empty({p.B, p.d.nout, 1}, x.options());
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  if (total == 0) return {out, size_out};
+  TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_merge_cuda", [&] {
+    reduce_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), size.defined() ? size.data_ptr<scalar_t>() : nullptr,
+        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.d.n, p.d.nout, C,
+        mode, out.data_ptr<scalar_t>(), size_out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, size_out};
+}
+
+at::Tensor gather_plan(const at::Tensor& x_in, const PlanCuda& p) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t C = x.size(2), total = p.B * p.d.n * C;
+  at::Tensor out = at::empty({p.B, p.d.n, C}, x.options());
+  if (total == 0) return out;
+  TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_unmerge_cuda", [&] {
+    gather_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), p.dest.data_ptr<int64_t>(), p.B, p.d.n, p.d.nout, C,
+        out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& x,
+                                              const std::optional<at::Tensor>& size,
+                                              const at::Tensor& unm, const at::Tensor& src,
+                                              const at::Tensor& dst, c10::string_view mode,
+                                              bool distill) {
+  const char* op = "merge";
+  check_merge(x, size, unm, src, dst, mode, op);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const PlanCuda p = build_plan(unm, src, dst, x.size(1), distill);
+  return reduce_plan(x, size, p, parse_merge_mode(mode, op));
+}
+
+at::Tensor merge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
+                               const std::optional<at::Tensor>& size_in, const at::Tensor& unm,
+                               const at::Tensor& src, const at::Tensor& dst,
+                               c10::string_view mode_s, bool distill) {
+  const char* op = "_merge_backward";
+  const int64_t r = check_merge(x_in, size_in, unm, src, dst, mode_s, op).expect_int();
+  check_merge_backward_grad(grad_in, x_in, r, op);
+  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const MergeMode mode = parse_merge_mode(mode_s, op);
+  const PlanCuda p = build_plan(unm, src, dst, x_in.size(1), distill, mode != MergeMode::kSum);
+  if (mode == MergeMode::kSum) return gather_plan(grad_in, p);
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  const int64_t C = x.size(2), total = p.B * p.d.n * C;
+  at::Tensor grad_x = at::empty({p.B, p.d.n, C}, grad.options());
+  if (total == 0) return grad_x;
+  TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_merge_backward_cuda", [&] {
+    spread_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+        size.defined() ? size.data_ptr<scalar_t>() : nullptr, p.dest.data_ptr<int64_t>(),
+        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.d.n, p.d.nout, C,
+        mode, grad_x.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+at::Tensor unmerge_cuda(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
+                        const at::Tensor& dst, int64_t n, bool distill) {
+  check_unmerge(x, unm, src, dst, n, "unmerge");
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  return gather_plan(x, build_plan(unm, src, dst, n, distill, /*segments=*/false));
+}
+
+at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& unm,
+                                 const at::Tensor& src, const at::Tensor& dst, bool distill) {
+  check_unmerge_backward(grad, unm, src, dst, "_unmerge_backward");
+  const c10::cuda::OptionalCUDAGuard guard(grad.device());
+  const PlanCuda p = build_plan(unm, src, dst, grad.size(1), distill);
+  return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
+}
+
+__global__ void source_kernel(const int64_t* __restrict__ source, const int64_t* __restrict__ dest,
+                              int64_t B, int64_t N0, int64_t n, int64_t* __restrict__ out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * N0;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = source[i];
+    CUDA_KERNEL_ASSERT(t >= 0 && t < n && "tokred::merge_source: source out of range");
+    out[i] = (t >= 0 && t < n) ? dest[(i / N0) * n + t] : int64_t(-1);
+  }
+}
+
+at::Tensor merge_source_cuda(const std::optional<at::Tensor>& source_in, const at::Tensor& unm,
+                             const at::Tensor& src, const at::Tensor& dst, int64_t n,
+                             bool distill) {
+  check_merge_source(source_in, unm, src, dst, n);
+  const c10::cuda::OptionalCUDAGuard guard(unm.device());
+  at::Tensor dest = build_plan(unm, src, dst, n, distill, /*segments=*/false).dest;
+  if (!source_in.has_value()) return dest;
+  const at::Tensor source = as_int64(*source_in);
+  const int64_t B = source.size(0), N0 = source.size(1);
+  at::Tensor out = at::empty({B, N0}, source.options());
+  if (B * N0 == 0) return out;
+  source_kernel<<<blocks_for(B * N0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      source.data_ptr<int64_t>(), dest.data_ptr<int64_t>(), B, N0, n, out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokred, CUDA, m) {
+  m.impl("bipartite_match", TORCH_FN(bipartite_match_cuda));
+  m.impl("merge", TORCH_FN(merge_cuda));
+  m.impl("_merge_backward", TORCH_FN(merge_backward_cuda));
+  m.impl("unmerge", TORCH_FN(unmerge_cuda));
+  m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_cuda));
+  m.impl("merge_source", TORCH_FN(merge_source_cuda));
+}
+
+}  // namespace tokred
