@@ -60,11 +60,30 @@ void selection() {
   expect(gx.select(1, 2).equal(floats({0.2f, 0.2f}, {1, 2})), "prune_tokens_backward: x gradient");
 }
 
+void merging() {
+  // ToMe on [cls, t1, t2, t3]: A = {cls, t2}, B = {t1, t3}. t2 and t3 point the same way, so
+  // with r = 1, t2 merges into t3 and the class token stays unmerged.
+  const at::Tensor metric = floats({1, 0, 0, 1, 1, 1, 1, 1}, {1, 4, 2});
+  auto [unm, src, dst] = tokred::bipartite_match(metric, 1);
+  expect(unm.equal(longs({0}, {1, 1})) && src.equal(longs({1}, {1, 1})) &&
+             dst.equal(longs({1}, {1, 1})),
+         "bipartite_match: the most similar pair");
+  const at::Tensor x = floats({0, 0, 1, 1, 2, 4, 4, 8}, {1, 4, 2});
+  auto [merged, size] = tokred::merge(x, std::nullopt, unm, src, dst, "wavg");
+  expect(merged.equal(floats({0, 0, 1, 1, 3, 6}, {1, 3, 2})), "merge: size-weighted average");
+  expect(size.equal(floats({1, 1, 2}, {1, 3, 1})), "merge: sizes");
+  expect(tokred::unmerge(merged, unm, src, dst, 4).equal(floats({0, 0, 1, 1, 3, 6, 3, 6}, {1, 4, 2})),
+         "unmerge: sources get their destination");
+  expect(tokred::merge_source(std::nullopt, unm, src, dst, 4).equal(longs({0, 1, 2, 2}, {1, 4})),
+         "merge_source: patch 2 now lives in token 2");
+}
+
 }  // namespace
 
 int main() {
   try {
     selection();
+    merging();
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return EXIT_FAILURE;
