@@ -4,6 +4,12 @@
 
 namespace tokred {
 
+int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 std::vector<c10::SymInt> check_topk(const at::Tensor& scores, const c10::SymInt& k,
                                     const std::optional<at::Tensor>& lengths) {
   const char* op = "topk";

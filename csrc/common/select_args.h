@@ -8,6 +8,9 @@
 
 namespace tokred {
 
+// Rows of a segmented op: the product of every dim but the last (1 for a 1-D tensor).
+int64_t leading_rows(const at::Tensor& t);
+
 // scores [..., N]; returns the output shape [..., k].
 std::vector<c10::SymInt> check_topk(const at::Tensor& scores, const c10::SymInt& k,
                                     const std::optional<at::Tensor>& lengths);

@@ -18,12 +18,6 @@
 namespace tokred {
 namespace {
 
-int64_t leading_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return rows;
-}
-
 struct Entry {
   uint64_t key;  // order_key of the value: the selection order as an integer
   int64_t index;

@@ -21,12 +21,6 @@ namespace {
 constexpr int64_t kMaxRankRow = 2048;
 constexpr int kRankThreads = 256;
 
-int64_t leading_rows(const at::Tensor& t) {
-  int64_t rows = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
-  return rows;
-}
-
 // One block per row: load the row into shared memory, rank each entry by counting, and write
 // the entries of rank < k to their slot. Slots past a short row's length get index -1.
 template <typename scalar_t>
