@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 namespace tokred {
 namespace cuda {
@@ -22,3 +23,44 @@ inline int blocks_for(int64_t total, int threads = kThreads) {
 #define TOKRED_GRID_STRIDE(i, total)                                            \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
        i < (total); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+namespace tokred {
+namespace cuda {
+
+constexpr int kWarp = 32;
+
+// True if rows of C elements at these strides can be moved as 16-byte vectors.
+inline bool rows_vectorizable(const void* base, int64_t C, int64_t elem_size,
+                              std::initializer_list<int64_t> row_strides) {
+  if ((reinterpret_cast<uintptr_t>(base) % 16) != 0 || (C * elem_size) % 16 != 0) return false;
+  for (int64_t s : row_strides) {
+    if ((s * elem_size) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// One warp copies one row of C elements (src elements `src_stride` apart, dst contiguous);
+// 16-byte vectors when `vec`, else one element per lane. A null src writes zeros.
+template <typename T>
+__device__ __forceinline__ void warp_copy_row(T* __restrict__ dst, const T* __restrict__ src,
+                                              int64_t C, int64_t src_stride, bool vec) {
+  const int lane = threadIdx.x % kWarp;
+  if (vec) {
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    const int64_t n = C * static_cast<int64_t>(sizeof(T)) / 16;
+    for (int64_t v = lane; v < n; v += kWarp) d[v] = src ? s[v] : make_uint4(0, 0, 0, 0);
+  } else {
+    for (int64_t c = lane; c < C; c += kWarp) dst[c] = src ? src[c * src_stride] : T(0);
+  }
+}
+
+}  // namespace cuda
+}  // namespace tokred
+
+// Each warp takes rows warp, warp + total_warps, ...
+#define TOKRED_WARP_STRIDE(row, total)                                                      \
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) /        \
+                     tokred::cuda::kWarp;                                                   \
+       row < (total);                                                                       \
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x / tokred::cuda::kWarp)

@@ -126,15 +126,16 @@ at::Tensor topk_backward_cuda(const at::Tensor& grad, const at::Tensor& indices,
       .view(shape);
 }
 
+// One warp per output row; index -1 writes a zero row.
 template <typename scalar_t>
 __global__ void gather_tokens_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ index,
                                      int64_t B, int64_t N, int64_t K, int64_t C, int64_t s0,
-                                     int64_t s1, int64_t s2, scalar_t* __restrict__ out) {
-  TOKRED_GRID_STRIDE(t, B * K * C) {
-    const int64_t c = t % C, bk = t / C, b = bk / K;
-    const int64_t i = index[bk];
+                                     int64_t s1, int64_t s2, bool vec, scalar_t* __restrict__ out) {
+  TOKRED_WARP_STRIDE(row, B * K) {
+    const int64_t b = row / K, i = index[row];
     CUDA_KERNEL_ASSERT(i >= -1 && i < N && "tokred::gather_tokens: index out of range");
-    out[t] = (i >= 0 && i < N) ? x[b * s0 + i * s1 + c * s2] : scalar_t(0);
+    const scalar_t* src = (i >= 0 && i < N) ? x + b * s0 + i * s1 : nullptr;
+    cuda::warp_copy_row(out + row * C, src, C, s2, vec);
   }
 }
 
@@ -147,9 +148,13 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index_in) {
   if (out.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_gather_tokens_cuda", [&] {
-    gather_tokens_kernel<scalar_t><<<cuda::blocks_for(B * K * C), cuda::kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), B, N, K, C, x.stride(0), x.stride(1),
-        x.stride(2), out.data_ptr<scalar_t>());
+    const bool vec = x.stride(2) == 1 &&
+                     cuda::rows_vectorizable(x.data_ptr(), C, x.element_size(),
+                                             {x.stride(0), x.stride(1)});
+    gather_tokens_kernel<scalar_t>
+        <<<cuda::blocks_for(B * K * cuda::kWarp), cuda::kThreads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), B, N, K, C, x.stride(0),
+            x.stride(1), x.stride(2), vec, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -259,14 +264,16 @@ __global__ void mark_kept_kernel(const int64_t* __restrict__ index, int64_t B, i
   }
 }
 
+// One warp per kept output row: the protected tokens, then the kept ones.
 template <typename x_t>
 __global__ void prune_rows_kernel(const x_t* __restrict__ x, const int64_t* __restrict__ index,
                                   int64_t B, int64_t P, int64_t k, int64_t C, int64_t rows_out,
-                                  int64_t s0, int64_t s1, int64_t s2, x_t* __restrict__ out) {
-  TOKRED_GRID_STRIDE(t, B * (P + k) * C) {
-    const int64_t c = t % C, br = t / C, b = br / (P + k), r = br % (P + k);
+                                  int64_t s0, int64_t s1, int64_t s2, bool vec,
+                                  x_t* __restrict__ out) {
+  TOKRED_WARP_STRIDE(row, B * (P + k)) {
+    const int64_t b = row / (P + k), r = row % (P + k);
     const int64_t src = r < P ? r : P + index[b * k + (r - P)];
-    out[(b * rows_out + r) * C + c] = x[b * s0 + src * s1 + c * s2];
+    cuda::warp_copy_row(out + (b * rows_out + r) * C, x + b * s0 + src * s1, C, s2, vec);
   }
 }
 
@@ -335,9 +342,13 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tensor& x,
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_prune_tokens_cuda", [&] {
     using x_t = scalar_t;
     if (P + k > 0) {
-      prune_rows_kernel<x_t><<<cuda::blocks_for(B * (P + k) * C), cuda::kThreads, 0, stream>>>(
-          x.data_ptr<x_t>(), index.data_ptr<int64_t>(), B, P, k, C, rows_out, x.stride(0),
-          x.stride(1), x.stride(2), out.data_ptr<x_t>());
+      const bool vec = x.stride(2) == 1 &&
+                       cuda::rows_vectorizable(x.data_ptr(), C, x.element_size(),
+                                               {x.stride(0), x.stride(1)});
+      prune_rows_kernel<x_t>
+          <<<cuda::blocks_for(B * (P + k) * cuda::kWarp), cuda::kThreads, 0, stream>>>(
+              x.data_ptr<x_t>(), index.data_ptr<int64_t>(), B, P, k, C, rows_out, x.stride(0),
+              x.stride(1), x.stride(2), vec, out.data_ptr<x_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (!fuse) return;
