@@ -61,4 +61,38 @@ TensorPair prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x
   return h.call(grad_out, x, scores, index, fuse, num_protected);
 }
 
+// ---- Routing: BiFormer.
+
+at::Tensor routed_gather(const at::Tensor& kv, const at::Tensor& r_idx, const OptTensor& r_weight) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>(
+      "tokred::routed_gather");
+  return h.call(kv, r_idx, r_weight);
+}
+
+TensorPair routed_gather_backward(const at::Tensor& grad, const at::Tensor& kv,
+                                  const at::Tensor& r_idx, const OptTensor& r_weight) {
+  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const OptTensor&)>("tokred::_routed_gather_backward");
+  return h.call(grad, kv, r_idx, r_weight);
+}
+
+TensorPair routed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& r_idx, int64_t num_heads, double scale) {
+  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, c10::SymInt, double)>(
+      "tokred::routed_attention");
+  return h.call(q, k, v, r_idx, num_heads, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& r_idx, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    double scale) {
+  static auto h = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, double)>(
+      "tokred::_routed_attention_backward");
+  return h.call(grad_out, q, k, v, r_idx, out, lse, num_heads, scale);
+}
+
 }  // namespace tokred

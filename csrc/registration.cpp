@@ -11,4 +11,10 @@ TORCH_LIBRARY(tokred, m) {
   m.def("complement(Tensor index, SymInt n) -> Tensor");
   m.def("prune_tokens(Tensor x, Tensor scores, SymInt k, bool fuse=False, SymInt num_protected=1, bool keep_order=False) -> (Tensor out, Tensor index)");
   m.def("_prune_tokens_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor index, bool fuse, SymInt num_protected) -> (Tensor grad_x, Tensor grad_scores)");
+
+  // Routing: BiFormer.
+  m.def("routed_gather(Tensor kv, Tensor r_idx, Tensor? r_weight=None) -> Tensor");
+  m.def("_routed_gather_backward(Tensor grad, Tensor kv, Tensor r_idx, Tensor? r_weight=None) -> (Tensor grad_kv, Tensor grad_r_weight)");
+  m.def("routed_attention(Tensor q, Tensor k, Tensor v, Tensor r_idx, SymInt num_heads, float scale) -> (Tensor out, Tensor lse)");
+  m.def("_routed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor r_idx, Tensor out, Tensor lse, SymInt num_heads, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

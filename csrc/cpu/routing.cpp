@@ -1,0 +1,439 @@
+// CPU kernels of the BiFormer routing ops.
+//
+// routed_attention is fused: no gathered K/V buffer and no attention matrix. Each task (batch,
+// query window, head) streams its routed keys in tiles of up to kTile keys, keeps an online
+// softmax per query row (common/routing.h) and writes out and lse. The backward recomputes the
+// scores: dq per (batch, query window, head); dk, dv per (batch, key window, head) by walking,
+// in a fixed order, the (query window, slot) pairs that routed to that key window (a CSR plan per
+// batch). No atomics and no shared accumulators, so results are bitwise repeatable.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/dispatch.h"
+#include "common/routing.h"
+#include "common/routing_args.h"
+
+namespace tokred {
+namespace {
+
+using routing::OnlineSoftmax;
+
+constexpr int64_t kTile = 64;  // keys per tile
+
+// For each batch b and key window j, the (query window i, slot t) pairs with r_idx[b, i, t] == j
+// in ascending (i, t): entries[b][offsets[b][j] .. offsets[b][j + 1]) hold i * T + t.
+struct RoutingPlan {
+  std::vector<int64_t> offsets;  // [n, P + 1]
+  std::vector<int64_t> entries;  // [n, P * T]
+};
+
+RoutingPlan build_plan(const int64_t* idx, int64_t n, int64_t P, int64_t T) {
+  RoutingPlan plan;
+  plan.offsets.assign(n * (P + 1), 0);
+  plan.entries.resize(n * P * T);
+  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> cursor;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* row = idx + b * P * T;
+      int64_t* off = plan.offsets.data() + b * (P + 1);
+      for (int64_t e = 0; e < P * T; ++e) off[row[e] + 1] += 1;
+      for (int64_t j = 0; j < P; ++j) off[j + 1] += off[j];
+      cursor.assign(off, off + P);
+      int64_t* ent = plan.entries.data() + b * P * T;
+      for (int64_t e = 0; e < P * T; ++e) ent[cursor[row[e]]++] = e;
+    }
+  });
+  return plan;
+}
+
+// ------------------------------------------------------------------------ routed_gather
+
+at::Tensor routed_gather_cpu(const at::Tensor& kv_in, const at::Tensor& r_idx_in,
+                             const std::optional<at::Tensor>& r_weight_in) {
+  const char* op = "routed_gather";
+  check_routed_gather(kv_in, r_idx_in, r_weight_in);
+  const at::Tensor kv = kv_in.contiguous();
+  const at::Tensor idx = as_int64(r_idx_in);
+  const int64_t n = kv.size(0), P = kv.size(1), W = kv.size(2), C = kv.size(3), T = idx.size(2);
+  check_routing_index_values(idx, P, op);
+  at::Tensor out = at::empty({n, P, T, W, C}, kv.options());
+  if (out.numel() == 0) return out;
+  const int64_t row = W * C;
+  const at::Tensor weight =
+      r_weight_in.has_value() ? r_weight_in->to(at::kDouble).contiguous() : at::Tensor();
+  const double* wp = weight.defined() ? weight.data_ptr<double>() : nullptr;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  TOKRED_DISPATCH_FLOATS(kv.scalar_type(), "tokred_routed_gather_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = kv.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / (row + 1));
+    at::parallel_for(0, n * P * T, grain, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t b = e / (P * T);
+        const scalar_t* s = src + routing::window_row(b, ip[e], 0, P, W) * C;
+        scalar_t* d = dst + e * row;
+        if (wp == nullptr) {
+          std::copy(s, s + row, d);
+        } else {
+          const acc_t w = static_cast<acc_t>(wp[e]);
+          for (int64_t c = 0; c < row; ++c) d[c] = static_cast<scalar_t>(w * static_cast<acc_t>(s[c]));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& kv_in, const at::Tensor& r_idx_in,
+    const std::optional<at::Tensor>& r_weight_in) {
+  const char* op = "_routed_gather_backward";
+  check_routed_gather_backward(grad_in, kv_in, r_idx_in, r_weight_in);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor kv = kv_in.contiguous();
+  const at::Tensor idx = as_int64(r_idx_in);
+  const int64_t n = kv.size(0), P = kv.size(1), W = kv.size(2), C = kv.size(3), T = idx.size(2);
+  check_routing_index_values(idx, P, op);
+  const bool weighted = r_weight_in.has_value();
+  at::Tensor grad_kv = at::empty_like(kv);
+  at::Tensor grad_w = weighted ? at::empty_like(*r_weight_in, at::MemoryFormat::Contiguous)
+                               : at::empty({0}, kv.options());
+  if (kv.numel() == 0) {
+    if (weighted) grad_w.zero_();
+    return {grad_kv, grad_w};
+  }
+  const int64_t row = W * C;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const RoutingPlan plan = build_plan(ip, n, P, T);
+  const at::Tensor weight = weighted ? r_weight_in->to(at::kDouble).contiguous() : at::Tensor();
+  const double* wp = weighted ? weight.data_ptr<double>() : nullptr;
+  TOKRED_DISPATCH_FLOATS(kv.scalar_type(), "tokred_routed_gather_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* x = kv.data_ptr<scalar_t>();
+    scalar_t* gx = grad_kv.data_ptr<scalar_t>();
+    // grad_kv[b, j] = Σ over the pairs routed to j, in ascending (i, t), of w · grad[b, i, t].
+    at::parallel_for(0, n * P, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> acc(row);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / P, j = r % P;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const int64_t* off = plan.offsets.data() + b * (P + 1);
+        for (int64_t s = off[j]; s < off[j + 1]; ++s) {
+          const int64_t e = b * P * T + plan.entries[b * P * T + s];
+          const scalar_t* ge = g + e * row;
+          const acc_t w = wp ? static_cast<acc_t>(wp[e]) : acc_t(1);
+          for (int64_t c = 0; c < row; ++c) acc[c] += w * static_cast<acc_t>(ge[c]);
+        }
+        scalar_t* d = gx + r * row;
+        for (int64_t c = 0; c < row; ++c) d[c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+    if (!weighted) return;
+    // grad_w[b, i, t] = <grad[b, i, t], kv[b, r_idx[b, i, t]]>, summed in double.
+    TOKRED_DISPATCH_FLOATS(grad_w.scalar_type(), "tokred_routed_gather_backward_cpu_w", [&] {
+      scalar_t* gw = grad_w.data_ptr<scalar_t>();
+      using g_t = std::remove_const_t<std::remove_pointer_t<decltype(g)>>;
+      at::parallel_for(0, n * P * T, 1, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t b = e / (P * T);
+          const g_t* ge = g + e * row;
+          const g_t* xe = x + routing::window_row(b, ip[e], 0, P, W) * C;
+          double dot = 0;
+          for (int64_t c = 0; c < row; ++c)
+            dot += static_cast<double>(ge[c]) * static_cast<double>(xe[c]);
+          gw[e] = static_cast<scalar_t>(dot);
+        }
+      });
+    });
+  });
+  return {grad_kv, grad_w};
+}
+
+// ------------------------------------------------------------------------ routed_attention
+
+// Sizes of one routed_attention call.
+struct Dims {
+  int64_t n, P, WQ, WK, T, H, CQ, CV, DQ, DV;
+};
+
+Dims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& idx, int64_t H) {
+  Dims d;
+  d.n = q.size(0);
+  d.P = q.size(1);
+  d.WQ = q.size(2);
+  d.CQ = q.size(3);
+  d.WK = v.size(2);
+  d.CV = v.size(3);
+  d.T = idx.size(2);
+  d.H = H;
+  d.DQ = d.CQ / H;
+  d.DV = d.CV / H;
+  return d;
+}
+
+// Loads a tile of routed keys [kk0, kk0 + kt) of query window (b, i), head h: kT as
+// [DQ][kTile] (transposed, so score rows are axpy loops) and vals as [kt][DV].
+template <typename scalar_t, typename acc_t>
+void load_key_tile(const scalar_t* k, const scalar_t* v, const int64_t* ridx, const Dims& d,
+                   int64_t b, int64_t h, int64_t kk0, int64_t kt, acc_t* kT, acc_t* vals,
+                   acc_t* krows) {
+  for (int64_t x = 0; x < kt; ++x) {
+    const int64_t kk = kk0 + x;
+    const int64_t row = routing::routed_key_row(b, ridx[kk / d.WK], kk, d.P, d.WK);
+    const scalar_t* kr = k + row * d.CQ + h * d.DQ;
+    const scalar_t* vr = v + row * d.CV + h * d.DV;
+    for (int64_t c = 0; c < d.DQ; ++c) kT[c * kTile + x] = static_cast<acc_t>(kr[c]);
+    if (krows != nullptr) {
+      for (int64_t c = 0; c < d.DQ; ++c) krows[x * d.DQ + c] = static_cast<acc_t>(kr[c]);
+    }
+    for (int64_t c = 0; c < d.DV; ++c) vals[x * d.DV + c] = static_cast<acc_t>(vr[c]);
+  }
+}
+
+// s[0..kt) = scale · (qrow · kT[:, 0..kt)).
+template <typename acc_t>
+inline void tile_scores(const acc_t* qrow, const acc_t* kT, int64_t DQ, int64_t kt, acc_t scale,
+                        acc_t* s) {
+  for (int64_t x = 0; x < kt; ++x) s[x] = acc_t(0);
+  for (int64_t c = 0; c < DQ; ++c) {
+    const acc_t qc = qrow[c];
+    const acc_t* kc = kT + c * kTile;
+    for (int64_t x = 0; x < kt; ++x) s[x] += qc * kc[x];
+  }
+  for (int64_t x = 0; x < kt; ++x) s[x] *= scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
+                                                        const at::Tensor& k_in,
+                                                        const at::Tensor& v_in,
+                                                        const at::Tensor& r_idx_in,
+                                                        int64_t num_heads, double scale_d) {
+  const char* op = "routed_attention";
+  check_routed_attention(q_in, k_in, v_in, r_idx_in, num_heads);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor idx = as_int64(r_idx_in);
+  const Dims d = dims_of(q, v, idx, num_heads);
+  check_routing_index_values(idx, d.P, op);
+  at::Tensor out = at::empty({d.n, d.P, d.WQ, d.CV}, q.options());
+  at::Tensor lse =
+      at::empty({d.n, d.P, d.H, d.WQ}, q.options().dtype(routing_lse_dtype(q.scalar_type())));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  TOKRED_DISPATCH_FLOATS(q.scalar_type(), "tokred_routed_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(scale_d);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    acc_t* lp = lse.data_ptr<acc_t>();
+    const int64_t keys = d.T * d.WK;
+    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> qf(d.WQ * d.DQ), acc(d.WQ * d.DV), kT(d.DQ * kTile), vals(kTile * d.DV),
+          s(kTile);
+      std::vector<OnlineSoftmax<acc_t>> st(d.WQ);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P;
+        const int64_t* ridx = ip + bi * d.T;
+        for (int64_t r = 0; r < d.WQ; ++r) {
+          const scalar_t* qr = qp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
+          for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
+          st[r].init();
+        }
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
+          const int64_t kt = std::min(kTile, keys - kk0);
+          load_key_tile<scalar_t, acc_t>(kp, vp, ridx, d, b, h, kk0, kt, kT.data(), vals.data(),
+                                         nullptr);
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            tile_scores(qf.data() + r * d.DQ, kT.data(), d.DQ, kt, scale, s.data());
+            acc_t mt = s[0];
+            for (int64_t x = 1; x < kt; ++x) mt = s[x] > mt ? s[x] : mt;
+            const acc_t alpha = st[r].rescale(mt);
+            acc_t* ar = acc.data() + r * d.DV;
+            if (alpha != acc_t(1)) {
+              for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
+            }
+            acc_t sum = 0;
+            for (int64_t x = 0; x < kt; ++x) {
+              const acc_t p = st[r].weight(s[x]);
+              sum += p;
+              const acc_t* vx = vals.data() + x * d.DV;
+              for (int64_t c = 0; c < d.DV; ++c) ar[c] += p * vx[c];
+            }
+            st[r].l += sum;
+          }
+        }
+        for (int64_t r = 0; r < d.WQ; ++r) {
+          const acc_t inv = st[r].inv_sum();
+          scalar_t* orow = op_ + (bi * d.WQ + r) * d.CV + h * d.DV;
+          const acc_t* ar = acc.data() + r * d.DV;
+          for (int64_t c = 0; c < d.DV; ++c) orow[c] = static_cast<scalar_t>(ar[c] * inv);
+          lp[task * d.WQ + r] = st[r].lse();
+        }
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& r_idx_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, int64_t num_heads, double scale_d) {
+  const char* op = "_routed_attention_backward";
+  check_routed_attention_backward(grad_in, q_in, k_in, v_in, r_idx_in, out_in, lse_in, num_heads);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor go = grad_in.contiguous(), o = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor idx = as_int64(r_idx_in);
+  const Dims d = dims_of(q, v, idx, num_heads);
+  check_routing_index_values(idx, d.P, op);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  if (q.numel() + k.numel() + v.numel() == 0) return {dq, dk, dv};
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const RoutingPlan plan = build_plan(ip, d.n, d.P, d.T);
+  at::Tensor Dbuf = at::empty_like(lse);
+  TOKRED_DISPATCH_FLOATS(q.scalar_type(), "tokred_routed_attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(scale_d);
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t* gp = go.data_ptr<scalar_t>();
+    const scalar_t* opp = o.data_ptr<scalar_t>();
+    const acc_t* lp = lse.data_ptr<acc_t>();
+    acc_t* Dp = Dbuf.data_ptr<acc_t>();
+    scalar_t* dqp = dq.data_ptr<scalar_t>();
+    scalar_t* dkp = dk.data_ptr<scalar_t>();
+    scalar_t* dvp = dv.data_ptr<scalar_t>();
+    const int64_t keys = d.T * d.WK;
+
+    // D = rowsum(dO · O) per (query row, head).
+    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t h = task % d.H, bi = task / d.H;
+        for (int64_t r = 0; r < d.WQ; ++r) {
+          const int64_t base = (bi * d.WQ + r) * d.CV + h * d.DV;
+          acc_t sum = 0;
+          for (int64_t c = 0; c < d.DV; ++c)
+            sum += static_cast<acc_t>(gp[base + c]) * static_cast<acc_t>(opp[base + c]);
+          Dp[task * d.WQ + r] = sum;
+        }
+      }
+    });
+
+    // dq per (batch, query window, head).
+    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> qf(d.DQ), gf(d.DV), acc(d.DQ), kT(d.DQ * kTile), vT(d.DV * kTile),
+          vals(kTile * d.DV), krows(kTile * d.DQ), s(kTile), dp(kTile);
+      std::vector<acc_t> accs(d.WQ * d.DQ);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P;
+        const int64_t* ridx = ip + bi * d.T;
+        std::fill(accs.begin(), accs.end(), acc_t(0));
+        for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
+          const int64_t kt = std::min(kTile, keys - kk0);
+          load_key_tile<scalar_t, acc_t>(kp, vp, ridx, d, b, h, kk0, kt, kT.data(), vals.data(),
+                                         krows.data());
+          for (int64_t x = 0; x < kt; ++x)
+            for (int64_t c = 0; c < d.DV; ++c) vT[c * kTile + x] = vals[x * d.DV + c];
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            const scalar_t* qr = qp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
+            const scalar_t* gr = gp + (bi * d.WQ + r) * d.CV + h * d.DV;
+            for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
+            tile_scores(qf.data(), kT.data(), d.DQ, kt, scale, s.data());
+            for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
+            tile_scores(gf.data(), vT.data(), d.DV, kt, acc_t(1), dp.data());
+            const acc_t l = lp[task * d.WQ + r], D = Dp[task * d.WQ + r];
+            acc_t* ar = accs.data() + r * d.DQ;
+            for (int64_t x = 0; x < kt; ++x) {
+              const acc_t ds =
+                  routing::score_grad(routing::prob_from_lse(s[x], l), dp[x], D) * scale;
+              const acc_t* kx = krows.data() + x * d.DQ;
+              for (int64_t c = 0; c < d.DQ; ++c) ar[c] += ds * kx[c];
+            }
+          }
+        }
+        for (int64_t r = 0; r < d.WQ; ++r) {
+          scalar_t* dst = dqp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
+          for (int64_t c = 0; c < d.DQ; ++c) dst[c] = static_cast<scalar_t>(accs[r * d.DQ + c]);
+        }
+      }
+    });
+
+    // dk, dv per (batch, key window, head): walk the pairs routed to this window in order.
+    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> kT(d.DQ * d.WK), vT(d.DV * d.WK), dka(d.WK * d.DQ), dva(d.WK * d.DV),
+          qf(d.DQ), gf(d.DV), s(d.WK), dp(d.WK);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t h = task % d.H, bj = task / d.H, b = bj / d.P, j = bj % d.P;
+        for (int64_t x = 0; x < d.WK; ++x) {
+          const scalar_t* kr = kp + (bj * d.WK + x) * d.CQ + h * d.DQ;
+          const scalar_t* vr = vp + (bj * d.WK + x) * d.CV + h * d.DV;
+          for (int64_t c = 0; c < d.DQ; ++c) kT[c * d.WK + x] = static_cast<acc_t>(kr[c]);
+          for (int64_t c = 0; c < d.DV; ++c) vT[c * d.WK + x] = static_cast<acc_t>(vr[c]);
+        }
+        std::fill(dka.begin(), dka.end(), acc_t(0));
+        std::fill(dva.begin(), dva.end(), acc_t(0));
+        const int64_t* off = plan.offsets.data() + b * (d.P + 1);
+        for (int64_t e = off[j]; e < off[j + 1]; ++e) {
+          const int64_t i = plan.entries[b * d.P * d.T + e] / d.T;
+          const int64_t bi = b * d.P + i;
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            const scalar_t* qr = qp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
+            const scalar_t* gr = gp + (bi * d.WQ + r) * d.CV + h * d.DV;
+            for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
+            for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
+            // Scores and dP of this query row against the window's keys (axpy form).
+            std::fill(s.begin(), s.end(), acc_t(0));
+            std::fill(dp.begin(), dp.end(), acc_t(0));
+            for (int64_t c = 0; c < d.DQ; ++c) {
+              const acc_t qc = qf[c];
+              const acc_t* kc = kT.data() + c * d.WK;
+              for (int64_t x = 0; x < d.WK; ++x) s[x] += qc * kc[x];
+            }
+            for (int64_t c = 0; c < d.DV; ++c) {
+              const acc_t gc = gf[c];
+              const acc_t* vc = vT.data() + c * d.WK;
+              for (int64_t x = 0; x < d.WK; ++x) dp[x] += gc * vc[x];
+            }
+            const int64_t lrow = (bi * d.H + h) * d.WQ + r;
+            const acc_t l = lp[lrow], D = Dp[lrow];
+            for (int64_t x = 0; x < d.WK; ++x) {
+              const acc_t p = routing::prob_from_lse(s[x] * scale, l);
+              const acc_t ds = routing::score_grad(p, dp[x], D) * scale;
+              acc_t* dvx = dva.data() + x * d.DV;
+              acc_t* dkx = dka.data() + x * d.DQ;
+              for (int64_t c = 0; c < d.DV; ++c) dvx[c] += p * gf[c];
+              for (int64_t c = 0; c < d.DQ; ++c) dkx[c] += ds * qf[c];
+            }
+          }
+        }
+        for (int64_t x = 0; x < d.WK; ++x) {
+          scalar_t* dkr = dkp + (bj * d.WK + x) * d.CQ + h * d.DQ;
+          scalar_t* dvr = dvp + (bj * d.WK + x) * d.CV + h * d.DV;
+          for (int64_t c = 0; c < d.DQ; ++c) dkr[c] = static_cast<scalar_t>(dka[x * d.DQ + c]);
+          for (int64_t c = 0; c < d.DV; ++c) dvr[c] = static_cast<scalar_t>(dva[x * d.DV + c]);
+        }
+      }
+    });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tokred, CPU, m) {
+  m.impl("routed_gather", TORCH_FN(routed_gather_cpu));
+  m.impl("_routed_gather_backward", TORCH_FN(routed_gather_backward_cpu));
+  m.impl("routed_attention", TORCH_FN(routed_attention_cpu));
+  m.impl("_routed_attention_backward", TORCH_FN(routed_attention_backward_cpu));
+}
+
+}  // namespace tokred
