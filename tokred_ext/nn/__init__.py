@@ -1,0 +1,4 @@
+"""tokred modules."""
+from .routing import BiLevelRoutingAttention
+
+__all__ = ["BiLevelRoutingAttention"]
