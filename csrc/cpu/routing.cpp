@@ -196,6 +196,19 @@ void load_key_tile(const scalar_t* k, const scalar_t* v, const int64_t* ridx, co
   }
 }
 
+// Σ a[c]·b[c] with 8 independent partial sums combined in a fixed order: vectorisable without
+// reassociation, so the result does not depend on the compiler or the thread count.
+template <typename acc_t>
+inline acc_t dot_fixed(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    for (int u = 0; u < 8; ++u) part[u] += a[c + u] * b[c + u];
+  }
+  for (; c < n; ++c) part[c % 8] += a[c] * b[c];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 // s[0..kt) = scale · (qrow · kT[:, 0..kt)).
 template <typename acc_t>
 inline void tile_scores(const acc_t* qrow, const acc_t* kT, int64_t DQ, int64_t kt, acc_t scale,
@@ -369,15 +382,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
 
     // dk, dv per (batch, key window, head): walk the pairs routed to this window in order.
     at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> kT(d.DQ * d.WK), vT(d.DV * d.WK), dka(d.WK * d.DQ), dva(d.WK * d.DV),
-          qf(d.DQ), gf(d.DV), s(d.WK), dp(d.WK);
+      std::vector<acc_t> kR(d.WK * d.DQ), vR(d.WK * d.DV), dka(d.WK * d.DQ), dva(d.WK * d.DV),
+          qf(d.DQ), gf(d.DV);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t h = task % d.H, bj = task / d.H, b = bj / d.P, j = bj % d.P;
         for (int64_t x = 0; x < d.WK; ++x) {
           const scalar_t* kr = kp + (bj * d.WK + x) * d.CQ + h * d.DQ;
           const scalar_t* vr = vp + (bj * d.WK + x) * d.CV + h * d.DV;
-          for (int64_t c = 0; c < d.DQ; ++c) kT[c * d.WK + x] = static_cast<acc_t>(kr[c]);
-          for (int64_t c = 0; c < d.DV; ++c) vT[c * d.WK + x] = static_cast<acc_t>(vr[c]);
+          for (int64_t c = 0; c < d.DQ; ++c) kR[x * d.DQ + c] = static_cast<acc_t>(kr[c]);
+          for (int64_t c = 0; c < d.DV; ++c) vR[x * d.DV + c] = static_cast<acc_t>(vr[c]);
         }
         std::fill(dka.begin(), dka.end(), acc_t(0));
         std::fill(dva.begin(), dva.end(), acc_t(0));
@@ -390,24 +403,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
             const scalar_t* gr = gp + (bi * d.WQ + r) * d.CV + h * d.DV;
             for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
             for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
-            // Scores and dP of this query row against the window's keys (axpy form).
-            std::fill(s.begin(), s.end(), acc_t(0));
-            std::fill(dp.begin(), dp.end(), acc_t(0));
-            for (int64_t c = 0; c < d.DQ; ++c) {
-              const acc_t qc = qf[c];
-              const acc_t* kc = kT.data() + c * d.WK;
-              for (int64_t x = 0; x < d.WK; ++x) s[x] += qc * kc[x];
-            }
-            for (int64_t c = 0; c < d.DV; ++c) {
-              const acc_t gc = gf[c];
-              const acc_t* vc = vT.data() + c * d.WK;
-              for (int64_t x = 0; x < d.WK; ++x) dp[x] += gc * vc[x];
-            }
             const int64_t lrow = (bi * d.H + h) * d.WQ + r;
             const acc_t l = lp[lrow], D = Dp[lrow];
             for (int64_t x = 0; x < d.WK; ++x) {
-              const acc_t p = routing::prob_from_lse(s[x] * scale, l);
-              const acc_t ds = routing::score_grad(p, dp[x], D) * scale;
+              // Score and dP of this query row against key x of the window.
+              const acc_t sx = dot_fixed(qf.data(), kR.data() + x * d.DQ, d.DQ) * scale;
+              const acc_t dpx = dot_fixed(gf.data(), vR.data() + x * d.DV, d.DV);
+              const acc_t p = routing::prob_from_lse(sx, l);
+              const acc_t ds = routing::score_grad(p, dpx, D) * scale;
               acc_t* dvx = dva.data() + x * d.DV;
               acc_t* dkx = dka.data() + x * d.DQ;
               for (int64_t c = 0; c < d.DV; ++c) dvx[c] += p * gf[c];
