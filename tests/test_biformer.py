@@ -186,3 +186,30 @@ def test_model_backends_agree_and_train_deterministically():
             assert torch.equal(p, q)
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+def test_ret_attn_mask_matches_upstream_weights():
+    torch.manual_seed(4)
+    m = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=2).double()
+    x = torch.randn(1, 6, 6, 16, dtype=torch.float64)
+    out, r_weight, r_idx, attn = m(x, ret_attn_mask=True)
+    torch.testing.assert_close(out, m(x))
+    torch.testing.assert_close(out, upstream_bra(m, x))
+    assert r_idx.shape == (1, 4, 2) and r_weight.shape == (1, 4, 2)
+    assert attn.shape == (4, 2, 9, 2 * 9)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(4, 2, 9, dtype=torch.float64))
+
+
+def test_module_compile_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    m = BiLevelRoutingAttention(16, num_heads=2, n_win=2, topk=3, side_dwconv=3)
+    cm = torch.compile(m, fullgraph=True, dynamic=True, backend="aot_eager")
+    for hw in [(6, 10), (8, 4)]:
+        x = torch.randn(2, *hw, 16, requires_grad=True)
+        got, want = cm(x), m(x)
+        torch.testing.assert_close(got, want)
+        ga = torch.autograd.grad(got.sum(), x)[0]
+        gb = torch.autograd.grad(want.sum(), x)[0]
+        torch.testing.assert_close(ga, gb)
+    torch._dynamo.reset()

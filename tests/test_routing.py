@@ -357,3 +357,21 @@ def test_fuzz_against_reference():
         except AssertionError as e:
             mismatches.append(("gather", case, (n, P, wk, T, dt), str(e)[:200]))
     assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:3]}"
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 1024, 2, 1, 16, 16), (1, 4, 9, 33, 4, 2, 128, 64),
+                                   (1, 3, 70, 5, 3, 2, 64, 128)],
+                         ids=["wk1024", "dq128", "wq70-dv128"])
+def test_large_windows_and_head_dims(device, shape):
+    """Window sizes up to 1024 keys and head dims 16..128, forward and backward (float32)."""
+    n, P, wq, wk, T, H, dq, dv = shape
+    g = torch.Generator().manual_seed(8)
+    q, k, v, r = attn_inputs(n, P, wq, wk, T, H, dq, dv, torch.float32, device, grad=True, g=g)
+    out, lse = ops.routed_attention(q, k, v, r, H, dq ** -0.5)
+    ref, ref_lse = reference.routed_attention(q, k, v, r, H, dq ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

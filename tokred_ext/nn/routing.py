@@ -90,8 +90,11 @@ class QKVLinear(nn.Module):
 
 
 def _attend_gathered(q_pix: Tensor, kv_sel: Tensor, qk_dim: int, num_heads: int,
-                     scale: float) -> Tensor:
-    """Upstream's token attention over gathered K/V ``[n, P, topk, w2, qk_dim + dim]``."""
+                     scale: float) -> Tuple[Tensor, Tensor]:
+    """Upstream's token attention over gathered K/V ``[n, P, topk, w2, qk_dim + dim]``.
+
+    Returns the output ``[n, P, wq, dim]`` and the attention weights
+    ``[n * P, num_heads, wq, topk * w2]``."""
     n, p2, topk, w2, _ = kv_sel.shape
     wq = q_pix.shape[2]
     m = num_heads
@@ -101,7 +104,7 @@ def _attend_gathered(q_pix: Tensor, kv_sel: Tensor, qk_dim: int, num_heads: int,
     v_sel = v_sel.reshape(n * p2, topk * w2, m, cv // m).permute(0, 2, 1, 3)
     q = q_pix.reshape(n * p2, wq, m, qk_dim // m).permute(0, 2, 1, 3)
     attn = torch.softmax((q * scale) @ k_sel, dim=-1)
-    return (attn @ v_sel).permute(0, 2, 1, 3).reshape(n, p2, wq, cv)
+    return (attn @ v_sel).permute(0, 2, 1, 3).reshape(n, p2, wq, cv), attn
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -193,8 +196,12 @@ class BiLevelRoutingAttention(nn.Module):
         self.router.backend = value
         self.kv_gather.backend = value
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: ``[N, H, W, C]`` -> ``[N, H, W, C]``."""
+    def forward(self, x: Tensor, ret_attn_mask: bool = False):
+        """x: ``[N, H, W, C]`` -> ``[N, H, W, C]``.
+
+        With ``ret_attn_mask`` (as upstream) returns ``(out, r_weight, r_idx, attn_weight)``;
+        the attention weights only exist on the gather + matmul path, which this then takes.
+        """
         N, H_in, W_in, C = x.shape
         p = self.n_win
         pad_r = pad_b = 0
@@ -212,24 +219,29 @@ class BiLevelRoutingAttention(nn.Module):
         q, kv = self.qkv(x)  # [N, P, h, w, qk], [N, P, h, w, qk + C]
         q_pix = q.reshape(N, p * p, h * w, self.qk_dim)
         ckv = kv.shape[-1]
-        kv_pix = self.kv_down(kv.permute(0, 1, 4, 2, 3).reshape(N * p * p, ckv, h, w))
-        kv_pix = kv_pix.reshape(N, p * p, ckv, -1).transpose(-1, -2)  # [N, P, w_kv, qk + C]
+        if isinstance(self.kv_down, nn.Identity):
+            kv_pix = kv.reshape(N, p * p, h * w, ckv)
+        else:
+            kv_pix = self.kv_down(kv.permute(0, 1, 4, 2, 3).reshape(N * p * p, ckv, h, w))
+            kv_pix = kv_pix.reshape(N, p * p, ckv, -1).transpose(-1, -2)  # [N, P, w_kv, qk + C]
         q_win = q.mean([2, 3])
         k_win = kv[..., : self.qk_dim].mean([2, 3])
         v = kv[..., self.qk_dim:]
         r_weight, r_idx = self.router(q_win, k_win)
 
-        if self.kv_gather.mul_weight == "none" and self.backend == "tokred":
+        attn_weight: Optional[Tensor] = None
+        if ret_attn_mask or self.kv_gather.mul_weight != "none":
+            kv_sel = self.kv_gather(r_idx=r_idx, r_weight=r_weight, kv=kv_pix)
+            out, attn_weight = _attend_gathered(q_pix, kv_sel, self.qk_dim, self.num_heads,
+                                                self.scale)
+        elif self.backend == "tokred":
             out, _ = ops.routed_attention(q_pix, kv_pix[..., : self.qk_dim],
                                           kv_pix[..., self.qk_dim:], r_idx, self.num_heads,
                                           self.scale)
-        elif self.kv_gather.mul_weight == "none":
+        else:
             out, _ = reference.routed_attention(q_pix, kv_pix[..., : self.qk_dim],
                                                 kv_pix[..., self.qk_dim:], r_idx,
                                                 self.num_heads, self.scale)
-        else:
-            kv_sel = self.kv_gather(r_idx=r_idx, r_weight=r_weight, kv=kv_pix)
-            out = _attend_gathered(q_pix, kv_sel, self.qk_dim, self.num_heads, self.scale)
 
         # n (j i) (h w) c -> n (j h) (i w) c
         out = out.reshape(N, p, p, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(N, H, W, C)
@@ -240,6 +252,8 @@ class BiLevelRoutingAttention(nn.Module):
         out = self.wo(out)
         if pad_r > 0 or pad_b > 0:
             out = out[:, :H_in, :W_in, :].contiguous()
+        if ret_attn_mask:
+            return out, r_weight, r_idx, attn_weight
         return out
 
     def extra_repr(self) -> str:
