@@ -6,7 +6,7 @@ ratio, and memory: on CUDA the peak allocated during the call; on the CPU the re
 gathered K/V buffer and attention matrix (computed from the shapes) against tokred's only extra
 tensor, the log-sum-exp.
 
-    python benchmarks/bench_routing.py [--quick] [--json out.json] [--device cpu|cuda]
+    python benchmarks/bench_routing.py [--quick] [--json out.json] [--device cpu|cuda] [--model]
 """
 import argparse
 import json
@@ -97,6 +97,33 @@ def bench_shape(name, n, P, w2, topk, C, H, dtype, device, reps, quick):
     return row
 
 
+def bench_model(device, dtype, batch, reps):
+    """BiFormer-S forward+backward, tokred backend against the reference backend."""
+    from tokred_ext.models import biformer_small
+    from tokred_ext.models.biformer import set_backend
+    torch.manual_seed(0)
+    model = biformer_small().to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    amp = dtype != torch.float32
+
+    def step():
+        with torch.autocast(device_type=device, dtype=dtype, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    row = dict(shape=f"BiFormer-S fwd+bwd (224, b{batch})", batch=batch,
+               dtype=str(dtype).split(".")[-1], device=device)
+    for backend in ("reference", "tokred"):
+        set_backend(model, backend)
+        row[f"{backend}_ms"] = 1e3 * _time(step, device, reps)
+    row["speedup"] = row["reference_ms"] / row["tokred_ms"]
+    print(f"{row['shape']:34s} {row['dtype']:8s} reference {row['reference_ms']:.1f} ms, "
+          f"tokred {row['tokred_ms']:.1f} ms, x{row['speedup']:.2f}", flush=True)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="batch / 8 and fewer repetitions")
@@ -105,6 +132,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float32 "
                     "on CPU; float16 and bfloat16 on CUDA)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--model", action="store_true",
+                    help="also time BiFormer-S forward+backward end to end (both backends)")
+    ap.add_argument("--model-batch", type=int, default=None,
+                    help="batch of the --model run (default 64 on CUDA, 4 on CPU)")
     args = ap.parse_args(argv)
     reps = args.reps or (3 if args.quick else 5)
     if args.dtype:
@@ -127,6 +158,10 @@ def main(argv=None):
                   f"{row['fwd_bwd_ref_ms']:9.1f} {row['fwd_bwd_tokred_ms']:9.1f} "
                   f"{row['fwd_bwd_speedup']:5.2f} {row['ref_gathered_kv_mib']:14.1f} "
                   f"{row['tokred_extra_mib']:14.2f}", flush=True)
+    if args.model:
+        batch = args.model_batch or (64 if args.device == "cuda" else 4)
+        for dtype in dtypes:
+            rows.append(bench_model(args.device, dtype, batch, reps))
     if args.json:
         text = json.dumps(rows, indent=1)
         if args.json == "-":
