@@ -301,7 +301,7 @@ __global__ void __launch_bounds__(kThreads)
     routed_attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                 const int64_t* idx, Dims d, acc_t scale, scalar_t* out,
                                 acc_t* lse) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* Ks = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* Vs = Ks + kKeyTile * (d.DQ + 1);
   acc_t* Qs = Vs + kKeyTile * (d.DV + 1);
@@ -317,8 +317,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   OnlineSoftmax<acc_t> st[kRowsPerWarp];
   acc_t acc[kRowsPerWarp][kMaxPerLane];
+  #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     st[rr].init();
+    #pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) acc[rr][u] = 0;
   }
   const int64_t keys = d.T * d.WK;
@@ -328,6 +330,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     load_key_tile<scalar_t, acc_t>(k, v, ridx, d, b, h, kk0, kt, Ks, Vs);
     __syncthreads();
+    #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t lr = warp * kRowsPerWarp + rr;
       if (r0 + lr >= d.WQ) break;  // warp-uniform
@@ -338,6 +341,7 @@ __global__ void __launch_bounds__(kThreads)
       st[rr].l += warp_sum(p);
       P_w[lane] = p;
       __syncwarp();
+      #pragma unroll
       for (int u = 0; u < kMaxPerLane; ++u) {
         const int64_t c = lane + int64_t(u) * kWarp;
         if (c >= d.DV) break;
@@ -348,10 +352,12 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
     }
   }
+  #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = r0 + warp * kRowsPerWarp + rr;
     if (r >= d.WQ) break;
     const acc_t inv = st[rr].inv_sum();
+    #pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) {
       const int64_t c = lane + int64_t(u) * kWarp;
       if (c >= d.DV) break;
@@ -367,7 +373,7 @@ __global__ void __launch_bounds__(kThreads)
     routed_attention_dq_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                const int64_t* idx, const scalar_t* go, const scalar_t* o,
                                const acc_t* lse, Dims d, acc_t scale, scalar_t* dq, acc_t* Dout) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* Ks = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* Vs = Ks + kKeyTile * (d.DQ + 1);
   acc_t* Qs = Vs + kKeyTile * (d.DV + 1);
@@ -389,6 +395,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   acc_t Drow[kRowsPerWarp], lrow[kRowsPerWarp];
   acc_t acc[kRowsPerWarp][kMaxPerLane];
+  #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t lr = warp * kRowsPerWarp + rr, r = r0 + lr;
     acc_t part = 0;
@@ -399,6 +406,7 @@ __global__ void __launch_bounds__(kThreads)
     Drow[rr] = warp_sum(part);
     lrow[rr] = r < d.WQ ? lse[task * d.WQ + r] : acc_t(0);
     if (r < d.WQ && lane == 0) Dout[task * d.WQ + r] = Drow[rr];
+    #pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) acc[rr][u] = 0;
   }
   const int64_t keys = d.T * d.WK;
@@ -408,6 +416,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     load_key_tile<scalar_t, acc_t>(k, v, ridx, d, b, h, kk0, kt, Ks, Vs);
     __syncthreads();
+    #pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t lr = warp * kRowsPerWarp + rr;
       if (r0 + lr >= d.WQ) break;
@@ -419,6 +428,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       S_w[lane] = ds;
       __syncwarp();
+      #pragma unroll
       for (int u = 0; u < kMaxPerLane; ++u) {
         const int64_t c = lane + int64_t(u) * kWarp;
         if (c >= d.DQ) break;
@@ -429,9 +439,11 @@ __global__ void __launch_bounds__(kThreads)
       __syncwarp();
     }
   }
+  #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = r0 + warp * kRowsPerWarp + rr;
     if (r >= d.WQ) break;
+    #pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) {
       const int64_t c = lane + int64_t(u) * kWarp;
       if (c >= d.DQ) break;
@@ -448,7 +460,7 @@ __global__ void __launch_bounds__(kThreads)
                                 const scalar_t* go, const acc_t* lse, const acc_t* Dbuf,
                                 const int64_t* offsets, const int64_t* entries, Dims d,
                                 acc_t scale, scalar_t* dk, scalar_t* dv) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* Qs = reinterpret_cast<acc_t*>(smem_raw);      // [kKeyTile][DQ + 1]
   acc_t* Gs = Qs + kKeyTile * (d.DQ + 1);              // [kKeyTile][DV + 1]
   acc_t* Ks = Gs + kKeyTile * (d.DV + 1);              // [kRowsPerBlock][DQ]
@@ -469,7 +481,9 @@ __global__ void __launch_bounds__(kThreads)
     Vs[t] = x < d.WK ? static_cast<acc_t>(v[(bj * d.WK + x) * d.CV + h * d.DV + c]) : acc_t(0);
   }
   acc_t dka[kRowsPerWarp][kMaxPerLane], dva[kRowsPerWarp][kMaxPerLane];
+  #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    #pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) dka[rr][u] = dva[rr][u] = 0;
   }
   acc_t* P_w = Ws + warp * 2 * kKeyTile;
@@ -497,6 +511,7 @@ __global__ void __launch_bounds__(kThreads)
         Ds[y] = Dbuf[lrow];
       }
       __syncthreads();
+      #pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
         const int64_t lx = warp * kRowsPerWarp + rr;
         if (x0 + lx >= d.WK) break;
@@ -510,6 +525,7 @@ __global__ void __launch_bounds__(kThreads)
         P_w[lane] = p;
         S_w[lane] = ds;
         __syncwarp();
+        #pragma unroll
         for (int u = 0; u < kMaxPerLane; ++u) {
           const int64_t c = lane + int64_t(u) * kWarp;
           if (c < d.DV) {
@@ -527,9 +543,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  #pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t x = x0 + warp * kRowsPerWarp + rr;
     if (x >= d.WK) break;
+    #pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) {
       const int64_t c = lane + int64_t(u) * kWarp;
       if (c < d.DQ) dk[(bj * d.WK + x) * d.CQ + h * d.DQ + c] = static_cast<scalar_t>(dka[rr][u]);
