@@ -21,10 +21,18 @@ TOKRED_HD int64_t window_row(int64_t b, int64_t j, int64_t r, int64_t P, int64_t
   return (b * P + j) * w + r;
 }
 
-// The key at position kk of query window (b, i)'s routed sequence: its row in k / v, given the
-// routed window j = r_idx[b, i, kk / wk].
+// Splits position kk of a routed key sequence into its routing slot and its row in the window.
+TOKRED_HD void split_routed_key(int64_t kk, int64_t wk, int64_t& slot, int64_t& row) {
+  slot = kk / wk;
+  row = kk - slot * wk;
+}
+
+// The key at position kk of query window (b, i)'s routed sequence: its row in a contiguous k / v,
+// given the routed window j = r_idx[b, i, kk / wk].
 TOKRED_HD int64_t routed_key_row(int64_t b, int64_t j, int64_t kk, int64_t P, int64_t wk) {
-  return window_row(b, j, kk % wk, P, wk);
+  int64_t slot, row;
+  split_routed_key(kk, wk, slot, row);
+  return window_row(b, j, row, P, wk);
 }
 
 TOKRED_HD bool region_in_range(int64_t j, int64_t P) { return j >= 0 && j < P; }

@@ -177,17 +177,35 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& idx, in
   return d;
 }
 
+// A read-only [n, P, w, c] tensor whose last dim is contiguous; other strides are arbitrary, so
+// slices of a fused projection (the module's q, k, v) are read in place, without a copy.
+template <typename T>
+struct Rows {
+  const T* p;
+  int64_t s0, s1, s2;
+  const T* at(int64_t b, int64_t j, int64_t r) const { return p + b * s0 + j * s1 + r * s2; }
+};
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.size(3) <= 1 || t.stride(3) == 1 ? t : t.contiguous();
+}
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 // Loads a tile of routed keys [kk0, kk0 + kt) of query window (b, i), head h: kT as
 // [DQ][kTile] (transposed, so score rows are axpy loops) and vals as [kt][DV].
 template <typename scalar_t, typename acc_t>
-void load_key_tile(const scalar_t* k, const scalar_t* v, const int64_t* ridx, const Dims& d,
-                   int64_t b, int64_t h, int64_t kk0, int64_t kt, acc_t* kT, acc_t* vals,
-                   acc_t* krows) {
+void load_key_tile(const Rows<scalar_t>& k, const Rows<scalar_t>& v, const int64_t* ridx,
+                   const Dims& d, int64_t b, int64_t h, int64_t kk0, int64_t kt, acc_t* kT,
+                   acc_t* vals, acc_t* krows) {
   for (int64_t x = 0; x < kt; ++x) {
-    const int64_t kk = kk0 + x;
-    const int64_t row = routing::routed_key_row(b, ridx[kk / d.WK], kk, d.P, d.WK);
-    const scalar_t* kr = k + row * d.CQ + h * d.DQ;
-    const scalar_t* vr = v + row * d.CV + h * d.DV;
+    int64_t slot, row;
+    routing::split_routed_key(kk0 + x, d.WK, slot, row);
+    const scalar_t* kr = k.at(b, ridx[slot], row) + h * d.DQ;
+    const scalar_t* vr = v.at(b, ridx[slot], row) + h * d.DV;
     for (int64_t c = 0; c < d.DQ; ++c) kT[c * kTile + x] = static_cast<acc_t>(kr[c]);
     if (krows != nullptr) {
       for (int64_t c = 0; c < d.DQ; ++c) krows[x * d.DQ + c] = static_cast<acc_t>(kr[c]);
@@ -229,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                                                         int64_t num_heads, double scale_d) {
   const char* op = "routed_attention";
   check_routed_attention(q_in, k_in, v_in, r_idx_in, num_heads);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
   const at::Tensor idx = as_int64(r_idx_in);
   const Dims d = dims_of(q, v, idx, num_heads);
   check_routing_index_values(idx, d.P, op);
@@ -241,9 +260,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
   TOKRED_DISPATCH_FLOATS(q.scalar_type(), "tokred_routed_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(scale_d);
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const Rows<scalar_t> qr_ = rows_of<scalar_t>(q), kr_ = rows_of<scalar_t>(k),
+                         vr_ = rows_of<scalar_t>(v);
     scalar_t* op_ = out.data_ptr<scalar_t>();
     acc_t* lp = lse.data_ptr<acc_t>();
     const int64_t keys = d.T * d.WK;
@@ -252,18 +270,18 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
           s(kTile);
       std::vector<OnlineSoftmax<acc_t>> st(d.WQ);
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P;
+        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
         const int64_t* ridx = ip + bi * d.T;
         for (int64_t r = 0; r < d.WQ; ++r) {
-          const scalar_t* qr = qp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
+          const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
           for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
           st[r].init();
         }
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
           const int64_t kt = std::min(kTile, keys - kk0);
-          load_key_tile<scalar_t, acc_t>(kp, vp, ridx, d, b, h, kk0, kt, kT.data(), vals.data(),
-                                         nullptr);
+          load_key_tile<scalar_t, acc_t>(kr_, vr_, ridx, d, b, h, kk0, kt, kT.data(),
+                                         vals.data(), nullptr);
           for (int64_t r = 0; r < d.WQ; ++r) {
             tile_scores(qf.data() + r * d.DQ, kT.data(), d.DQ, kt, scale, s.data());
             acc_t mt = s[0];
@@ -302,12 +320,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     const at::Tensor& lse_in, int64_t num_heads, double scale_d) {
   const char* op = "_routed_attention_backward";
   check_routed_attention_backward(grad_in, q_in, k_in, v_in, r_idx_in, out_in, lse_in, num_heads);
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor go = grad_in.contiguous(), o = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in),
+                   v = last_dim_contiguous(v_in);
+  const at::Tensor go = last_dim_contiguous(grad_in), o = last_dim_contiguous(out_in),
+                   lse = lse_in.contiguous();
   const at::Tensor idx = as_int64(r_idx_in);
   const Dims d = dims_of(q, v, idx, num_heads);
   check_routing_index_values(idx, d.P, op);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
   if (q.numel() + k.numel() + v.numel() == 0) return {dq, dk, dv};
   const int64_t* ip = idx.data_ptr<int64_t>();
   const RoutingPlan plan = build_plan(ip, d.n, d.P, d.T);
@@ -315,11 +336,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
   TOKRED_DISPATCH_FLOATS(q.scalar_type(), "tokred_routed_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(scale_d);
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* gp = go.data_ptr<scalar_t>();
-    const scalar_t* opp = o.data_ptr<scalar_t>();
+    const Rows<scalar_t> qr_ = rows_of<scalar_t>(q), kr_ = rows_of<scalar_t>(k),
+                         vr_ = rows_of<scalar_t>(v), gr_ = rows_of<scalar_t>(go),
+                         or_ = rows_of<scalar_t>(o);
     const acc_t* lp = lse.data_ptr<acc_t>();
     acc_t* Dp = Dbuf.data_ptr<acc_t>();
     scalar_t* dqp = dq.data_ptr<scalar_t>();
@@ -330,12 +349,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     // D = rowsum(dO · O) per (query row, head).
     at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bi = task / d.H;
+        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
         for (int64_t r = 0; r < d.WQ; ++r) {
-          const int64_t base = (bi * d.WQ + r) * d.CV + h * d.DV;
+          const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
+          const scalar_t* orow = or_.at(b, i, r) + h * d.DV;
           acc_t sum = 0;
           for (int64_t c = 0; c < d.DV; ++c)
-            sum += static_cast<acc_t>(gp[base + c]) * static_cast<acc_t>(opp[base + c]);
+            sum += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(orow[c]);
           Dp[task * d.WQ + r] = sum;
         }
       }
@@ -347,18 +367,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
           vals(kTile * d.DV), krows(kTile * d.DQ), s(kTile), dp(kTile);
       std::vector<acc_t> accs(d.WQ * d.DQ);
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P;
+        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
         const int64_t* ridx = ip + bi * d.T;
         std::fill(accs.begin(), accs.end(), acc_t(0));
         for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
           const int64_t kt = std::min(kTile, keys - kk0);
-          load_key_tile<scalar_t, acc_t>(kp, vp, ridx, d, b, h, kk0, kt, kT.data(), vals.data(),
-                                         krows.data());
+          load_key_tile<scalar_t, acc_t>(kr_, vr_, ridx, d, b, h, kk0, kt, kT.data(),
+                                         vals.data(), krows.data());
           for (int64_t x = 0; x < kt; ++x)
             for (int64_t c = 0; c < d.DV; ++c) vT[c * kTile + x] = vals[x * d.DV + c];
           for (int64_t r = 0; r < d.WQ; ++r) {
-            const scalar_t* qr = qp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
-            const scalar_t* gr = gp + (bi * d.WQ + r) * d.CV + h * d.DV;
+            const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
+            const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
             for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
             tile_scores(qf.data(), kT.data(), d.DQ, kt, scale, s.data());
             for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
@@ -387,8 +407,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t h = task % d.H, bj = task / d.H, b = bj / d.P, j = bj % d.P;
         for (int64_t x = 0; x < d.WK; ++x) {
-          const scalar_t* kr = kp + (bj * d.WK + x) * d.CQ + h * d.DQ;
-          const scalar_t* vr = vp + (bj * d.WK + x) * d.CV + h * d.DV;
+          const scalar_t* kr = kr_.at(b, j, x) + h * d.DQ;
+          const scalar_t* vr = vr_.at(b, j, x) + h * d.DV;
           for (int64_t c = 0; c < d.DQ; ++c) kR[x * d.DQ + c] = static_cast<acc_t>(kr[c]);
           for (int64_t c = 0; c < d.DV; ++c) vR[x * d.DV + c] = static_cast<acc_t>(vr[c]);
         }
@@ -399,8 +419,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
           const int64_t i = plan.entries[b * d.P * d.T + e] / d.T;
           const int64_t bi = b * d.P + i;
           for (int64_t r = 0; r < d.WQ; ++r) {
-            const scalar_t* qr = qp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
-            const scalar_t* gr = gp + (bi * d.WQ + r) * d.CV + h * d.DV;
+            const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
+            const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
             for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
             for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
             const int64_t lrow = (bi * d.H + h) * d.WQ + r;
