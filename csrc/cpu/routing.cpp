@@ -240,6 +240,76 @@ inline void tile_scores(const acc_t* qrow, const acc_t* kT, int64_t DQ, int64_t 
   for (int64_t x = 0; x < kt; ++x) s[x] *= scale;
 }
 
+// Query rows processed together: each K / V element loaded from the tile serves kRows rows. Every
+// row still sums in the same order as alone, so blocking changes no bits.
+constexpr int64_t kRows = 4;
+
+// The two inner loops of the forward, for kRows query rows at once. On x86 they are also
+// compiled for AVX2 and picked at load time (ifunc). AVX2 is used without FMA, and every lane does
+// the same element-wise multiply and add as the scalar code in the same order, so all builds
+// produce identical bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TOKRED_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TOKRED_SIMD_CLONES
+#endif
+
+// s[r][0..kt) = scale · (q[r] · kT[:, 0..kt)) for kRows rows q [kRows][DQ]; s is [kRows][kTile].
+#define TOKRED_TILE_SCORES_ROWS(acc_t)                                                         \
+  TOKRED_SIMD_CLONES void tile_scores_rows(const acc_t* __restrict__ q, int64_t DQ,            \
+                                           const acc_t* __restrict__ kT, int64_t kt,           \
+                                           acc_t scale, acc_t* __restrict__ s) {               \
+    acc_t* __restrict__ s0 = s;                                                                \
+    acc_t* __restrict__ s1 = s + kTile;                                                        \
+    acc_t* __restrict__ s2 = s + 2 * kTile;                                                    \
+    acc_t* __restrict__ s3 = s + 3 * kTile;                                                    \
+    for (int64_t x = 0; x < kt; ++x) s0[x] = s1[x] = s2[x] = s3[x] = acc_t(0);                 \
+    for (int64_t c = 0; c < DQ; ++c) {                                                         \
+      const acc_t q0 = q[c], q1 = q[DQ + c], q2 = q[2 * DQ + c], q3 = q[3 * DQ + c];           \
+      const acc_t* __restrict__ kc = kT + c * kTile;                                           \
+      for (int64_t x = 0; x < kt; ++x) {                                                       \
+        const acc_t kx = kc[x];                                                                \
+        s0[x] += q0 * kx;                                                                      \
+        s1[x] += q1 * kx;                                                                      \
+        s2[x] += q2 * kx;                                                                      \
+        s3[x] += q3 * kx;                                                                      \
+      }                                                                                        \
+    }                                                                                          \
+    for (int64_t x = 0; x < kt; ++x) {                                                         \
+      s0[x] *= scale;                                                                          \
+      s1[x] *= scale;                                                                          \
+      s2[x] *= scale;                                                                          \
+      s3[x] *= scale;                                                                          \
+    }                                                                                          \
+  }
+
+// a[r][0..DV) += Σ_x p[r][x] · vals[x][0..DV) for kRows rows, x ascending; p is [kRows][kTile].
+#define TOKRED_ACCUMULATE_ROWS(acc_t)                                                          \
+  TOKRED_SIMD_CLONES void accumulate_rows(const acc_t* __restrict__ p,                         \
+                                          const acc_t* __restrict__ vals, int64_t kt,          \
+                                          int64_t DV, acc_t* __restrict__ a) {                 \
+    acc_t* __restrict__ a0 = a;                                                                \
+    acc_t* __restrict__ a1 = a + DV;                                                           \
+    acc_t* __restrict__ a2 = a + 2 * DV;                                                       \
+    acc_t* __restrict__ a3 = a + 3 * DV;                                                       \
+    for (int64_t x = 0; x < kt; ++x) {                                                         \
+      const acc_t p0 = p[x], p1 = p[kTile + x], p2 = p[2 * kTile + x], p3 = p[3 * kTile + x];  \
+      const acc_t* __restrict__ vx = vals + x * DV;                                            \
+      for (int64_t c = 0; c < DV; ++c) {                                                       \
+        const acc_t v = vx[c];                                                                 \
+        a0[c] += p0 * v;                                                                       \
+        a1[c] += p1 * v;                                                                       \
+        a2[c] += p2 * v;                                                                       \
+        a3[c] += p3 * v;                                                                       \
+      }                                                                                        \
+    }                                                                                          \
+  }
+
+TOKRED_TILE_SCORES_ROWS(float)
+TOKRED_TILE_SCORES_ROWS(double)
+TOKRED_ACCUMULATE_ROWS(float)
+TOKRED_ACCUMULATE_ROWS(double)
+
 std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                                                         const at::Tensor& k_in,
                                                         const at::Tensor& v_in,
@@ -265,40 +335,46 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
     scalar_t* op_ = out.data_ptr<scalar_t>();
     acc_t* lp = lse.data_ptr<acc_t>();
     const int64_t keys = d.T * d.WK;
+    // Query rows padded to a multiple of kRows with zero rows (computed, never written).
+    const int64_t WQp = (d.WQ + kRows - 1) / kRows * kRows;
     at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> qf(d.WQ * d.DQ), acc(d.WQ * d.DV), kT(d.DQ * kTile), vals(kTile * d.DV),
-          s(kTile);
-      std::vector<OnlineSoftmax<acc_t>> st(d.WQ);
+      std::vector<acc_t> qf(WQp * d.DQ, acc_t(0)), acc(WQp * d.DV), kT(d.DQ * kTile),
+          vals(kTile * d.DV), s(kRows * kTile);
+      std::vector<OnlineSoftmax<acc_t>> st(WQp);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
         const int64_t* ridx = ip + bi * d.T;
         for (int64_t r = 0; r < d.WQ; ++r) {
           const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
           for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
-          st[r].init();
         }
+        for (int64_t r = 0; r < WQp; ++r) st[r].init();
         std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
           const int64_t kt = std::min(kTile, keys - kk0);
           load_key_tile<scalar_t, acc_t>(kr_, vr_, ridx, d, b, h, kk0, kt, kT.data(),
                                          vals.data(), nullptr);
-          for (int64_t r = 0; r < d.WQ; ++r) {
-            tile_scores(qf.data() + r * d.DQ, kT.data(), d.DQ, kt, scale, s.data());
-            acc_t mt = s[0];
-            for (int64_t x = 1; x < kt; ++x) mt = s[x] > mt ? s[x] : mt;
-            const acc_t alpha = st[r].rescale(mt);
-            acc_t* ar = acc.data() + r * d.DV;
-            if (alpha != acc_t(1)) {
-              for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
+          for (int64_t r0 = 0; r0 < WQp; r0 += kRows) {
+            tile_scores_rows(qf.data() + r0 * d.DQ, d.DQ, kT.data(), kt, scale, s.data());
+            for (int64_t rr = 0; rr < kRows; ++rr) {
+              // Scores become unnormalised probabilities in place; the accumulator is rescaled.
+              acc_t* sr = s.data() + rr * kTile;
+              OnlineSoftmax<acc_t>& sm = st[r0 + rr];
+              acc_t mt = sr[0];
+              for (int64_t x = 1; x < kt; ++x) mt = sr[x] > mt ? sr[x] : mt;
+              const acc_t alpha = sm.rescale(mt);
+              acc_t* ar = acc.data() + (r0 + rr) * d.DV;
+              if (alpha != acc_t(1)) {
+                for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
+              }
+              acc_t sum = 0;
+              for (int64_t x = 0; x < kt; ++x) {
+                sr[x] = sm.weight(sr[x]);
+                sum += sr[x];
+              }
+              sm.l += sum;
             }
-            acc_t sum = 0;
-            for (int64_t x = 0; x < kt; ++x) {
-              const acc_t p = st[r].weight(s[x]);
-              sum += p;
-              const acc_t* vx = vals.data() + x * d.DV;
-              for (int64_t c = 0; c < d.DV; ++c) ar[c] += p * vx[c];
-            }
-            st[r].l += sum;
+            accumulate_rows(s.data(), vals.data(), kt, d.DV, acc.data() + r0 * d.DV);
           }
         }
         for (int64_t r = 0; r < d.WQ; ++r) {
