@@ -227,19 +227,6 @@ inline acc_t dot_fixed(const acc_t* a, const acc_t* b, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// s[0..kt) = scale · (qrow · kT[:, 0..kt)).
-template <typename acc_t>
-inline void tile_scores(const acc_t* qrow, const acc_t* kT, int64_t DQ, int64_t kt, acc_t scale,
-                        acc_t* s) {
-  for (int64_t x = 0; x < kt; ++x) s[x] = acc_t(0);
-  for (int64_t c = 0; c < DQ; ++c) {
-    const acc_t qc = qrow[c];
-    const acc_t* kc = kT + c * kTile;
-    for (int64_t x = 0; x < kt; ++x) s[x] += qc * kc[x];
-  }
-  for (int64_t x = 0; x < kt; ++x) s[x] *= scale;
-}
-
 // Query rows processed together: each K / V element loaded from the tile serves kRows rows. Every
 // row still sums in the same order as alone, so blocking changes no bits.
 constexpr int64_t kRows = 4;
@@ -437,14 +424,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
       }
     });
 
-    // dq per (batch, query window, head).
+    // dq per (batch, query window, head), kRows query rows at a time (rows padded with zeros).
+    const int64_t WQp = (d.WQ + kRows - 1) / kRows * kRows;
     at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> qf(d.DQ), gf(d.DV), acc(d.DQ), kT(d.DQ * kTile), vT(d.DV * kTile),
-          vals(kTile * d.DV), krows(kTile * d.DQ), s(kTile), dp(kTile);
-      std::vector<acc_t> accs(d.WQ * d.DQ);
+      std::vector<acc_t> qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), kT(d.DQ * kTile),
+          vT(d.DV * kTile), vals(kTile * d.DV), krows(kTile * d.DQ), s(kRows * kTile),
+          dp(kRows * kTile), accs(WQp * d.DQ);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
         const int64_t* ridx = ip + bi * d.T;
+        for (int64_t r = 0; r < d.WQ; ++r) {
+          const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
+          const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
+          for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
+          for (int64_t c = 0; c < d.DV; ++c) gf[r * d.DV + c] = static_cast<acc_t>(gr[c]);
+        }
         std::fill(accs.begin(), accs.end(), acc_t(0));
         for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
           const int64_t kt = std::min(kTile, keys - kk0);
@@ -452,21 +446,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
                                          vals.data(), krows.data());
           for (int64_t x = 0; x < kt; ++x)
             for (int64_t c = 0; c < d.DV; ++c) vT[c * kTile + x] = vals[x * d.DV + c];
-          for (int64_t r = 0; r < d.WQ; ++r) {
-            const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
-            const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
-            for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
-            tile_scores(qf.data(), kT.data(), d.DQ, kt, scale, s.data());
-            for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
-            tile_scores(gf.data(), vT.data(), d.DV, kt, acc_t(1), dp.data());
-            const acc_t l = lp[task * d.WQ + r], D = Dp[task * d.WQ + r];
-            acc_t* ar = accs.data() + r * d.DQ;
-            for (int64_t x = 0; x < kt; ++x) {
-              const acc_t ds =
-                  routing::score_grad(routing::prob_from_lse(s[x], l), dp[x], D) * scale;
-              const acc_t* kx = krows.data() + x * d.DQ;
-              for (int64_t c = 0; c < d.DQ; ++c) ar[c] += ds * kx[c];
+          for (int64_t r0 = 0; r0 < WQp; r0 += kRows) {
+            tile_scores_rows(qf.data() + r0 * d.DQ, d.DQ, kT.data(), kt, scale, s.data());
+            tile_scores_rows(gf.data() + r0 * d.DV, d.DV, vT.data(), kt, acc_t(1), dp.data());
+            for (int64_t rr = 0; rr < kRows; ++rr) {
+              const int64_t r = r0 + rr;
+              // Padded rows get dS = 0 (their lse / D are never read).
+              const acc_t l = r < d.WQ ? lp[task * d.WQ + r] : routing::neg_inf<acc_t>();
+              const acc_t D = r < d.WQ ? Dp[task * d.WQ + r] : acc_t(0);
+              acc_t* sr = s.data() + rr * kTile;
+              const acc_t* dpr = dp.data() + rr * kTile;
+              for (int64_t x = 0; x < kt; ++x)
+                sr[x] = routing::score_grad(routing::prob_from_lse(sr[x], l), dpr[x], D) * scale;
             }
+            accumulate_rows(s.data(), krows.data(), kt, d.DQ, accs.data() + r0 * d.DQ);
           }
         }
         for (int64_t r = 0; r < d.WQ; ++r) {
