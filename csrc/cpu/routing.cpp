@@ -297,6 +297,13 @@ TOKRED_TILE_SCORES_ROWS(double)
 TOKRED_ACCUMULATE_ROWS(float)
 TOKRED_ACCUMULATE_ROWS(double)
 
+// accumulate_rows with p's columns starting at col: a[r] += Σ_{x<kt} p[r][col + x] · vals[x].
+template <typename acc_t>
+inline void accumulate_rows_offset(const acc_t* p, int64_t col, const acc_t* vals, int64_t kt,
+                                   int64_t DV, acc_t* a) {
+  accumulate_rows(p + col, vals, kt, DV, a);
+}
+
 std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                                                         const at::Tensor& k_in,
                                                         const at::Tensor& v_in,
@@ -470,48 +477,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     });
 
     // dk, dv per (batch, key window, head): walk the pairs routed to this window in order.
+    // Keys of the window go in chunks of up to kTile (padded to kRows), query rows of each routed
+    // window in blocks of kRows; for every key the sum runs over (pair, query row) ascending.
     at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> kR(d.WK * d.DQ), vR(d.WK * d.DV), dka(d.WK * d.DQ), dva(d.WK * d.DV),
-          qf(d.DQ), gf(d.DV);
+      std::vector<acc_t> kT(d.DQ * kTile), vT(d.DV * kTile), qf(WQp * d.DQ, acc_t(0)),
+          gf(WQp * d.DV, acc_t(0)), s(kRows * kTile), dp(kRows * kTile), pt(kRows * kTile),
+          dst(kRows * kTile), dka(kTile * d.DQ), dva(kTile * d.DV);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t h = task % d.H, bj = task / d.H, b = bj / d.P, j = bj % d.P;
-        for (int64_t x = 0; x < d.WK; ++x) {
-          const scalar_t* kr = kr_.at(b, j, x) + h * d.DQ;
-          const scalar_t* vr = vr_.at(b, j, x) + h * d.DV;
-          for (int64_t c = 0; c < d.DQ; ++c) kR[x * d.DQ + c] = static_cast<acc_t>(kr[c]);
-          for (int64_t c = 0; c < d.DV; ++c) vR[x * d.DV + c] = static_cast<acc_t>(vr[c]);
-        }
-        std::fill(dka.begin(), dka.end(), acc_t(0));
-        std::fill(dva.begin(), dva.end(), acc_t(0));
         const int64_t* off = plan.offsets.data() + b * (d.P + 1);
-        for (int64_t e = off[j]; e < off[j + 1]; ++e) {
-          const int64_t i = plan.entries[b * d.P * d.T + e] / d.T;
-          const int64_t bi = b * d.P + i;
-          for (int64_t r = 0; r < d.WQ; ++r) {
-            const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
-            const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
-            for (int64_t c = 0; c < d.DQ; ++c) qf[c] = static_cast<acc_t>(qr[c]);
-            for (int64_t c = 0; c < d.DV; ++c) gf[c] = static_cast<acc_t>(gr[c]);
-            const int64_t lrow = (bi * d.H + h) * d.WQ + r;
-            const acc_t l = lp[lrow], D = Dp[lrow];
-            for (int64_t x = 0; x < d.WK; ++x) {
-              // Score and dP of this query row against key x of the window.
-              const acc_t sx = dot_fixed(qf.data(), kR.data() + x * d.DQ, d.DQ) * scale;
-              const acc_t dpx = dot_fixed(gf.data(), vR.data() + x * d.DV, d.DV);
-              const acc_t p = routing::prob_from_lse(sx, l);
-              const acc_t ds = routing::score_grad(p, dpx, D) * scale;
-              acc_t* dvx = dva.data() + x * d.DV;
-              acc_t* dkx = dka.data() + x * d.DQ;
-              for (int64_t c = 0; c < d.DV; ++c) dvx[c] += p * gf[c];
-              for (int64_t c = 0; c < d.DQ; ++c) dkx[c] += ds * qf[c];
+        for (int64_t x0 = 0; x0 < d.WK; x0 += kTile) {
+          const int64_t kx = std::min(kTile, d.WK - x0);
+          const int64_t kxp = (kx + kRows - 1) / kRows * kRows;
+          std::fill(kT.begin(), kT.end(), acc_t(0));
+          std::fill(vT.begin(), vT.end(), acc_t(0));
+          for (int64_t x = 0; x < kx; ++x) {
+            const scalar_t* kr = kr_.at(b, j, x0 + x) + h * d.DQ;
+            const scalar_t* vr = vr_.at(b, j, x0 + x) + h * d.DV;
+            for (int64_t c = 0; c < d.DQ; ++c) kT[c * kTile + x] = static_cast<acc_t>(kr[c]);
+            for (int64_t c = 0; c < d.DV; ++c) vT[c * kTile + x] = static_cast<acc_t>(vr[c]);
+          }
+          std::fill(dka.begin(), dka.begin() + kxp * d.DQ, acc_t(0));
+          std::fill(dva.begin(), dva.begin() + kxp * d.DV, acc_t(0));
+          for (int64_t e = off[j]; e < off[j + 1]; ++e) {
+            const int64_t i = plan.entries[b * d.P * d.T + e] / d.T;
+            const int64_t bi = b * d.P + i;
+            for (int64_t r = 0; r < d.WQ; ++r) {
+              const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
+              const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
+              for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
+              for (int64_t c = 0; c < d.DV; ++c) gf[r * d.DV + c] = static_cast<acc_t>(gr[c]);
+            }
+            for (int64_t r0 = 0; r0 < WQp; r0 += kRows) {
+              tile_scores_rows(qf.data() + r0 * d.DQ, d.DQ, kT.data(), kx, scale, s.data());
+              tile_scores_rows(gf.data() + r0 * d.DV, d.DV, vT.data(), kx, acc_t(1), dp.data());
+              // P and dS of the block, transposed to key-major [key][query row in block].
+              for (int64_t rr = 0; rr < kRows; ++rr) {
+                const int64_t r = r0 + rr;
+                const int64_t lrow = (bi * d.H + h) * d.WQ + r;
+                const acc_t l = r < d.WQ ? lp[lrow] : routing::neg_inf<acc_t>();
+                const acc_t D = r < d.WQ ? Dp[lrow] : acc_t(0);
+                for (int64_t x = 0; x < kx; ++x) {
+                  const acc_t p = routing::prob_from_lse(s[rr * kTile + x], l);
+                  pt[(x % kRows) * kTile + (x / kRows) * kRows + rr] = p;
+                  dst[(x % kRows) * kTile + (x / kRows) * kRows + rr] =
+                      routing::score_grad(p, dp[rr * kTile + x], D) * scale;
+                }
+                for (int64_t x = kx; x < kxp; ++x) {
+                  pt[(x % kRows) * kTile + (x / kRows) * kRows + rr] = acc_t(0);
+                  dst[(x % kRows) * kTile + (x / kRows) * kRows + rr] = acc_t(0);
+                }
+              }
+              // For each group of kRows keys: dv[x] += Σ_rr P[rr][x] dO[rr], dk[x] += Σ_rr dS q.
+              for (int64_t xg = 0; xg < kxp; xg += kRows) {
+                const int64_t col = (xg / kRows) * kRows;
+                accumulate_rows_offset(pt.data(), col, gf.data() + r0 * d.DV, kRows, d.DV,
+                                       dva.data() + xg * d.DV);
+                accumulate_rows_offset(dst.data(), col, qf.data() + r0 * d.DQ, kRows, d.DQ,
+                                       dka.data() + xg * d.DQ);
+              }
             }
           }
-        }
-        for (int64_t x = 0; x < d.WK; ++x) {
-          scalar_t* dkr = dkp + (bj * d.WK + x) * d.CQ + h * d.DQ;
-          scalar_t* dvr = dvp + (bj * d.WK + x) * d.CV + h * d.DV;
-          for (int64_t c = 0; c < d.DQ; ++c) dkr[c] = static_cast<scalar_t>(dka[x * d.DQ + c]);
-          for (int64_t c = 0; c < d.DV; ++c) dvr[c] = static_cast<scalar_t>(dva[x * d.DV + c]);
+          for (int64_t x = 0; x < kx; ++x) {
+            scalar_t* dkr = dkp + (bj * d.WK + x0 + x) * d.CQ + h * d.DQ;
+            scalar_t* dvr = dvp + (bj * d.WK + x0 + x) * d.CV + h * d.DV;
+            for (int64_t c = 0; c < d.DQ; ++c) dkr[c] = static_cast<scalar_t>(dka[x * d.DQ + c]);
+            for (int64_t c = 0; c < d.DV; ++c) dvr[c] = static_cast<scalar_t>(dva[x * d.DV + c]);
+          }
         }
       }
     });
