@@ -100,4 +100,38 @@ at::Tensor merge_source(const OptTensor& source, T unm_idx, T src_idx, T dst_idx
   return h.call(source, unm_idx, src_idx, dst_idx, n, distill_token);
 }
 
+// ---- Routing: BiFormer.
+
+at::Tensor routed_gather(const at::Tensor& kv, const at::Tensor& r_idx, const OptTensor& r_weight) {
+  static auto h = op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>(
+      "tokred::routed_gather");
+  return h.call(kv, r_idx, r_weight);
+}
+
+TensorPair routed_gather_backward(const at::Tensor& grad, const at::Tensor& kv,
+                                  const at::Tensor& r_idx, const OptTensor& r_weight) {
+  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const OptTensor&)>("tokred::_routed_gather_backward");
+  return h.call(grad, kv, r_idx, r_weight);
+}
+
+TensorPair routed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& r_idx, int64_t num_heads, double scale) {
+  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, c10::SymInt, double)>(
+      "tokred::routed_attention");
+  return h.call(q, k, v, r_idx, num_heads, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& r_idx, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    double scale) {
+  static auto h = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, double)>(
+      "tokred::_routed_attention_backward");
+  return h.call(grad_out, q, k, v, r_idx, out, lse, num_heads, scale);
+}
+
 }  // namespace tokred

@@ -19,4 +19,10 @@ TORCH_LIBRARY(tokred, m) {
   m.def("unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
   m.def("_unmerge_backward(Tensor grad, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, bool distill_token) -> Tensor");
   m.def("merge_source(Tensor? source, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
+
+  // Routing: BiFormer.
+  m.def("routed_gather(Tensor kv, Tensor r_idx, Tensor? r_weight=None) -> Tensor");
+  m.def("_routed_gather_backward(Tensor grad, Tensor kv, Tensor r_idx, Tensor? r_weight=None) -> (Tensor grad_kv, Tensor grad_r_weight)");
+  m.def("routed_attention(Tensor q, Tensor k, Tensor v, Tensor r_idx, SymInt num_heads, float scale) -> (Tensor out, Tensor lse)");
+  m.def("_routed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor r_idx, Tensor out, Tensor lse, SymInt num_heads, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -63,4 +63,28 @@ at::Tensor merge_source(const std::optional<at::Tensor>& source, const at::Tenso
                         const at::Tensor& src_idx, const at::Tensor& dst_idx, int64_t n,
                         bool distill_token = false);
 
+// ---- Routing: BiFormer.
+
+// kv [n, P, w2, c], r_idx [n, P, topk] (int64/int32, values in [0, P)) -> [n, P, topk, w2, c]:
+// out[b, i, t] = kv[b, r_idx[b, i, t]], times r_weight[b, i, t] when given (BiFormer "soft").
+at::Tensor routed_gather(const at::Tensor& kv, const at::Tensor& r_idx,
+                         const std::optional<at::Tensor>& r_weight = std::nullopt);
+// Returns (grad_kv, grad_r_weight); grad_r_weight is empty ([0]) without r_weight.
+std::tuple<at::Tensor, at::Tensor> routed_gather_backward(
+    const at::Tensor& grad, const at::Tensor& kv, const at::Tensor& r_idx,
+    const std::optional<at::Tensor>& r_weight = std::nullopt);
+
+// Fused bi-level routing attention. q [n, P, wq, cqk], k [n, P, wk, cqk], v [n, P, wk, cv],
+// r_idx [n, P, topk]. Query window i attends, per head (contiguous channel chunks), to the
+// topk·wk keys of its routed windows in routing order: softmax(scale · q kᵀ) v.
+// Returns (out [n, P, wq, cv], lse [n, P, num_heads, wq] float32, float64 for float64 input).
+std::tuple<at::Tensor, at::Tensor> routed_attention(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, const at::Tensor& r_idx,
+                                                    int64_t num_heads, double scale);
+// Returns (grad_q, grad_k, grad_v), deterministic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& r_idx, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
+    double scale);
+
 }  // namespace tokred

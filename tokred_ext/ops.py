@@ -210,3 +210,69 @@ def _unmerge_backward(ctx, grad):
 torch.library.register_autograd("tokred::merge", _merge_backward, setup_context=_merge_setup)
 torch.library.register_autograd("tokred::unmerge", _unmerge_backward,
                                 setup_context=_unmerge_setup)
+
+# --------------------------------------------------------------------------- routing
+
+def routed_gather(kv: Tensor, r_idx: Tensor, r_weight: Optional[Tensor] = None) -> Tensor:
+    """BiFormer's K/V gather: ``out[b, i, t] = kv[b, r_idx[b, i, t]]`` (times ``r_weight``).
+
+    ``kv`` is ``[n, P, w2, c]`` (P regions of w2 tokens), ``r_idx`` ``[n, P, topk]`` (int64 or
+    int32, values in ``[0, P)``), ``r_weight`` optional ``[n, P, topk]`` (upstream's
+    ``mul_weight='soft'``). Returns ``[n, P, topk, w2, c]`` in kv's dtype. Gradients flow to
+    ``kv`` and ``r_weight`` as deterministic segmented sums (no atomics). This materialises
+    topk copies of kv, as upstream does; :func:`routed_attention` avoids it.
+    """
+    return _ops.routed_gather(kv, r_idx, r_weight)
+
+
+def routed_attention(q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor, num_heads: int,
+                     scale: float) -> Tuple[Tensor, Tensor]:
+    """Fused bi-level routing attention (BiFormer), forward and backward.
+
+    ``q`` ``[n, P, wq, cqk]``, ``k`` ``[n, P, wk, cqk]``, ``v`` ``[n, P, wk, cv]``, ``r_idx``
+    ``[n, P, topk]``. Query window ``i`` attends, per head (heads are contiguous channel chunks
+    of size ``cqk / num_heads`` and ``cv / num_heads``), to the ``topk * wk`` keys of windows
+    ``r_idx[b, i, :]`` in routing order: ``softmax(scale * q k^T) v``, exactly upstream's
+    gather + matmul result, without the gathered K/V buffer or the attention matrix.
+
+    Returns ``(out [n, P, wq, cv], lse [n, P, num_heads, wq])``; ``lse`` (float32, float64 for
+    float64 inputs) is the log-sum-exp of the scaled scores and is not differentiable.
+    Gradients flow to q, k and v; dk and dv are deterministic reductions over the query windows
+    that routed to each key window.
+    """
+    return _ops.routed_attention(q, k, v, r_idx, num_heads, scale)
+
+
+def _routed_gather_setup(ctx, inputs, output):
+    kv, r_idx, r_weight = inputs
+    ctx.weighted = r_weight is not None
+    ctx.save_for_backward(kv, r_idx, r_weight)
+
+
+def _routed_gather_backward(ctx, grad):
+    kv, r_idx, r_weight = ctx.saved_tensors
+    grad_kv, grad_w = _ops._routed_gather_backward(grad.contiguous(), kv, r_idx,
+                                                   r_weight if ctx.weighted else None)
+    return grad_kv, None, (grad_w if ctx.weighted else None)
+
+
+def _routed_attention_setup(ctx, inputs, output):
+    q, k, v, r_idx, num_heads, scale = inputs
+    out, lse = output
+    ctx.num_heads = num_heads
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, r_idx, out, lse)
+
+
+def _routed_attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, r_idx, out, lse = ctx.saved_tensors
+    dq, dk, dv = _ops._routed_attention_backward(grad_out.contiguous(), q, k, v, r_idx, out, lse,
+                                                 ctx.num_heads, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+torch.library.register_autograd("tokred::routed_gather", _routed_gather_backward,
+                                setup_context=_routed_gather_setup)
+torch.library.register_autograd("tokred::routed_attention", _routed_attention_backward,
+                                setup_context=_routed_attention_setup)

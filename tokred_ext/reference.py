@@ -326,3 +326,49 @@ def _evit_step(x: Tensor, attn: Tensor, rate: float, p: int, fuse: bool) -> Tens
         weights = cls_attn.gather(1, compl).unsqueeze(-1)
         parts.append((weights * non_topk).sum(dim=1, keepdim=True))
     return torch.cat(parts, dim=1)
+
+
+# --------------------------------------------------------------------------- BiFormer routing
+# Upstream: rayleizhu/BiFormer ops/bra_legacy.py (KVGather L61-93, token attention L256-268).
+
+def routed_gather(kv: Tensor, r_idx: Tensor, r_weight: Optional[Tensor] = None) -> Tensor:
+    """tokred::routed_gather as upstream's KVGather: expand over query regions, then gather.
+
+    kv ``[n, P, w2, c]``, r_idx ``[n, P, topk]`` -> ``[n, P, topk, w2, c]``; with r_weight the
+    gathered windows are scaled by it (``mul_weight='soft'``), the result cast to kv's dtype.
+    """
+    n, p2, w2, c = kv.shape
+    topk = r_idx.shape[-1]
+    out = torch.gather(kv.view(n, 1, p2, w2, c).expand(-1, p2, -1, -1, -1), 2,
+                       r_idx.long().view(n, p2, topk, 1, 1).expand(-1, -1, -1, w2, c))
+    if r_weight is not None:
+        out = (r_weight.view(n, p2, topk, 1, 1) * out).to(kv.dtype)
+    return out
+
+
+def routed_attention(q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor, num_heads: int,
+                     scale: float) -> Tuple[Tensor, Tensor]:
+    """tokred::routed_attention as upstream: gather K/V (topk x their memory), then matmuls.
+
+    Returns ``(out [n, P, wq, cv], lse [n, P, num_heads, wq])``; lse is the log-sum-exp of the
+    scaled scores, in float32 (float64 for float64 inputs).
+    """
+    n, p2, wq, cqk = q.shape
+    wk, cv = v.shape[2], v.shape[3]
+    topk = r_idx.shape[-1]
+    m = num_heads
+    sel = routed_gather(torch.cat([k, v], dim=-1), r_idx)  # [n, P, topk, wk, cqk + cv]
+    k_sel, v_sel = sel.split([cqk, cv], dim=-1)
+    k_sel = k_sel.reshape(n * p2, topk * wk, m, cqk // m).permute(0, 2, 3, 1)  # (n P) m c (k w)
+    v_sel = v_sel.reshape(n * p2, topk * wk, m, cv // m).permute(0, 2, 1, 3)  # (n P) m (k w) c
+    q_pix = q.reshape(n * p2, wq, m, cqk // m).permute(0, 2, 1, 3)  # (n P) m w c
+    logits = (q_pix * scale) @ k_sel  # (n P) m wq (k wk)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.logsumexp(logits.to(lse_dtype), dim=-1).view(n, p2, m, wq)
+    out = torch.softmax(logits, dim=-1) @ v_sel  # (n P) m wq c
+    return out.permute(0, 2, 1, 3).reshape(n, p2, wq, cv), lse
+
+
+def routing_logits(q_win: Tensor, k_win: Tensor, scale: float) -> Tensor:
+    """Upstream TopkRouting's region-to-region logits ``(q_win * scale) @ k_win^T``."""
+    return (q_win * scale) @ k_win.transpose(-2, -1)

@@ -1,0 +1,96 @@
+// BiFormer routed attention: the index math and the online-softmax steps, written once for the
+// CPU and the CUDA kernels. Only the parallel decomposition differs between backends.
+//
+// Layout (all contiguous): q [n, P, wq, cqk], k [n, P, wk, cqk], v [n, P, wk, cv],
+// r_idx [n, P, T] (T = topk). Query window (b, i) attends to the T·wk keys of the windows
+// r_idx[b, i, 0..T) in routing order; the key at position kk of that sequence is row
+// kk % wk of window r_idx[b, i, kk / wk]. Heads are contiguous channel chunks.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "common/rank.h"  // TOKRED_HD
+
+namespace tokred {
+namespace routing {
+
+// Row index (in units of rows of length c) of row r of window j in batch b.
+TOKRED_HD int64_t window_row(int64_t b, int64_t j, int64_t r, int64_t P, int64_t w) {
+  return (b * P + j) * w + r;
+}
+
+// Splits position kk of a routed key sequence into its routing slot and its row in the window.
+TOKRED_HD void split_routed_key(int64_t kk, int64_t wk, int64_t& slot, int64_t& row) {
+  slot = kk / wk;
+  row = kk - slot * wk;
+}
+
+// The key at position kk of query window (b, i)'s routed sequence: its row in a contiguous k / v,
+// given the routed window j = r_idx[b, i, kk / wk].
+TOKRED_HD int64_t routed_key_row(int64_t b, int64_t j, int64_t kk, int64_t P, int64_t wk) {
+  int64_t slot, row;
+  split_routed_key(kk, wk, slot, row);
+  return window_row(b, j, row, P, wk);
+}
+
+TOKRED_HD bool region_in_range(int64_t j, int64_t P) { return j >= 0 && j < P; }
+
+TOKRED_HD float acc_exp(float x) { return ::expf(x); }
+TOKRED_HD double acc_exp(double x) { return ::exp(x); }
+TOKRED_HD float acc_log(float x) { return ::logf(x); }
+TOKRED_HD double acc_log(double x) { return ::log(x); }
+
+template <typename acc_t>
+TOKRED_HD acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+// Running state of one query row's softmax: max m and sum l of exp(s - m).
+template <typename acc_t>
+struct OnlineSoftmax {
+  acc_t m;
+  acc_t l;
+
+  TOKRED_HD void init() {
+    m = neg_inf<acc_t>();
+    l = acc_t(0);
+  }
+
+  // Moves to the new max max(m, tile_max). Returns the factor the running sum and the output
+  // accumulator must be multiplied by. Keeps all-(-inf) rows finite (factor 1, sum 0).
+  TOKRED_HD acc_t rescale(acc_t tile_max) {
+    const acc_t m_new = tile_max > m ? tile_max : m;
+    acc_t alpha = acc_t(1);
+    if (m_new != m) alpha = (m == neg_inf<acc_t>()) ? acc_t(0) : acc_exp(m - m_new);
+    m = m_new;
+    l *= alpha;
+    return alpha;
+  }
+
+  // Probability weight of a score under the current max (before normalisation).
+  TOKRED_HD acc_t weight(acc_t s) const {
+    return m == neg_inf<acc_t>() ? acc_t(0) : acc_exp(s - m);
+  }
+
+  // Log-sum-exp of the scores seen: the softmax normaliser saved for the backward.
+  TOKRED_HD acc_t lse() const { return l > acc_t(0) ? m + acc_log(l) : neg_inf<acc_t>(); }
+
+  TOKRED_HD acc_t inv_sum() const { return l > acc_t(0) ? acc_t(1) / l : acc_t(0); }
+};
+
+// Backward: the probability of a score given the row's saved log-sum-exp.
+template <typename acc_t>
+TOKRED_HD acc_t prob_from_lse(acc_t s, acc_t lse) {
+  return lse == neg_inf<acc_t>() ? acc_t(0) : acc_exp(s - lse);
+}
+
+// Backward: gradient of a (scaled) score, dS = P · (dP − D) with D = Σ dO·O over the row.
+template <typename acc_t>
+TOKRED_HD acc_t score_grad(acc_t p, acc_t dp, acc_t D) {
+  return p * (dp - D);
+}
+
+}  // namespace routing
+}  // namespace tokred
