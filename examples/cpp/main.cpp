@@ -1,5 +1,6 @@
 // Calls every tokred op through tokred.h on real data and checks the results. Exits non-zero on
 // the first mismatch, so ctest fails.
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <vector>
@@ -78,12 +79,35 @@ void merging() {
          "merge_source: patch 2 now lives in token 2");
 }
 
+void routing() {
+  // BiFormer: 2 windows of 2 tokens; window 0 routes to window 1 and window 1 to window 0.
+  at::manual_seed(0);
+  const at::Tensor q = at::randn({1, 2, 2, 4}), k = at::randn({1, 2, 2, 4}),
+                   v = at::randn({1, 2, 2, 4});
+  const at::Tensor r_idx = longs({1, 0}, {1, 2, 1});
+  const at::Tensor kg = tokred::routed_gather(k, r_idx);
+  expect(kg.select(1, 0).select(1, 0).equal(k.select(1, 1)), "routed_gather: routed window");
+  // Dense attention over the gathered keys, 2 heads of 2 channels.
+  const double scale = 0.5;
+  const at::Tensor vg = tokred::routed_gather(v, r_idx).view({1, 2, 2, 4});
+  auto heads = [](const at::Tensor& t) { return t.view({2, 2, 2, 2}).permute({0, 2, 1, 3}); };
+  const at::Tensor attn = at::softmax(at::matmul(heads(q) * scale, heads(kg.view({1, 2, 2, 4})).transpose(-1, -2)), -1);
+  const at::Tensor dense = at::matmul(attn, heads(vg)).permute({0, 2, 1, 3}).reshape({1, 2, 2, 4});
+  auto [out, lse] = tokred::routed_attention(q, k, v, r_idx, 2, scale);
+  expect(at::allclose(out, dense, 1e-5, 1e-6), "routed_attention: equals gather + dense attention");
+  auto [dq, dk, dv] = tokred::routed_attention_backward(at::ones_like(out), q, k, v, r_idx, out,
+                                                        lse, 2, scale);
+  // Every query's probabilities sum to 1, so with grad_out = 1, dv sums to queries x channels.
+  expect(std::abs(dv.sum().item<double>() - 16.0) < 1e-4, "routed_attention_backward: dv mass");
+}
+
 }  // namespace
 
 int main() {
   try {
     selection();
     merging();
+    routing();
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return EXIT_FAILURE;
