@@ -18,12 +18,12 @@
 namespace tokred {
 namespace {
 
-template <typename scalar_t>
-void match_row(const scalar_t* m, const TomeDims& d, int64_t D, bool class_token,
-               bool distill_token, int64_t* unm, int64_t* src, int64_t* dst) {
-  using acc_t = at::opmath_type<scalar_t>;
+// One batch row of the matching, given the raw A·B dot products `dots` [na, nb] of that row.
+template <typename scalar_t, typename acc_t>
+void match_row(const scalar_t* m, const acc_t* dots, const TomeDims& d, int64_t D,
+               bool class_token, bool distill_token, int64_t* unm, int64_t* src, int64_t* dst) {
   const int64_t n = d.n, na = d.na, nb = d.nb;
-  std::vector<acc_t> inv(n), bt(D * nb), s(nb), node_max(na);
+  std::vector<acc_t> inv(n), node_max(na);
   std::vector<int64_t> node_idx(na), rank(na);
   for (int64_t t = 0; t < n; ++t) {
     acc_t ss = 0;
@@ -33,28 +33,25 @@ void match_row(const scalar_t* m, const TomeDims& d, int64_t D, bool class_token
     }
     inv[t] = acc_t(1) / std::sqrt(ss);
   }
-  for (int64_t j = 0; j < nb; ++j) {
-    for (int64_t k = 0; k < D; ++k) bt[k * nb + j] = static_cast<acc_t>(m[(2 * j + 1) * D + k]);
-  }
   for (int64_t a = 0; a < na; ++a) {
-    std::fill(s.begin(), s.end(), acc_t(0));
-    const scalar_t* ma = m + 2 * a * D;
-    for (int64_t k = 0; k < D; ++k) {
-      const acc_t av = static_cast<acc_t>(ma[k]);
-      const acc_t* bk = bt.data() + k * nb;
-      for (int64_t j = 0; j < nb; ++j) s[j] += av * bk[j];
-    }
     acc_t best = 0;
     int64_t best_j = -1;
     for (int64_t j = 0; j < nb; ++j) {
-      const acc_t v = tome_score(s[j], inv[2 * a], inv[2 * j + 1],
+      const acc_t v = tome_score(dots[a * nb + j], inv[2 * a], inv[2 * j + 1],
                                  tome_excluded(a, j, class_token, distill_token));
       tome_argmax_step(v, j, best, best_j);
     }
     node_max[a] = best;
     node_idx[a] = best_j;
   }
-  for (int64_t a = 0; a < na; ++a) rank[a] = rank_in_row(node_max.data(), na, a, true);
+  // Rank A tokens by best similarity, descending, ties to the lower index: the order of
+  // rank_in_row (which the CUDA kernel uses), by a sort instead of O(na^2) counting.
+  std::vector<int64_t> order(na);
+  for (int64_t a = 0; a < na; ++a) order[a] = a;
+  std::sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return comes_before(node_max[x], x, node_max[y], y, /*largest=*/true);
+  });
+  for (int64_t i = 0; i < na; ++i) rank[order[i]] = i;
   for (int64_t a = 0; a < na; ++a) {
     const int64_t slot = tome_slot(rank.data(), a, na, d.r, class_token);
     if (slot < 0) {
@@ -82,15 +79,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
     unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
     return {unm, src, dst};
   }
+  // Raw dot products of every A/B pair through the BLAS, in the accumulation dtype. (Only the
+  // CUDA kernel must not materialise the [B, na, nb] scores; on the CPU the GEMM is the fast way.)
+  const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
+  const at::Tensor dots =
+      at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)).contiguous();
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* mp = metric.data_ptr<scalar_t>();
+    const acc_t* dp_all = dots.data_ptr<acc_t>();
     int64_t* up = unm.data_ptr<int64_t>();
     int64_t* sp = src.data_ptr<int64_t>();
     int64_t* dp = dst.data_ptr<int64_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        match_row(mp + b * N * D, d, D, class_token, distill_token, up + b * d.u, sp + b * r,
-                  dp + b * r);
+        match_row(mp + b * N * D, dp_all + b * d.na * d.nb, d, D, class_token, distill_token,
+                  up + b * d.u, sp + b * r, dp + b * r);
       }
     });
   });
