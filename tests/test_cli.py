@@ -1,6 +1,7 @@
 """The tokred command end to end, at tiny sizes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,6 @@ import torch
 from tokred_ext import bench, cli
 from tokred_ext import visualize as vis
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(capsys, *argv):
@@ -26,11 +26,22 @@ def test_info(capsys):
     assert "CUDA kernels:" in out and "device" in out
 
 
-def test_module_entry_point():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def test_module_entry_point(tmp_path):
+    # The subprocess imports the same tokred_ext as the tests: installed or from PYTHONPATH.
+    import tokred_ext
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(tokred_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-m", "tokred_ext", "info"], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=120)
-    assert res.returncode == 0 and "tokred::topk" in res.stdout
+                         text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0 and "tokred::topk" in res.stdout, res.stderr
+
+
+def test_console_script(tmp_path):
+    exe = shutil.which("tokred")
+    if exe is None:
+        pytest.skip("the tokred console script is installed by pip install")
+    res = subprocess.run([exe, "info"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0 and "tokred::topk" in res.stdout, res.stderr
 
 
 def test_bench_tiny(capsys, tmp_path):
