@@ -29,7 +29,7 @@ __global__ void topk_rank_kernel(const scalar_t* __restrict__ scores,
                                  int64_t k, bool largest, scalar_t pad,
                                  scalar_t* __restrict__ values, int64_t* __restrict__ indices) {
   using acc_t = at::opmath_type<scalar_t>;  // exact for every dtype: the order is unchanged
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* row = reinterpret_cast<acc_t*>(smem_raw);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     int64_t len = lengths ? lengths[r] : n;
@@ -230,9 +230,10 @@ template <typename score_t>
 __global__ void select_kept_kernel(const score_t* __restrict__ scores, int64_t B, int64_t N,
                                    int64_t k, bool keep_order, int64_t* __restrict__ index) {
   using acc_t = at::opmath_type<score_t>;
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* row = reinterpret_cast<acc_t*>(smem_raw);
-  int64_t* rank = reinterpret_cast<int64_t*>(row + N);
+  // int64 ranks first: the float row after them stays aligned whatever N is.
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  int64_t* rank = reinterpret_cast<int64_t*>(smem_raw);
+  acc_t* row = reinterpret_cast<acc_t*>(rank + N);
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
       row[i] = static_cast<acc_t>(scores[b * N + i]);
