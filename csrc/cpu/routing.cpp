@@ -198,56 +198,70 @@ Rows<T> rows_of(const at::Tensor& t) {
 
 // ---------------------------------------------------------------------- vector kernels
 //
-// The inner loops work on 64-byte vectors (16 floats, 8 doubles) with element-wise multiplies and
-// adds only, never fused: every lane does the scalar operations in the scalar order, so each
-// target clone (AVX-512, AVX2, baseline) and every thread count gives the same bits.
+// The inner loops work on fixed-width vectors (GCC / Clang vector extensions) with element-wise
+// multiplies and adds only, never fused: every lane does the scalar operations in the scalar
+// order, so each target clone and every thread count gives the same bits.
 
-#if defined(__GNUC__)
+#if !defined(__GNUC__)
+#error "tokred's CPU routing kernels use GCC / Clang vector extensions"
+#endif
+
 #define TOKRED_INLINE inline __attribute__((always_inline))
 // Vectors are passed by value only between always-inline helpers, never across an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
-// The AVX-512 clones could otherwise fuse a * b + c into an FMA and change the bits.
+// No a * b + c fused into an FMA (the AVX-512 clones, or targets with FMA in the baseline).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#else
 #pragma GCC optimize("fp-contract=off")
+#endif
+
+// x86-64 GCC builds clone the kernels for AVX-512 and AVX2 (picked at load time) and use 32-byte
+// vectors, whose lane count decides the order of the softmax's row sums; elsewhere the vectors
+// are the baseline's 16 bytes. (The x86 baseline clone lowers 32-byte vectors poorly; it only
+// runs on CPUs without AVX2.)
+#if defined(__x86_64__) && !defined(__clang__)
+#define TOKRED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TOKRED_VEC_BYTES 32
+#else
+#define TOKRED_SIMD_CLONES
+#define TOKRED_VEC_BYTES 16
+#endif
+
 template <typename T>
 struct VecOf;
 template <>
 struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(TOKRED_VEC_BYTES)));
+  typedef float unaligned __attribute__((vector_size(TOKRED_VEC_BYTES), aligned(4), may_alias));
 };
 template <>
 struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(TOKRED_VEC_BYTES)));
+  typedef double unaligned __attribute__((vector_size(TOKRED_VEC_BYTES), aligned(8), may_alias));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
-#else
-#error "tokred's CPU routing kernels use GCC / Clang vector extensions"
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TOKRED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TOKRED_SIMD_CLONES
-#endif
+template <typename T>
+using VecU = typename VecOf<T>::unaligned;  // for loads and stores at any element address
 
 template <typename T>
-constexpr int64_t kLanes = int64_t(64 / sizeof(T));
+constexpr int64_t kLanes = int64_t(TOKRED_VEC_BYTES / sizeof(T));
 
 constexpr int64_t kRows = 4;    // query rows per score block
 constexpr int64_t kTile = 128;  // routed keys per tile (a multiple of both lane counts)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+
 template <typename T>
 TOKRED_INLINE Vec<T> vload(const T* p) {
-  Vec<T> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
+  return *reinterpret_cast<const VecU<T>*>(p);
 }
 
 template <typename T>
 TOKRED_INLINE void vstore(T* p, const Vec<T>& v) {
-  __builtin_memcpy(p, &v, sizeof(v));
+  *reinterpret_cast<VecU<T>*>(p) = v;
 }
 
 template <typename T>
@@ -278,7 +292,7 @@ TOKRED_INLINE T vmax(const Vec<T>& v) {
 // arithmetic, so it vectorises and is the same on every build; x < -87.3 (and -inf) gives 0,
 // NaN stays NaN. glibc's expf is a scalar call and its bits depend on the CPU it picks.
 TOKRED_INLINE Vec<float> vexp(Vec<float> x) {
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(TOKRED_VEC_BYTES)));
   const Vec<float> hi = vsplat(88.3762626647949f), lo = vsplat(-87.3365447504f);
   const Vec<float> xc = x > hi ? hi : x;
   const Vec<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
@@ -300,44 +314,67 @@ TOKRED_INLINE Vec<double> vexp(Vec<double> x) {
   return x;
 }
 
-// out[r][x] = scale · Σ_c a[r][c] · bT[c][x] for kRows rows of a (stride lda) and x < nx (a
-// multiple of the lane count), c ascending.
-template <typename T>
-TOKRED_INLINE void dot_rows_impl(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
-                                 int64_t nx, T scale, T* out, int64_t ldo) {
+// out[r][x] = scale · Σ_c a[r][c] · bT[c][x] for kRows rows of a (stride lda), x in
+// [x0, x0 + NV·lanes), c ascending. NV vectors per row: 4·NV accumulators stay in registers.
+template <typename T, int NV>
+TOKRED_INLINE void dot_rows_block(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
+                                  T scale, T* out, int64_t ldo) {
   using V = Vec<T>;
-  for (int64_t x = 0; x < nx; x += kLanes<T>) {
-    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
-    const T* b = bT + x;
-    for (int64_t c = 0; c < C; ++c) {
-      const V bv = vload(b + c * ldb);
-      s0 += bv * a[c];
-      s1 += bv * a[lda + c];
-      s2 += bv * a[2 * lda + c];
-      s3 += bv * a[3 * lda + c];
+  V s[kRows][NV] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    V bv[NV];
+    for (int u = 0; u < NV; ++u) bv[u] = vload(bT + c * ldb + u * kLanes<T>);
+    for (int r = 0; r < kRows; ++r) {
+      const T ar = a[r * lda + c];
+      for (int u = 0; u < NV; ++u) s[r][u] += bv[u] * ar;
     }
-    vstore(out + x, s0 * scale);
-    vstore(out + ldo + x, s1 * scale);
-    vstore(out + 2 * ldo + x, s2 * scale);
-    vstore(out + 3 * ldo + x, s3 * scale);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int u = 0; u < NV; ++u) vstore(out + r * ldo + u * kLanes<T>, s[r][u] * scale);
   }
 }
 
-// o[r][c] += Σ_{x < X} w[r·wr + x·wx] · brow[x][c] for R rows of o (stride ldo), x ascending.
+// dot_rows_block over x < nx (a multiple of the lane count).
+template <typename T>
+TOKRED_INLINE void dot_rows_impl(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
+                                 int64_t nx, T scale, T* out, int64_t ldo) {
+  int64_t x = 0;
+  for (; x + 2 * kLanes<T> <= nx; x += 2 * kLanes<T>)
+    dot_rows_block<T, 2>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
+  for (; x < nx; x += kLanes<T>) dot_rows_block<T, 1>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
+}
+
+// o[r][c] += Σ_{x < X} w[r·wr + x·wx] · brow[x][c] for R rows of o (stride ldo) and c in
+// [c0, c0 + NV·lanes), x ascending.
+template <typename T, int R, int NV>
+TOKRED_INLINE void axpy_rows_block(const T* w, int64_t wr, int64_t wx, const T* const* brow,
+                                   int64_t X, int64_t c0, T* o, int64_t ldo) {
+  using V = Vec<T>;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) acc[r][u] = vload(o + r * ldo + c0 + u * kLanes<T>);
+  }
+  for (int64_t x = 0; x < X; ++x) {
+    V bv[NV];
+    for (int u = 0; u < NV; ++u) bv[u] = vload(brow[x] + c0 + u * kLanes<T>);
+    for (int r = 0; r < R; ++r) {
+      const T wv = w[r * wr + x * wx];
+      for (int u = 0; u < NV; ++u) acc[r][u] += bv[u] * wv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) vstore(o + r * ldo + c0 + u * kLanes<T>, acc[r][u]);
+  }
+}
+
+// axpy_rows_block over all c < C (the last C mod lanes columns in scalar code, same order).
 template <typename T, int R>
 TOKRED_INLINE void axpy_rows_impl(const T* w, int64_t wr, int64_t wx, const T* const* brow,
                                   int64_t X, int64_t C, T* o, int64_t ldo) {
-  using V = Vec<T>;
   int64_t c = 0;
-  for (; c + kLanes<T> <= C; c += kLanes<T>) {
-    V acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = vload(o + r * ldo + c);
-    for (int64_t x = 0; x < X; ++x) {
-      const V bv = vload(brow[x] + c);
-      for (int r = 0; r < R; ++r) acc[r] += bv * w[r * wr + x * wx];
-    }
-    for (int r = 0; r < R; ++r) vstore(o + r * ldo + c, acc[r]);
-  }
+  for (; c + 2 * kLanes<T> <= C; c += 2 * kLanes<T>)
+    axpy_rows_block<T, R, 2>(w, wr, wx, brow, X, c, o, ldo);
+  for (; c + kLanes<T> <= C; c += kLanes<T>) axpy_rows_block<T, R, 1>(w, wr, wx, brow, X, c, o, ldo);
   for (; c < C; ++c) {
     for (int r = 0; r < R; ++r) {
       T acc = o[r * ldo + c];
@@ -424,21 +461,32 @@ TOKRED_ROUTING_KERNELS(double)
 
 // ---------------------------------------------------------------------- staging
 
+// Row stride of staged key columns: padded so that the C rows do not share cache sets (a stride
+// of a multiple of 4 KiB would, for P·WK = 1024, 4096, ...).
+inline int64_t staged_ld(int64_t nk) { return round_up(nk, 16) + 16; }
+
 // The keys of one (batch, head), all P·WK of them, converted to the accumulator type: as columns
-// kT [C][P·WK] (so score rows are vector loops over keys) and / or as rows [P·WK][C].
+// cols [C][ldc] (so score rows are vector loops over keys) and / or as rows [P·WK][C]. The
+// transpose goes 16 keys at a time so that each store fills a cache line.
 template <typename scalar_t, typename acc_t>
 void stage_keys(const Rows<scalar_t>& k, int64_t b, int64_t c0, int64_t C, const Dims& d,
-                acc_t* cols, acc_t* rows) {
+                acc_t* cols, int64_t ldc, acc_t* rows) {
+  constexpr int64_t kB = 16;
   const int64_t NK = d.P * d.WK;
-  for (int64_t j = 0; j < d.P; ++j) {
-    for (int64_t y = 0; y < d.WK; ++y) {
-      const scalar_t* src = k.at(b, j, y) + c0;
-      const int64_t kx = j * d.WK + y;
-      if (cols != nullptr) {
-        for (int64_t c = 0; c < C; ++c) cols[c * NK + kx] = static_cast<acc_t>(src[c]);
+  const scalar_t* src[kB];
+  for (int64_t k0 = 0; k0 < NK; k0 += kB) {
+    const int64_t nb = std::min(kB, NK - k0);
+    for (int64_t e = 0; e < nb; ++e) src[e] = k.at(b, (k0 + e) / d.WK, (k0 + e) % d.WK) + c0;
+    if (cols != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* dst = cols + c * ldc + k0;
+        for (int64_t e = 0; e < nb; ++e) dst[e] = static_cast<acc_t>(src[e][c]);
       }
-      if (rows != nullptr) {
-        for (int64_t c = 0; c < C; ++c) rows[kx * C + c] = static_cast<acc_t>(src[c]);
+    }
+    if (rows != nullptr) {
+      for (int64_t e = 0; e < nb; ++e) {
+        acc_t* dst = rows + (k0 + e) * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<acc_t>(src[e][c]);
       }
     }
   }
@@ -529,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                          vr_ = rows_of<scalar_t>(v);
     scalar_t* op_ = out.data_ptr<scalar_t>();
     acc_t* lp = lse.data_ptr<acc_t>();
-    const int64_t keys = d.T * d.WK, NK = d.P * d.WK;
+    const int64_t keys = d.T * d.WK, NK = d.P * d.WK, ldk = staged_ld(NK);
     const int64_t WQp = round_up(d.WQ, kRows);
     // A task is (batch, head, range of query windows): it stages that batch's keys of the head
     // once and serves every window of the range from them. Ranges are split only to give each
@@ -539,7 +587,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
         std::min(d.P, std::max<int64_t>(1, (4 * at::get_num_threads() + units - 1) / units));
     const int64_t per = (d.P + split - 1) / split, parts = (d.P + per - 1) / per;
     at::parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> kT(d.DQ * NK), vrow(NK * d.DV), qf(WQp * d.DQ, acc_t(0)),
+      std::vector<acc_t> kT(d.DQ * ldk), vrow(NK * d.DV), qf(WQp * d.DQ, acc_t(0)),
           acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
       std::vector<const acc_t*> vptr(kTile);
       std::vector<KeyRun> runs(kTile + 1);
@@ -547,8 +595,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t unit = task / parts, part = task % parts;
         const int64_t b = unit / d.H, h = unit % d.H;
-        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), nullptr);
-        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, vrow.data());
+        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, nullptr);
+        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, 0, vrow.data());
         for (int64_t i = part * per; i < std::min(d.P, (part + 1) * per); ++i) {
           const int64_t bi = b * d.P + i;
           const int64_t* ridx = ip + bi * d.T;
@@ -561,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
           for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
             const int64_t kt = std::min(kTile, keys - kk0), ktp = round_up(kt, kLanes<acc_t>);
             const int64_t nr = key_runs(ridx, d.WK, kk0, kt, runs.data());
-            gather_cols(kT.data(), NK, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
+            gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
             key_row_ptrs(vrow.data(), d.DV, runs.data(), nr, d.WK, vptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               const int64_t rows = std::min(kRows, d.WQ - r0);
@@ -620,14 +668,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
-    const int64_t keys = d.T * d.WK, NK = d.P * d.WK;
+    const int64_t keys = d.T * d.WK, NK = d.P * d.WK, ldk = staged_ld(NK);
     const int64_t WQp = round_up(d.WQ, kRows);
     // One task per (batch, head): P and dS of each (query window, key tile) are computed once and
     // feed dq of the window and the dk / dv accumulators of the batch's keys of that head. A key
     // row sums its terms in ascending (query window, slot, query row) order within one task, so
     // results do not depend on the thread count.
     at::parallel_for(0, d.n * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> kT(d.DQ * NK), vT(d.DV * NK), krow(NK * d.DQ), dka(NK * d.DQ),
+      std::vector<acc_t> kT(d.DQ * ldk), vT(d.DV * ldk), krow(NK * d.DQ), dka(NK * d.DQ),
           dva(NK * d.DV), qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), lr(WQp),
           Dr(WQp), dqa(WQp * d.DQ), kc(d.DQ * kTile, acc_t(0)), vc(d.DV * kTile, acc_t(0)),
           pb(WQp * kTile), dsb(WQp * kTile), dpb(kRows * kTile), of(d.DV);
@@ -639,8 +687,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
       std::vector<KeyRun> runs(kTile + 1);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t b = task / d.H, h = task % d.H;
-        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), krow.data());
-        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, vT.data(), nullptr);
+        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, krow.data());
+        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, vT.data(), ldk, nullptr);
         std::fill(dka.begin(), dka.end(), acc_t(0));
         std::fill(dva.begin(), dva.end(), acc_t(0));
         for (int64_t i = 0; i < d.P; ++i) {
@@ -663,8 +711,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
           for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
             const int64_t kt = std::min(kTile, keys - kk0), ktp = round_up(kt, kLanes<acc_t>);
             const int64_t nr = key_runs(ridx, d.WK, kk0, kt, runs.data());
-            gather_cols(kT.data(), NK, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
-            gather_cols(vT.data(), NK, d.DV, runs.data(), nr, d.WK, vc.data(), kTile);
+            gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
+            gather_cols(vT.data(), ldk, d.DV, runs.data(), nr, d.WK, vc.data(), kTile);
             key_row_ptrs(krow.data(), d.DQ, runs.data(), nr, d.WK, kptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               acc_t* pr = pb.data() + r0 * kTile;
