@@ -1,11 +1,13 @@
 // CPU kernels of the BiFormer routing ops.
 //
-// routed_attention is fused: no gathered K/V buffer and no attention matrix. Each task (batch,
-// query window, head) streams its routed keys in tiles of up to kTile keys, keeps an online
-// softmax per query row (common/routing.h) and writes out and lse. The backward recomputes the
-// scores: dq per (batch, query window, head); dk, dv per (batch, key window, head) by walking,
-// in a fixed order, the (query window, slot) pairs that routed to that key window (a CSR plan per
-// batch). No atomics and no shared accumulators, so results are bitwise repeatable.
+// routed_attention is fused: no gathered K/V buffer and no attention matrix. A forward task is a
+// (batch, head) and a range of query windows: it stages the batch's keys of that head once (as
+// columns), then for each query window streams its routed keys in tiles of up to kTile keys,
+// keeps an online softmax per query row (common/routing.h) and writes out and lse. A backward
+// task is a whole (batch, head): for each query window and key tile it recomputes P and dS once,
+// adds into the window's dq and into the task's dk / dv accumulators in ascending (query window,
+// slot, row) order. No atomics and no shared accumulators, so results are bitwise repeatable for
+// any thread count.
 #include <algorithm>
 #include <vector>
 
@@ -22,7 +24,6 @@ namespace {
 
 using routing::OnlineSoftmax;
 
-constexpr int64_t kTile = 64;  // keys per tile
 
 // For each batch b and key window j, the (query window i, slot t) pairs with r_idx[b, i, t] == j
 // in ascending (i, t): entries[b][offsets[b][j] .. offsets[b][j + 1]) hold i * T + t.
@@ -195,27 +196,350 @@ Rows<T> rows_of(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Loads a tile of routed keys [kk0, kk0 + kt) of query window (b, i), head h: kT as
-// [DQ][kTile] (transposed, so score rows are axpy loops) and vals as [kt][DV].
-template <typename scalar_t, typename acc_t>
-void load_key_tile(const Rows<scalar_t>& k, const Rows<scalar_t>& v, const int64_t* ridx,
-                   const Dims& d, int64_t b, int64_t h, int64_t kk0, int64_t kt, acc_t* kT,
-                   acc_t* vals, acc_t* krows) {
-  for (int64_t x = 0; x < kt; ++x) {
-    int64_t slot, row;
-    routing::split_routed_key(kk0 + x, d.WK, slot, row);
-    const scalar_t* kr = k.at(b, ridx[slot], row) + h * d.DQ;
-    const scalar_t* vr = v.at(b, ridx[slot], row) + h * d.DV;
-    for (int64_t c = 0; c < d.DQ; ++c) kT[c * kTile + x] = static_cast<acc_t>(kr[c]);
-    if (krows != nullptr) {
-      for (int64_t c = 0; c < d.DQ; ++c) krows[x * d.DQ + c] = static_cast<acc_t>(kr[c]);
+// ---------------------------------------------------------------------- vector kernels
+//
+// The inner loops work on fixed-width vectors (GCC / Clang vector extensions) with element-wise
+// multiplies and adds only, never fused: every lane does the scalar operations in the scalar
+// order, so each target clone and every thread count gives the same bits.
+
+#if !defined(__GNUC__)
+#error "tokred's CPU routing kernels use GCC / Clang vector extensions"
+#endif
+
+#define TOKRED_INLINE inline __attribute__((always_inline))
+// Vectors are passed by value only between always-inline helpers, never across an ABI boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// No a * b + c fused into an FMA (the AVX-512 clones, or targets with FMA in the baseline).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#else
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+// x86-64 GCC builds clone the kernels for AVX-512 and AVX2 (picked at load time) and use 32-byte
+// vectors, whose lane count decides the order of the softmax's row sums; elsewhere the vectors
+// are the baseline's 16 bytes. (The x86 baseline clone lowers 32-byte vectors poorly; it only
+// runs on CPUs without AVX2.)
+#if defined(__x86_64__) && !defined(__clang__)
+#define TOKRED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TOKRED_VEC_BYTES 32
+#else
+#define TOKRED_SIMD_CLONES
+#define TOKRED_VEC_BYTES 16
+#endif
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(TOKRED_VEC_BYTES)));
+  typedef float unaligned __attribute__((vector_size(TOKRED_VEC_BYTES), aligned(4), may_alias));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(TOKRED_VEC_BYTES)));
+  typedef double unaligned __attribute__((vector_size(TOKRED_VEC_BYTES), aligned(8), may_alias));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+using VecU = typename VecOf<T>::unaligned;  // for loads and stores at any element address
+
+template <typename T>
+constexpr int64_t kLanes = int64_t(TOKRED_VEC_BYTES / sizeof(T));
+
+constexpr int64_t kRows = 4;    // query rows per score block
+constexpr int64_t kTile = 128;  // routed keys per tile (a multiple of both lane counts)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+
+template <typename T>
+TOKRED_INLINE Vec<T> vload(const T* p) {
+  return *reinterpret_cast<const VecU<T>*>(p);
+}
+
+template <typename T>
+TOKRED_INLINE void vstore(T* p, const Vec<T>& v) {
+  *reinterpret_cast<VecU<T>*>(p) = v;
+}
+
+template <typename T>
+TOKRED_INLINE Vec<T> vsplat(T s) {
+  Vec<T> v;
+  for (int64_t l = 0; l < kLanes<T>; ++l) v[l] = s;
+  return v;
+}
+
+// Sum of the lanes as a fixed pairwise tree.
+template <typename T>
+TOKRED_INLINE T vsum(Vec<T> v) {
+  for (int64_t w = kLanes<T> / 2; w >= 1; w /= 2) {
+    for (int64_t l = 0; l < w; ++l) v[l] += v[l + w];
+  }
+  return v[0];
+}
+
+template <typename T>
+TOKRED_INLINE T vmax(const Vec<T>& v) {
+  T m = v[0];
+  for (int64_t l = 1; l < kLanes<T>; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// exp for the softmax arguments (x <= 0 in practice): Cody-Waite reduction x = n ln2 + r and
+// Cephes' degree-6 polynomial (about 1 ulp), times 2^n written into the exponent bits. Plain
+// arithmetic, so it vectorises and is the same on every build; x < -87.3 (and -inf) gives 0,
+// NaN stays NaN. glibc's expf is a scalar call and its bits depend on the CPU it picks.
+TOKRED_INLINE Vec<float> vexp(Vec<float> x) {
+  typedef int32_t VI __attribute__((vector_size(TOKRED_VEC_BYTES)));
+  const Vec<float> hi = vsplat(88.3762626647949f), lo = vsplat(-87.3365447504f);
+  const Vec<float> xc = x > hi ? hi : x;
+  const Vec<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
+  Vec<float> r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  Vec<float> p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec<float> y = (p * (r * r) + r) + 1.0f;
+  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  return x < lo ? vsplat(0.0f) : y * (Vec<float>)e;
+}
+
+// Doubles keep libm's exp (the float64 tests compare at 1e-10).
+TOKRED_INLINE Vec<double> vexp(Vec<double> x) {
+  for (int64_t l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// out[r][x] = scale · Σ_c a[r][c] · bT[c][x] for kRows rows of a (stride lda), x in
+// [x0, x0 + NV·lanes), c ascending. NV vectors per row: 4·NV accumulators stay in registers.
+template <typename T, int NV>
+TOKRED_INLINE void dot_rows_block(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
+                                  T scale, T* out, int64_t ldo) {
+  using V = Vec<T>;
+  V s[kRows][NV] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    V bv[NV];
+    for (int u = 0; u < NV; ++u) bv[u] = vload(bT + c * ldb + u * kLanes<T>);
+    for (int r = 0; r < kRows; ++r) {
+      const T ar = a[r * lda + c];
+      for (int u = 0; u < NV; ++u) s[r][u] += bv[u] * ar;
     }
-    for (int64_t c = 0; c < d.DV; ++c) vals[x * d.DV + c] = static_cast<acc_t>(vr[c]);
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int u = 0; u < NV; ++u) vstore(out + r * ldo + u * kLanes<T>, s[r][u] * scale);
   }
 }
 
-// Σ a[c]·b[c] with 8 independent partial sums combined in a fixed order: vectorisable without
-// reassociation, so the result does not depend on the compiler or the thread count.
+// dot_rows_block over x < nx (a multiple of the lane count).
+template <typename T>
+TOKRED_INLINE void dot_rows_impl(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
+                                 int64_t nx, T scale, T* out, int64_t ldo) {
+  int64_t x = 0;
+  for (; x + 2 * kLanes<T> <= nx; x += 2 * kLanes<T>)
+    dot_rows_block<T, 2>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
+  for (; x < nx; x += kLanes<T>) dot_rows_block<T, 1>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
+}
+
+// o[r][c] += Σ_{x < X} w[r·wr + x·wx] · brow[x][c] for R rows of o (stride ldo) and c in
+// [c0, c0 + NV·lanes), x ascending.
+template <typename T, int R, int NV>
+TOKRED_INLINE void axpy_rows_block(const T* w, int64_t wr, int64_t wx, const T* const* brow,
+                                   int64_t X, int64_t c0, T* o, int64_t ldo) {
+  using V = Vec<T>;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) acc[r][u] = vload(o + r * ldo + c0 + u * kLanes<T>);
+  }
+  for (int64_t x = 0; x < X; ++x) {
+    V bv[NV];
+    for (int u = 0; u < NV; ++u) bv[u] = vload(brow[x] + c0 + u * kLanes<T>);
+    for (int r = 0; r < R; ++r) {
+      const T wv = w[r * wr + x * wx];
+      for (int u = 0; u < NV; ++u) acc[r][u] += bv[u] * wv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < NV; ++u) vstore(o + r * ldo + c0 + u * kLanes<T>, acc[r][u]);
+  }
+}
+
+// axpy_rows_block over all c < C (the last C mod lanes columns in scalar code, same order).
+template <typename T, int R>
+TOKRED_INLINE void axpy_rows_impl(const T* w, int64_t wr, int64_t wx, const T* const* brow,
+                                  int64_t X, int64_t C, T* o, int64_t ldo) {
+  int64_t c = 0;
+  for (; c + 2 * kLanes<T> <= C; c += 2 * kLanes<T>)
+    axpy_rows_block<T, R, 2>(w, wr, wx, brow, X, c, o, ldo);
+  for (; c + kLanes<T> <= C; c += kLanes<T>) axpy_rows_block<T, R, 1>(w, wr, wx, brow, X, c, o, ldo);
+  for (; c < C; ++c) {
+    for (int r = 0; r < R; ++r) {
+      T acc = o[r * ldo + c];
+      for (int64_t x = 0; x < X; ++x) acc += brow[x][c] * w[r * wr + x * wx];
+      o[r * ldo + c] = acc;
+    }
+  }
+}
+
+// Forward: turns one row of scores s[0, kt) of a tile into exp(s - m) under the row's new running
+// max (the padding [kt, ktp) becomes 0), adds their sum (lanes, then a fixed tree) to the state
+// and returns the factor the row's accumulator must be multiplied by.
+template <typename T>
+TOKRED_INLINE T softmax_tile_row_impl(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {
+  using V = Vec<T>;
+  for (int64_t x = kt; x < ktp; ++x) s[x] = routing::neg_inf<T>();
+  V mv = vsplat(routing::neg_inf<T>());
+  for (int64_t x = 0; x < ktp; x += kLanes<T>) {
+    const V v = vload(s + x);
+    mv = v > mv ? v : mv;
+  }
+  const T alpha = sm.rescale(vmax<T>(mv));
+  if (sm.m == routing::neg_inf<T>()) {
+    std::fill(s, s + ktp, T(0));
+    return alpha;
+  }
+  V sum = {};
+  for (int64_t x = 0; x < ktp; x += kLanes<T>) {
+    const V p = vexp(vload(s + x) - sm.m);
+    vstore(s + x, p);
+    sum += p;
+  }
+  sm.l += vsum<T>(sum);
+  return alpha;
+}
+
+// Backward: s[x] becomes P = exp(s - lse) and ds[x] = P (dP - D) · scale, for x < ktp (padding of
+// s must be -inf so that P = 0 there).
+template <typename T>
+TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T D, T scale,
+                                        T* ds) {
+  using V = Vec<T>;
+  if (lse == routing::neg_inf<T>()) {
+    std::fill(s, s + ktp, T(0));
+    std::fill(ds, ds + ktp, T(0));
+    return;
+  }
+  for (int64_t x = 0; x < ktp; x += kLanes<T>) {
+    const V p = vexp(vload(s + x) - lse);
+    vstore(s + x, p);
+    vstore(ds + x, (p * (vload(dp + x) - D)) * scale);
+  }
+}
+
+// Target-cloned entry points (one per accumulator type: GCC cannot clone templates).
+#define TOKRED_ROUTING_KERNELS(T)                                                               \
+  TOKRED_SIMD_CLONES void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT,             \
+                                   int64_t ldb, int64_t nx, T scale, T* out, int64_t ldo) {     \
+    dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                                  \
+  }                                                                                             \
+  TOKRED_SIMD_CLONES void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow,   \
+                                    int64_t X, int64_t C, int64_t rows, T* o, int64_t ldo) {    \
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {                                              \
+      const T* wb = w + r0 * wr;                                                                \
+      T* ob = o + r0 * ldo;                                                                     \
+      switch (std::min(kRows, rows - r0)) {                                                     \
+        case 1: axpy_rows_impl<T, 1>(wb, wr, wx, brow, X, C, ob, ldo); break;                   \
+        case 2: axpy_rows_impl<T, 2>(wb, wr, wx, brow, X, C, ob, ldo); break;                   \
+        case 3: axpy_rows_impl<T, 3>(wb, wr, wx, brow, X, C, ob, ldo); break;                   \
+        default: axpy_rows_impl<T, 4>(wb, wr, wx, brow, X, C, ob, ldo); break;                  \
+      }                                                                                         \
+    }                                                                                           \
+  }                                                                                             \
+  TOKRED_SIMD_CLONES T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {  \
+    return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                            \
+  }                                                                                             \
+  TOKRED_SIMD_CLONES void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T scale,  \
+                                          T* ds) {                                              \
+    probs_grads_row_impl<T>(s, dp, ktp, lse, D, scale, ds);                                     \
+  }
+
+TOKRED_ROUTING_KERNELS(float)
+TOKRED_ROUTING_KERNELS(double)
+
+// ---------------------------------------------------------------------- staging
+
+// Row stride of staged key columns: padded so that the C rows do not share cache sets (a stride
+// of a multiple of 4 KiB would, for P·WK = 1024, 4096, ...).
+inline int64_t staged_ld(int64_t nk) { return round_up(nk, 16) + 16; }
+
+// The keys of one (batch, head), all P·WK of them, converted to the accumulator type: as columns
+// cols [C][ldc] (so score rows are vector loops over keys) and / or as rows [P·WK][C]. The
+// transpose goes 16 keys at a time so that each store fills a cache line.
+template <typename scalar_t, typename acc_t>
+void stage_keys(const Rows<scalar_t>& k, int64_t b, int64_t c0, int64_t C, const Dims& d,
+                acc_t* cols, int64_t ldc, acc_t* rows) {
+  constexpr int64_t kB = 16;
+  const int64_t NK = d.P * d.WK;
+  const scalar_t* src[kB];
+  for (int64_t k0 = 0; k0 < NK; k0 += kB) {
+    const int64_t nb = std::min(kB, NK - k0);
+    for (int64_t e = 0; e < nb; ++e) src[e] = k.at(b, (k0 + e) / d.WK, (k0 + e) % d.WK) + c0;
+    if (cols != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        acc_t* dst = cols + c * ldc + k0;
+        for (int64_t e = 0; e < nb; ++e) dst[e] = static_cast<acc_t>(src[e][c]);
+      }
+    }
+    if (rows != nullptr) {
+      for (int64_t e = 0; e < nb; ++e) {
+        acc_t* dst = rows + (k0 + e) * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<acc_t>(src[e][c]);
+      }
+    }
+  }
+}
+
+// One slot's run of a key tile: tile columns [x, x + len) are rows [y, y + len) of window j.
+struct KeyRun {
+  int64_t x, len, j, y;
+};
+
+// Splits the routed keys [kk0, kk0 + kt) of a query window (routing row ridx) into runs.
+inline int64_t key_runs(const int64_t* ridx, int64_t WK, int64_t kk0, int64_t kt, KeyRun* runs) {
+  int64_t nr = 0;
+  for (int64_t x = 0; x < kt;) {
+    int64_t slot, row;
+    routing::split_routed_key(kk0 + x, WK, slot, row);
+    const int64_t len = std::min(WK - row, kt - x);
+    runs[nr++] = {x, len, ridx[slot], row};
+    x += len;
+  }
+  return nr;
+}
+
+// dst[c][run.x + e] = src[c][run.j·WK + run.y + e]: the tile's keys in column layout, copied from
+// the staged columns in runs (4 values at a time).
+template <typename T>
+void gather_cols(const T* src, int64_t lds, int64_t C, const KeyRun* runs, int64_t nr,
+                 int64_t WK, T* dst, int64_t ldd) {
+  for (int64_t u = 0; u < nr; ++u) {
+    const KeyRun& q = runs[u];
+    const T* s = src + q.j * WK + q.y;
+    T* t = dst + q.x;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* sc = s + c * lds;
+      T* tc = t + c * ldd;
+      int64_t e = 0;
+      for (; e + 4 <= q.len; e += 4) __builtin_memcpy(tc + e, sc + e, 4 * sizeof(T));
+      for (; e < q.len; ++e) tc[e] = sc[e];
+    }
+  }
+}
+
+// Row pointers of the tile's keys into staged rows [P·WK][C].
+template <typename T>
+void key_row_ptrs(const T* rows, int64_t C, const KeyRun* runs, int64_t nr, int64_t WK,
+                  const T** ptr) {
+  for (int64_t u = 0; u < nr; ++u) {
+    for (int64_t e = 0; e < runs[u].len; ++e)
+      ptr[runs[u].x + e] = rows + (runs[u].j * WK + runs[u].y + e) * C;
+  }
+}
+
+// Σ a[c]·b[c] with 8 independent partial sums combined in a fixed order.
 template <typename acc_t>
 inline acc_t dot_fixed(const acc_t* a, const acc_t* b, int64_t n) {
   acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -227,82 +551,7 @@ inline acc_t dot_fixed(const acc_t* a, const acc_t* b, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// Query rows processed together: each K / V element loaded from the tile serves kRows rows. Every
-// row still sums in the same order as alone, so blocking changes no bits.
-constexpr int64_t kRows = 4;
-
-// The two inner loops of the forward, for kRows query rows at once. On x86 they are also
-// compiled for AVX2 and picked at load time (ifunc). AVX2 is used without FMA, and every lane does
-// the same element-wise multiply and add as the scalar code in the same order, so all builds
-// produce identical bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TOKRED_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define TOKRED_SIMD_CLONES
-#endif
-
-// s[r][0..kt) = scale · (q[r] · kT[:, 0..kt)) for kRows rows q [kRows][DQ]; s is [kRows][kTile].
-#define TOKRED_TILE_SCORES_ROWS(acc_t)                                                         \
-  TOKRED_SIMD_CLONES void tile_scores_rows(const acc_t* __restrict__ q, int64_t DQ,            \
-                                           const acc_t* __restrict__ kT, int64_t kt,           \
-                                           acc_t scale, acc_t* __restrict__ s) {               \
-    acc_t* __restrict__ s0 = s;                                                                \
-    acc_t* __restrict__ s1 = s + kTile;                                                        \
-    acc_t* __restrict__ s2 = s + 2 * kTile;                                                    \
-    acc_t* __restrict__ s3 = s + 3 * kTile;                                                    \
-    for (int64_t x = 0; x < kt; ++x) s0[x] = s1[x] = s2[x] = s3[x] = acc_t(0);                 \
-    for (int64_t c = 0; c < DQ; ++c) {                                                         \
-      const acc_t q0 = q[c], q1 = q[DQ + c], q2 = q[2 * DQ + c], q3 = q[3 * DQ + c];           \
-      const acc_t* __restrict__ kc = kT + c * kTile;                                           \
-      for (int64_t x = 0; x < kt; ++x) {                                                       \
-        const acc_t kx = kc[x];                                                                \
-        s0[x] += q0 * kx;                                                                      \
-        s1[x] += q1 * kx;                                                                      \
-        s2[x] += q2 * kx;                                                                      \
-        s3[x] += q3 * kx;                                                                      \
-      }                                                                                        \
-    }                                                                                          \
-    for (int64_t x = 0; x < kt; ++x) {                                                         \
-      s0[x] *= scale;                                                                          \
-      s1[x] *= scale;                                                                          \
-      s2[x] *= scale;                                                                          \
-      s3[x] *= scale;                                                                          \
-    }                                                                                          \
-  }
-
-// a[r][0..DV) += Σ_x p[r][x] · vals[x][0..DV) for kRows rows, x ascending; p is [kRows][kTile].
-#define TOKRED_ACCUMULATE_ROWS(acc_t)                                                          \
-  TOKRED_SIMD_CLONES void accumulate_rows(const acc_t* __restrict__ p,                         \
-                                          const acc_t* __restrict__ vals, int64_t kt,          \
-                                          int64_t DV, acc_t* __restrict__ a) {                 \
-    acc_t* __restrict__ a0 = a;                                                                \
-    acc_t* __restrict__ a1 = a + DV;                                                           \
-    acc_t* __restrict__ a2 = a + 2 * DV;                                                       \
-    acc_t* __restrict__ a3 = a + 3 * DV;                                                       \
-    for (int64_t x = 0; x < kt; ++x) {                                                         \
-      const acc_t p0 = p[x], p1 = p[kTile + x], p2 = p[2 * kTile + x], p3 = p[3 * kTile + x];  \
-      const acc_t* __restrict__ vx = vals + x * DV;                                            \
-      for (int64_t c = 0; c < DV; ++c) {                                                       \
-        const acc_t v = vx[c];                                                                 \
-        a0[c] += p0 * v;                                                                       \
-        a1[c] += p1 * v;                                                                       \
-        a2[c] += p2 * v;                                                                       \
-        a3[c] += p3 * v;                                                                       \
-      }                                                                                        \
-    }                                                                                          \
-  }
-
-TOKRED_TILE_SCORES_ROWS(float)
-TOKRED_TILE_SCORES_ROWS(double)
-TOKRED_ACCUMULATE_ROWS(float)
-TOKRED_ACCUMULATE_ROWS(double)
-
-// accumulate_rows with p's columns starting at col: a[r] += Σ_{x<kt} p[r][col + x] · vals[x].
-template <typename acc_t>
-inline void accumulate_rows_offset(const acc_t* p, int64_t col, const acc_t* vals, int64_t kt,
-                                   int64_t DV, acc_t* a) {
-  accumulate_rows(p + col, vals, kt, DV, a);
-}
+// ---------------------------------------------------------------------- routed_attention
 
 std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                                                         const at::Tensor& k_in,
@@ -328,55 +577,63 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                          vr_ = rows_of<scalar_t>(v);
     scalar_t* op_ = out.data_ptr<scalar_t>();
     acc_t* lp = lse.data_ptr<acc_t>();
-    const int64_t keys = d.T * d.WK;
-    // Query rows padded to a multiple of kRows with zero rows (computed, never written).
-    const int64_t WQp = (d.WQ + kRows - 1) / kRows * kRows;
-    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> qf(WQp * d.DQ, acc_t(0)), acc(WQp * d.DV), kT(d.DQ * kTile),
-          vals(kTile * d.DV), s(kRows * kTile);
+    const int64_t keys = d.T * d.WK, NK = d.P * d.WK, ldk = staged_ld(NK);
+    const int64_t WQp = round_up(d.WQ, kRows);
+    // A task is (batch, head, range of query windows): it stages that batch's keys of the head
+    // once and serves every window of the range from them. Ranges are split only to give each
+    // thread work; a window's result does not depend on the split.
+    const int64_t units = d.n * d.H;
+    const int64_t split =
+        std::min(d.P, std::max<int64_t>(1, (4 * at::get_num_threads() + units - 1) / units));
+    const int64_t per = (d.P + split - 1) / split, parts = (d.P + per - 1) / per;
+    at::parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> kT(d.DQ * ldk), vrow(NK * d.DV), qf(WQp * d.DQ, acc_t(0)),
+          acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
+      std::vector<const acc_t*> vptr(kTile);
+      std::vector<KeyRun> runs(kTile + 1);
       std::vector<OnlineSoftmax<acc_t>> st(WQp);
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
-        const int64_t* ridx = ip + bi * d.T;
-        for (int64_t r = 0; r < d.WQ; ++r) {
-          const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
-          for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
-        }
-        for (int64_t r = 0; r < WQp; ++r) st[r].init();
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
-          const int64_t kt = std::min(kTile, keys - kk0);
-          load_key_tile<scalar_t, acc_t>(kr_, vr_, ridx, d, b, h, kk0, kt, kT.data(),
-                                         vals.data(), nullptr);
-          for (int64_t r0 = 0; r0 < WQp; r0 += kRows) {
-            tile_scores_rows(qf.data() + r0 * d.DQ, d.DQ, kT.data(), kt, scale, s.data());
-            for (int64_t rr = 0; rr < kRows; ++rr) {
-              // Scores become unnormalised probabilities in place; the accumulator is rescaled.
-              acc_t* sr = s.data() + rr * kTile;
-              OnlineSoftmax<acc_t>& sm = st[r0 + rr];
-              acc_t mt = sr[0];
-              for (int64_t x = 1; x < kt; ++x) mt = sr[x] > mt ? sr[x] : mt;
-              const acc_t alpha = sm.rescale(mt);
-              acc_t* ar = acc.data() + (r0 + rr) * d.DV;
-              if (alpha != acc_t(1)) {
-                for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
-              }
-              acc_t sum = 0;
-              for (int64_t x = 0; x < kt; ++x) {
-                sr[x] = sm.weight(sr[x]);
-                sum += sr[x];
-              }
-              sm.l += sum;
-            }
-            accumulate_rows(s.data(), vals.data(), kt, d.DV, acc.data() + r0 * d.DV);
+        const int64_t unit = task / parts, part = task % parts;
+        const int64_t b = unit / d.H, h = unit % d.H;
+        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, nullptr);
+        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, 0, vrow.data());
+        for (int64_t i = part * per; i < std::min(d.P, (part + 1) * per); ++i) {
+          const int64_t bi = b * d.P + i;
+          const int64_t* ridx = ip + bi * d.T;
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
+            for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
           }
-        }
-        for (int64_t r = 0; r < d.WQ; ++r) {
-          const acc_t inv = st[r].inv_sum();
-          scalar_t* orow = op_ + (bi * d.WQ + r) * d.CV + h * d.DV;
-          const acc_t* ar = acc.data() + r * d.DV;
-          for (int64_t c = 0; c < d.DV; ++c) orow[c] = static_cast<scalar_t>(ar[c] * inv);
-          lp[task * d.WQ + r] = st[r].lse();
+          for (int64_t r = 0; r < WQp; ++r) st[r].init();
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
+            const int64_t kt = std::min(kTile, keys - kk0), ktp = round_up(kt, kLanes<acc_t>);
+            const int64_t nr = key_runs(ridx, d.WK, kk0, kt, runs.data());
+            gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
+            key_row_ptrs(vrow.data(), d.DV, runs.data(), nr, d.WK, vptr.data());
+            for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
+              const int64_t rows = std::min(kRows, d.WQ - r0);
+              dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, scale,
+                       s.data(), kTile);
+              for (int64_t rr = 0; rr < rows; ++rr) {
+                // Scores become unnormalised probabilities in place; the accumulator rescales.
+                const acc_t alpha = softmax_tile_row(s.data() + rr * kTile, kt, ktp, st[r0 + rr]);
+                if (alpha != acc_t(1)) {
+                  acc_t* ar = acc.data() + (r0 + rr) * d.DV;
+                  for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
+                }
+              }
+              axpy_rows(s.data(), kTile, 1, vptr.data(), kt, d.DV, rows, acc.data() + r0 * d.DV,
+                        d.DV);
+            }
+          }
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            const acc_t inv = st[r].inv_sum();
+            scalar_t* orow = op_ + (bi * d.WQ + r) * d.CV + h * d.DV;
+            const acc_t* ar = acc.data() + r * d.DV;
+            for (int64_t c = 0; c < d.DV; ++c) orow[c] = static_cast<scalar_t>(ar[c] * inv);
+            lp[(bi * d.H + h) * d.WQ + r] = st[r].lse();
+          }
         }
       }
     });
@@ -401,8 +658,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
              dv = at::empty(v.sizes(), v.options());
   if (q.numel() + k.numel() + v.numel() == 0) return {dq, dk, dv};
   const int64_t* ip = idx.data_ptr<int64_t>();
-  const RoutingPlan plan = build_plan(ip, d.n, d.P, d.T);
-  at::Tensor Dbuf = at::empty_like(lse);
   TOKRED_DISPATCH_FLOATS(q.scalar_type(), "tokred_routed_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t scale = static_cast<acc_t>(scale_d);
@@ -410,140 +665,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
                          vr_ = rows_of<scalar_t>(v), gr_ = rows_of<scalar_t>(go),
                          or_ = rows_of<scalar_t>(o);
     const acc_t* lp = lse.data_ptr<acc_t>();
-    acc_t* Dp = Dbuf.data_ptr<acc_t>();
     scalar_t* dqp = dq.data_ptr<scalar_t>();
     scalar_t* dkp = dk.data_ptr<scalar_t>();
     scalar_t* dvp = dv.data_ptr<scalar_t>();
-    const int64_t keys = d.T * d.WK;
-
-    // D = rowsum(dO · O) per (query row, head).
-    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
-        for (int64_t r = 0; r < d.WQ; ++r) {
-          const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
-          const scalar_t* orow = or_.at(b, i, r) + h * d.DV;
-          acc_t sum = 0;
-          for (int64_t c = 0; c < d.DV; ++c)
-            sum += static_cast<acc_t>(gr[c]) * static_cast<acc_t>(orow[c]);
-          Dp[task * d.WQ + r] = sum;
-        }
+    const int64_t keys = d.T * d.WK, NK = d.P * d.WK, ldk = staged_ld(NK);
+    const int64_t WQp = round_up(d.WQ, kRows);
+    // One task per (batch, head): P and dS of each (query window, key tile) are computed once and
+    // feed dq of the window and the dk / dv accumulators of the batch's keys of that head. A key
+    // row sums its terms in ascending (query window, slot, query row) order within one task, so
+    // results do not depend on the thread count.
+    at::parallel_for(0, d.n * d.H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> kT(d.DQ * ldk), vT(d.DV * ldk), krow(NK * d.DQ), dka(NK * d.DQ),
+          dva(NK * d.DV), qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), lr(WQp),
+          Dr(WQp), dqa(WQp * d.DQ), kc(d.DQ * kTile, acc_t(0)), vc(d.DV * kTile, acc_t(0)),
+          pb(WQp * kTile), dsb(WQp * kTile), dpb(kRows * kTile), of(d.DV);
+      std::vector<const acc_t*> kptr(kTile), qptr(d.WQ), gptr(d.WQ);
+      for (int64_t r = 0; r < d.WQ; ++r) {
+        qptr[r] = qf.data() + r * d.DQ;
+        gptr[r] = gf.data() + r * d.DV;
       }
-    });
-
-    // dq per (batch, query window, head), kRows query rows at a time (rows padded with zeros).
-    const int64_t WQp = (d.WQ + kRows - 1) / kRows * kRows;
-    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), kT(d.DQ * kTile),
-          vT(d.DV * kTile), vals(kTile * d.DV), krows(kTile * d.DQ), s(kRows * kTile),
-          dp(kRows * kTile), accs(WQp * d.DQ);
+      std::vector<KeyRun> runs(kTile + 1);
       for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P, i = bi % d.P;
-        const int64_t* ridx = ip + bi * d.T;
-        for (int64_t r = 0; r < d.WQ; ++r) {
-          const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
-          const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
-          for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
-          for (int64_t c = 0; c < d.DV; ++c) gf[r * d.DV + c] = static_cast<acc_t>(gr[c]);
-        }
-        std::fill(accs.begin(), accs.end(), acc_t(0));
-        for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
-          const int64_t kt = std::min(kTile, keys - kk0);
-          load_key_tile<scalar_t, acc_t>(kr_, vr_, ridx, d, b, h, kk0, kt, kT.data(),
-                                         vals.data(), krows.data());
-          for (int64_t x = 0; x < kt; ++x)
-            for (int64_t c = 0; c < d.DV; ++c) vT[c * kTile + x] = vals[x * d.DV + c];
-          for (int64_t r0 = 0; r0 < WQp; r0 += kRows) {
-            tile_scores_rows(qf.data() + r0 * d.DQ, d.DQ, kT.data(), kt, scale, s.data());
-            tile_scores_rows(gf.data() + r0 * d.DV, d.DV, vT.data(), kt, acc_t(1), dp.data());
-            for (int64_t rr = 0; rr < kRows; ++rr) {
-              const int64_t r = r0 + rr;
-              // Padded rows get dS = 0 (their lse / D are never read).
-              const acc_t l = r < d.WQ ? lp[task * d.WQ + r] : routing::neg_inf<acc_t>();
-              const acc_t D = r < d.WQ ? Dp[task * d.WQ + r] : acc_t(0);
-              acc_t* sr = s.data() + rr * kTile;
-              const acc_t* dpr = dp.data() + rr * kTile;
-              for (int64_t x = 0; x < kt; ++x)
-                sr[x] = routing::score_grad(routing::prob_from_lse(sr[x], l), dpr[x], D) * scale;
-            }
-            accumulate_rows(s.data(), krows.data(), kt, d.DQ, accs.data() + r0 * d.DQ);
+        const int64_t b = task / d.H, h = task % d.H;
+        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, krow.data());
+        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, vT.data(), ldk, nullptr);
+        std::fill(dka.begin(), dka.end(), acc_t(0));
+        std::fill(dva.begin(), dva.end(), acc_t(0));
+        for (int64_t i = 0; i < d.P; ++i) {
+          const int64_t bi = b * d.P + i;
+          const int64_t* ridx = ip + bi * d.T;
+          std::fill(lr.begin(), lr.end(), routing::neg_inf<acc_t>());  // padded rows: P = 0
+          std::fill(Dr.begin(), Dr.end(), acc_t(0));
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            const scalar_t* qrow = qr_.at(b, i, r) + h * d.DQ;
+            const scalar_t* grow = gr_.at(b, i, r) + h * d.DV;
+            const scalar_t* orow = or_.at(b, i, r) + h * d.DV;
+            acc_t* gfr = gf.data() + r * d.DV;
+            for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qrow[c]);
+            for (int64_t c = 0; c < d.DV; ++c) gfr[c] = static_cast<acc_t>(grow[c]);
+            for (int64_t c = 0; c < d.DV; ++c) of[c] = static_cast<acc_t>(orow[c]);
+            Dr[r] = dot_fixed(gfr, of.data(), d.DV);  // D = rowsum(dO · O)
+            lr[r] = lp[(bi * d.H + h) * d.WQ + r];
           }
-        }
-        for (int64_t r = 0; r < d.WQ; ++r) {
-          scalar_t* dst = dqp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
-          for (int64_t c = 0; c < d.DQ; ++c) dst[c] = static_cast<scalar_t>(accs[r * d.DQ + c]);
-        }
-      }
-    });
-
-    // dk, dv per (batch, key window, head): walk the pairs routed to this window in order.
-    // Keys of the window go in chunks of up to kTile (padded to kRows), query rows of each routed
-    // window in blocks of kRows; for every key the sum runs over (pair, query row) ascending.
-    at::parallel_for(0, d.n * d.P * d.H, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> kT(d.DQ * kTile), vT(d.DV * kTile), qf(WQp * d.DQ, acc_t(0)),
-          gf(WQp * d.DV, acc_t(0)), s(kRows * kTile), dp(kRows * kTile), pt(kRows * kTile),
-          dst(kRows * kTile), dka(kTile * d.DQ), dva(kTile * d.DV);
-      for (int64_t task = t0; task < t1; ++task) {
-        const int64_t h = task % d.H, bj = task / d.H, b = bj / d.P, j = bj % d.P;
-        const int64_t* off = plan.offsets.data() + b * (d.P + 1);
-        for (int64_t x0 = 0; x0 < d.WK; x0 += kTile) {
-          const int64_t kx = std::min(kTile, d.WK - x0);
-          const int64_t kxp = (kx + kRows - 1) / kRows * kRows;
-          std::fill(kT.begin(), kT.end(), acc_t(0));
-          std::fill(vT.begin(), vT.end(), acc_t(0));
-          for (int64_t x = 0; x < kx; ++x) {
-            const scalar_t* kr = kr_.at(b, j, x0 + x) + h * d.DQ;
-            const scalar_t* vr = vr_.at(b, j, x0 + x) + h * d.DV;
-            for (int64_t c = 0; c < d.DQ; ++c) kT[c * kTile + x] = static_cast<acc_t>(kr[c]);
-            for (int64_t c = 0; c < d.DV; ++c) vT[c * kTile + x] = static_cast<acc_t>(vr[c]);
-          }
-          std::fill(dka.begin(), dka.begin() + kxp * d.DQ, acc_t(0));
-          std::fill(dva.begin(), dva.begin() + kxp * d.DV, acc_t(0));
-          for (int64_t e = off[j]; e < off[j + 1]; ++e) {
-            const int64_t i = plan.entries[b * d.P * d.T + e] / d.T;
-            const int64_t bi = b * d.P + i;
-            for (int64_t r = 0; r < d.WQ; ++r) {
-              const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
-              const scalar_t* gr = gr_.at(b, i, r) + h * d.DV;
-              for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
-              for (int64_t c = 0; c < d.DV; ++c) gf[r * d.DV + c] = static_cast<acc_t>(gr[c]);
-            }
-            for (int64_t r0 = 0; r0 < WQp; r0 += kRows) {
-              tile_scores_rows(qf.data() + r0 * d.DQ, d.DQ, kT.data(), kx, scale, s.data());
-              tile_scores_rows(gf.data() + r0 * d.DV, d.DV, vT.data(), kx, acc_t(1), dp.data());
-              // P and dS of the block, transposed to key-major [key][query row in block].
+          std::fill(dqa.begin(), dqa.end(), acc_t(0));
+          for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
+            const int64_t kt = std::min(kTile, keys - kk0), ktp = round_up(kt, kLanes<acc_t>);
+            const int64_t nr = key_runs(ridx, d.WK, kk0, kt, runs.data());
+            gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
+            gather_cols(vT.data(), ldk, d.DV, runs.data(), nr, d.WK, vc.data(), kTile);
+            key_row_ptrs(krow.data(), d.DQ, runs.data(), nr, d.WK, kptr.data());
+            for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
+              acc_t* pr = pb.data() + r0 * kTile;
+              dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, scale, pr,
+                       kTile);
+              dot_rows(gf.data() + r0 * d.DV, d.DV, d.DV, vc.data(), kTile, ktp, acc_t(1),
+                       dpb.data(), kTile);
               for (int64_t rr = 0; rr < kRows; ++rr) {
-                const int64_t r = r0 + rr;
-                const int64_t lrow = (bi * d.H + h) * d.WQ + r;
-                const acc_t l = r < d.WQ ? lp[lrow] : routing::neg_inf<acc_t>();
-                const acc_t D = r < d.WQ ? Dp[lrow] : acc_t(0);
-                for (int64_t x = 0; x < kx; ++x) {
-                  const acc_t p = routing::prob_from_lse(s[rr * kTile + x], l);
-                  pt[(x % kRows) * kTile + (x / kRows) * kRows + rr] = p;
-                  dst[(x % kRows) * kTile + (x / kRows) * kRows + rr] =
-                      routing::score_grad(p, dp[rr * kTile + x], D) * scale;
-                }
-                for (int64_t x = kx; x < kxp; ++x) {
-                  pt[(x % kRows) * kTile + (x / kRows) * kRows + rr] = acc_t(0);
-                  dst[(x % kRows) * kTile + (x / kRows) * kRows + rr] = acc_t(0);
-                }
-              }
-              // For each group of kRows keys: dv[x] += Σ_rr P[rr][x] dO[rr], dk[x] += Σ_rr dS q.
-              for (int64_t xg = 0; xg < kxp; xg += kRows) {
-                const int64_t col = (xg / kRows) * kRows;
-                accumulate_rows_offset(pt.data(), col, gf.data() + r0 * d.DV, kRows, d.DV,
-                                       dva.data() + xg * d.DV);
-                accumulate_rows_offset(dst.data(), col, qf.data() + r0 * d.DQ, kRows, d.DQ,
-                                       dka.data() + xg * d.DQ);
+                acc_t* srow = pr + rr * kTile;
+                for (int64_t x = kt; x < ktp; ++x) srow[x] = routing::neg_inf<acc_t>();
+                probs_grads_row(srow, dpb.data() + rr * kTile, ktp, lr[r0 + rr], Dr[r0 + rr],
+                                scale, dsb.data() + (r0 + rr) * kTile);
               }
             }
+            // dq[r] += Σ_x dS[r][x] k[x]; for each slot's keys, dk[x] += Σ_r dS[r][x] q[r] and
+            // dv[x] += Σ_r P[r][x] dO[r].
+            axpy_rows(dsb.data(), kTile, 1, kptr.data(), kt, d.DQ, d.WQ, dqa.data(), d.DQ);
+            for (int64_t u = 0; u < nr; ++u) {
+              const KeyRun& run = runs[u];
+              const int64_t row0 = run.j * d.WK + run.y;
+              axpy_rows(dsb.data() + run.x, 1, kTile, qptr.data(), d.WQ, d.DQ, run.len,
+                        dka.data() + row0 * d.DQ, d.DQ);
+              axpy_rows(pb.data() + run.x, 1, kTile, gptr.data(), d.WQ, d.DV, run.len,
+                        dva.data() + row0 * d.DV, d.DV);
+            }
           }
-          for (int64_t x = 0; x < kx; ++x) {
-            scalar_t* dkr = dkp + (bj * d.WK + x0 + x) * d.CQ + h * d.DQ;
-            scalar_t* dvr = dvp + (bj * d.WK + x0 + x) * d.CV + h * d.DV;
-            for (int64_t c = 0; c < d.DQ; ++c) dkr[c] = static_cast<scalar_t>(dka[x * d.DQ + c]);
-            for (int64_t c = 0; c < d.DV; ++c) dvr[c] = static_cast<scalar_t>(dva[x * d.DV + c]);
+          for (int64_t r = 0; r < d.WQ; ++r) {
+            scalar_t* dst = dqp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
+            for (int64_t c = 0; c < d.DQ; ++c) dst[c] = static_cast<scalar_t>(dqa[r * d.DQ + c]);
           }
+        }
+        for (int64_t kx = 0; kx < NK; ++kx) {
+          scalar_t* dkr = dkp + (b * NK + kx) * d.CQ + h * d.DQ;
+          scalar_t* dvr = dvp + (b * NK + kx) * d.CV + h * d.DV;
+          for (int64_t c = 0; c < d.DQ; ++c) dkr[c] = static_cast<scalar_t>(dka[kx * d.DQ + c]);
+          for (int64_t c = 0; c < d.DV; ++c) dvr[c] = static_cast<scalar_t>(dva[kx * d.DV + c]);
         }
       }
     });
