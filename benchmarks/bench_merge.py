@@ -2,7 +2,8 @@
 
 Times tokred (ops.bipartite_match + ops.merge "wavg") against tokred_ext.reference.tome_step
 (upstream's bipartite_soft_matching + merge_wavg), eager and torch.compile'd, at ViT-S/B/L sizes.
-Prints medians (ms) and speed-ups; --json writes the rows.
+A second table times each ToMe op on its own (bipartite_match, merge, unmerge, merge_source) against
+its reference at ViT-B size. Prints medians (ms) and speed-ups; --json writes the rows.
 
     python benchmarks/bench_merge.py [--quick] [--json out.json] [--device cpu|cuda]
 """
@@ -68,6 +69,35 @@ def run(device, batches, dtypes, reps, warmup, compile_ref):
     return rows
 
 
+def per_op_rows(device, batches, dtype, reps, warmup):
+    """Each ToMe op alone against its reference, at ViT-B size (C = 768, r = 16)."""
+    rows = []
+    c, r = 768, 16
+    for b in batches:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(b, N, c, generator=g).to(device=device, dtype=dtype)
+        metric = torch.randn(b, N, D, generator=g).to(device=device, dtype=dtype)
+        size = torch.ones(b, N, 1, device=device, dtype=dtype)
+        idx = ops.bipartite_match(metric, r)
+        merged = ops.merge(x, size, *idx, "wavg")[0]
+        cases = {
+            "bipartite_match": (ops.bipartite_match, R.bipartite_match, (metric, r)),
+            "merge (wavg)": (ops.merge, R.merge, (x, size, *idx, "wavg")),
+            "unmerge": (ops.unmerge, R.unmerge, (merged, *idx, N)),
+            "merge_source": (ops.merge_source, R.merge_source, (None, *idx, N)),
+        }
+        for name, (mine, ref, args) in cases.items():
+            row = dict(device=device, op=name, B=b, C=c, r=r, dtype=str(dtype).split(".")[-1])
+            row["tokred_ms"] = median_ms(mine, args, reps, warmup, device)
+            row["reference_ms"] = median_ms(ref, args, reps, warmup, device)
+            row["vs_eager"] = row["reference_ms"] / row["tokred_ms"]
+            rows.append(row)
+            print("| %-4s | %-15s | %4d | %-8s | %9.3f | %9.3f | %6.1fx |" % (
+                device, name, b, row["dtype"], row["tokred_ms"], row["reference_ms"],
+                row["vs_eager"]), flush=True)
+    return rows
+
+
 def format_row(row):
     comp = ("%10.2f %7.1fx" % (row["compiled_ms"], row["vs_compiled"])
             if "compiled_ms" in row else "%10s %8s" % ("-", "-"))
@@ -94,6 +124,12 @@ def main():
         dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.float16]
         reps, warmup = (3, 1) if a.quick else ((5, 1) if device == "cpu" else (50, 10))
         rows += run(device, batches, dtypes, reps, warmup, not a.no_compile)
+    print("\n| dev  | op (ViT-B)      |    B | dtype    | tokred ms |    ref ms | vs ref  |")
+    for device in devices:
+        batches = [8] if a.quick else [64, 256]
+        reps, warmup = (3, 1) if a.quick else ((5, 1) if device == "cpu" else (50, 10))
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        rows += per_op_rows(device, batches, dtype, reps, warmup)
     if a.json:
         meta = dict(torch=torch.__version__, machine=platform.machine(),
                     threads=torch.get_num_threads(),

@@ -89,6 +89,12 @@ def bench_shape(name, n, P, w2, topk, C, H, dtype, device, reps, quick):
         if device == "cuda":
             row[f"{mode}_ref_peak_mib"] = _peak(make(reference.routed_attention), device) / 2**20
             row[f"{mode}_tokred_peak_mib"] = _peak(make(ops.routed_attention), device) / 2**20
+    # routed_gather alone (upstream's KVGather of the concatenated K/V), forward only.
+    kv = torch.cat([k, v], dim=-1)
+    t_ref = _time(lambda: reference.routed_gather(kv, r), device, reps)
+    t_ours = _time(lambda: ops.routed_gather(kv, r), device, reps)
+    row["gather_ref_ms"], row["gather_tokred_ms"] = 1e3 * t_ref, 1e3 * t_ours
+    row["gather_speedup"] = t_ref / t_ours
     elem = torch.empty(0, dtype=dtype).element_size()
     row["ref_gathered_kv_mib"] = n * P * topk * w2 * 2 * C * elem / 2**20
     row["ref_attn_matrix_mib"] = n * P * H * w2 * topk * w2 * elem / 2**20
@@ -146,7 +152,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}"
           + (", quick" if args.quick else ""))
     hdr = (f"{'shape':34s} {'dtype':8s} {'fwd ref':>9s} {'fwd ours':>9s} {'x':>5s} "
-           f"{'f+b ref':>9s} {'f+b ours':>9s} {'x':>5s} {'ref gather MiB':>14s} {'ours extra MiB':>14s}")
+           f"{'f+b ref':>9s} {'f+b ours':>9s} {'x':>5s} {'ref gather MiB':>14s} {'ours extra MiB':>14s} "
+           f"{'gather ref':>10s} {'gather ours':>11s} {'x':>5s}")
     print(hdr)
     for dtype in dtypes:
         for shape in SHAPES:
@@ -157,7 +164,8 @@ def main(argv=None):
                   f"{row['fwd_tokred_ms']:9.1f} {row['fwd_speedup']:5.2f} "
                   f"{row['fwd_bwd_ref_ms']:9.1f} {row['fwd_bwd_tokred_ms']:9.1f} "
                   f"{row['fwd_bwd_speedup']:5.2f} {row['ref_gathered_kv_mib']:14.1f} "
-                  f"{row['tokred_extra_mib']:14.2f}", flush=True)
+                  f"{row['tokred_extra_mib']:14.2f} {row['gather_ref_ms']:10.1f} "
+                  f"{row['gather_tokred_ms']:11.1f} {row['gather_speedup']:5.2f}", flush=True)
     if args.model:
         batch = args.model_batch or (64 if args.device == "cuda" else 4)
         for dtype in dtypes:

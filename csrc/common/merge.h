@@ -76,7 +76,9 @@ TOKRED_HD acc_t tome_score(acc_t dot, acc_t inv_a, acc_t inv_b, bool excluded) {
 // lower column.
 template <typename acc_t>
 TOKRED_HD void tome_argmax_step(acc_t v, int64_t j, acc_t& best, int64_t& best_j) {
-  if (best_j < 0 || comes_before(v, j, best, best_j, /*largest=*/true)) {
+  // Callers visit j in ascending order, so comes_before(v, j, best, best_j) reduces to: v is
+  // larger, or v is the first NaN. One compare on the common path keeps the scan fast.
+  if (best_j < 0 || v > best || (v != v && best == best)) {
     best = v;
     best_j = j;
   }

@@ -18,29 +18,17 @@
 namespace tokred {
 namespace {
 
-// One batch row of the matching, given the raw A·B dot products `dots` [na, nb] of that row.
-template <typename scalar_t, typename acc_t>
-void match_row(const scalar_t* m, const acc_t* dots, const TomeDims& d, int64_t D,
-               bool class_token, bool distill_token, int64_t* unm, int64_t* src, int64_t* dst) {
-  const int64_t n = d.n, na = d.na, nb = d.nb;
-  std::vector<acc_t> inv(n), node_max(na);
+// One batch row of the matching, given the row's cosine scores [na, nb] (excluded pairs -inf).
+template <typename acc_t>
+void match_row(const acc_t* scores, const TomeDims& d, bool class_token, int64_t* unm,
+               int64_t* src, int64_t* dst) {
+  const int64_t na = d.na, nb = d.nb;
+  std::vector<acc_t> node_max(na);
   std::vector<int64_t> node_idx(na), rank(na);
-  for (int64_t t = 0; t < n; ++t) {
-    acc_t ss = 0;
-    for (int64_t k = 0; k < D; ++k) {
-      const acc_t v = static_cast<acc_t>(m[t * D + k]);
-      ss += v * v;
-    }
-    inv[t] = acc_t(1) / std::sqrt(ss);
-  }
   for (int64_t a = 0; a < na; ++a) {
     acc_t best = 0;
     int64_t best_j = -1;
-    for (int64_t j = 0; j < nb; ++j) {
-      const acc_t v = tome_score(dots[a * nb + j], inv[2 * a], inv[2 * j + 1],
-                                 tome_excluded(a, j, class_token, distill_token));
-      tome_argmax_step(v, j, best, best_j);
-    }
+    for (int64_t j = 0; j < nb; ++j) tome_argmax_step(scores[a * nb + j], j, best, best_j);
     node_max[a] = best;
     node_idx[a] = best_j;
   }
@@ -52,13 +40,15 @@ void match_row(const scalar_t* m, const acc_t* dots, const TomeDims& d, int64_t 
     return comes_before(node_max[x], x, node_max[y], y, /*largest=*/true);
   });
   for (int64_t i = 0; i < na; ++i) rank[order[i]] = i;
+  // tome_slot's placement as one ascending pass (tome_slot recounts the unmerged tokens before
+  // each a, which suits one thread per token on the GPU, not a loop).
+  int64_t next_unmerged = 0;
   for (int64_t a = 0; a < na; ++a) {
-    const int64_t slot = tome_slot(rank.data(), a, na, d.r, class_token);
-    if (slot < 0) {
-      src[-1 - slot] = a;
-      dst[-1 - slot] = node_idx[a];
+    if (rank[a] < d.r) {
+      src[rank[a]] = a;
+      dst[rank[a]] = node_idx[a];
     } else {
-      unm[slot] = a;
+      unm[class_token ? next_unmerged++ : rank[a] - d.r] = a;
     }
   }
 }
@@ -79,22 +69,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
     unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
     return {unm, src, dst};
   }
-  // Raw dot products of every A/B pair through the BLAS, in the accumulation dtype. (Only the
-  // CUDA kernel must not materialise the [B, na, nb] scores; on the CPU the GEMM is the fast way.)
+  // Cosine scores through the BLAS and vectorised ATen ops, in the accumulation dtype:
+  // dot · inv_a · inv_b in tome_score's order, excluded pairs -inf (tome_excluded). Only the CUDA
+  // kernel must not materialise the [B, na, nb] scores; on the CPU this is the fast way.
   const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
-  const at::Tensor dots =
-      at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)).contiguous();
+  const at::Tensor inv = at::reciprocal(at::sqrt(mf.square().sum(-1)));
+  at::Tensor scores = at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)) *
+                      inv.slice(1, 0, N, 2).unsqueeze(-1) * inv.slice(1, 1, N, 2).unsqueeze(1);
+  if (d.nb > 0) {
+    if (class_token) scores.select(1, 0).fill_(-INFINITY);
+    if (distill_token) scores.select(2, 0).fill_(-INFINITY);
+  }
+  scores = scores.contiguous();
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* mp = metric.data_ptr<scalar_t>();
-    const acc_t* dp_all = dots.data_ptr<acc_t>();
+    const acc_t* sc = scores.data_ptr<acc_t>();
     int64_t* up = unm.data_ptr<int64_t>();
     int64_t* sp = src.data_ptr<int64_t>();
     int64_t* dp = dst.data_ptr<int64_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        match_row(mp + b * N * D, dp_all + b * d.na * d.nb, d, D, class_token, distill_token,
-                  up + b * d.u, sp + b * r, dp + b * r);
+        match_row(sc + b * d.na * d.nb, d, class_token, up + b * d.u, sp + b * r, dp + b * r);
       }
     });
   });
