@@ -114,6 +114,10 @@ def test_patch_rejects_bad_input():
         tokred_ext.patch.timm(TimmLikeViT(), "tome")
     with pytest.raises(ValueError, match="no 'blocks'"):
         tokred_ext.patch.timm(nn.Linear(2, 2), TopK(0.5))
+    model = TimmLikeViT()
+    tokred_ext.patch.timm(model, TopK(0.5))
+    with pytest.raises(ValueError, match="do not take attention masks"):
+        model.blocks[0](torch.randn(1, 65, 64), attn_mask=torch.ones(65, 65, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------- real timm

@@ -7,6 +7,7 @@ A policy is handed to a model (``VisionTransformer(reduction=...)``) or to
 
 The policies hold no parameters. They call only ``tokred_ext.functional``.
 """
+import abc
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -50,7 +51,7 @@ def _check_rate(rate: float, what: str) -> None:
         raise ValueError(f"{what}: keep rate must be in (0, 1], got {rate}")
 
 
-class ReductionPolicy(nn.Module):
+class ReductionPolicy(nn.Module, abc.ABC):
     """Base class. Subclasses set what the attention must return and implement plan/reduce."""
 
     name = "none"
@@ -65,13 +66,15 @@ class ReductionPolicy(nn.Module):
         """Whether the attention takes proportional (``log(size)``) attention."""
         return False
 
+    @abc.abstractmethod
     def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
-        raise NotImplementedError
+        """The amount to reduce after each of ``depth`` blocks (None: no reduction there)."""
 
+    @abc.abstractmethod
     def reduce(self, x: Tensor, amount: float, scores: Optional[Tensor],
                metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
                num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        raise NotImplementedError
+        """One reduction step: the reduced tokens, their sizes and the source map."""
 
     def _check_locs(self, depth: int) -> None:
         for loc in self.locs:

@@ -61,14 +61,16 @@ class KVGather(nn.Module):
 
     def __init__(self, mul_weight: str = "none"):
         super().__init__()
-        if mul_weight not in ("none", "soft", "hard"):
-            raise ValueError(f"mul_weight must be 'none', 'soft' or 'hard', got {mul_weight!r}")
+        if mul_weight == "hard":
+            raise ValueError("differentiable hard routing (diff_routing=True without soft_routing) "
+                             "is not implemented, upstream neither: use soft_routing=True or "
+                             "diff_routing=False")
+        if mul_weight not in ("none", "soft"):
+            raise ValueError(f"mul_weight must be 'none' or 'soft', got {mul_weight!r}")
         self.mul_weight = mul_weight
         self.backend = "tokred"
 
     def forward(self, r_idx: Tensor, r_weight: Tensor, kv: Tensor) -> Tensor:
-        if self.mul_weight == "hard":
-            raise NotImplementedError("differentiable hard routing TBA (as upstream)")
         weight = r_weight if self.mul_weight == "soft" else None
         if self.backend == "reference":
             return reference.routed_gather(kv, r_idx, weight)
@@ -176,8 +178,9 @@ class BiLevelRoutingAttention(nn.Module):
         elif kv_downsample_mode == "identity":
             self.kv_down = nn.Identity()
         elif kv_downsample_mode in ("fracpool", "conv"):
-            raise NotImplementedError(f"{kv_downsample_mode} policy is not implemented "
-                                      "(nor upstream)")
+            raise ValueError(f"kv_downsample_mode {kv_downsample_mode!r} is not implemented, "
+                             "upstream neither: use identity, avgpool, maxpool, ada_avgpool or "
+                             "ada_maxpool")
         else:
             raise ValueError(f"kv_downsample_mode {kv_downsample_mode} is not supported")
         self.attn_act = nn.Softmax(dim=-1)

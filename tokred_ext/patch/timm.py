@@ -19,7 +19,8 @@ class _TokredBlock:
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
         if attn_mask is not None or is_causal:
-            raise NotImplementedError("tokred's patched blocks do not take attention masks")
+            raise ValueError("tokred's patched blocks do not take attention masks (attn_mask, "
+                             "is_causal): token reduction changes the sequence the mask refers to")
         st = self._tokred_state
         policy = st["policy"]
         if self._tokred_layer == 0:
