@@ -32,6 +32,23 @@ constexpr int kKeyTile = kWarp;
 constexpr int kMaxPerLane = 8;  // head dims up to kWarp * kMaxPerLane = 256
 constexpr int64_t kMaxHeadDim = kWarp * kMaxPerLane;
 
+// A warp's row accumulator, lane-strided over channels c = lane + kWarp·u < D:
+// acc[u] = acc[u]·alpha + Σ_{x<n} w[x]·M[x·ld + c]. Forward P·V (alpha: the online-softmax
+// rescale), dq = dS·K, dv = Pᵀ·dO and dk = dSᵀ·Q (alpha = 1, exact) all take this form.
+template <typename acc_t>
+__device__ __forceinline__ void lane_accumulate(acc_t (&acc)[kMaxPerLane], acc_t alpha,
+                                                const acc_t* w, const acc_t* M, int64_t n,
+                                                int64_t ld, int64_t D, int lane) {
+  #pragma unroll
+  for (int u = 0; u < kMaxPerLane; ++u) {
+    const int64_t c = lane + int64_t(u) * kWarp;
+    if (c >= D) break;
+    acc_t a = acc[u] * alpha;
+    for (int64_t x = 0; x < n; ++x) a += w[x] * M[x * ld + c];
+    acc[u] = a;
+  }
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 unsigned grid_1d(int64_t work, int threads) {
@@ -341,14 +358,7 @@ __global__ void __launch_bounds__(kThreads)
       st[rr].l += warp_sum(p);
       P_w[lane] = p;
       __syncwarp();
-      #pragma unroll
-      for (int u = 0; u < kMaxPerLane; ++u) {
-        const int64_t c = lane + int64_t(u) * kWarp;
-        if (c >= d.DV) break;
-        acc_t a = acc[rr][u] * alpha;
-        for (int64_t x = 0; x < kt; ++x) a += P_w[x] * Vs[x * (d.DV + 1) + c];
-        acc[rr][u] = a;
-      }
+      lane_accumulate(acc[rr], alpha, P_w, Vs, kt, d.DV + 1, d.DV, lane);
       __syncwarp();
     }
   }
@@ -428,14 +438,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       S_w[lane] = ds;
       __syncwarp();
-      #pragma unroll
-      for (int u = 0; u < kMaxPerLane; ++u) {
-        const int64_t c = lane + int64_t(u) * kWarp;
-        if (c >= d.DQ) break;
-        acc_t a = acc[rr][u];
-        for (int64_t x = 0; x < kt; ++x) a += S_w[x] * Ks[x * (d.DQ + 1) + c];
-        acc[rr][u] = a;
-      }
+      lane_accumulate(acc[rr], acc_t(1), S_w, Ks, kt, d.DQ + 1, d.DQ, lane);
       __syncwarp();
     }
   }
@@ -525,20 +528,8 @@ __global__ void __launch_bounds__(kThreads)
         P_w[lane] = p;
         S_w[lane] = ds;
         __syncwarp();
-        #pragma unroll
-        for (int u = 0; u < kMaxPerLane; ++u) {
-          const int64_t c = lane + int64_t(u) * kWarp;
-          if (c < d.DV) {
-            acc_t a = dva[rr][u];
-            for (int64_t y = 0; y < yt; ++y) a += P_w[y] * Gs[y * (d.DV + 1) + c];
-            dva[rr][u] = a;
-          }
-          if (c < d.DQ) {
-            acc_t a = dka[rr][u];
-            for (int64_t y = 0; y < yt; ++y) a += S_w[y] * Qs[y * (d.DQ + 1) + c];
-            dka[rr][u] = a;
-          }
-        }
+        lane_accumulate(dva[rr], acc_t(1), P_w, Gs, yt, d.DV + 1, d.DV, lane);
+        lane_accumulate(dka[rr], acc_t(1), S_w, Qs, yt, d.DQ + 1, d.DQ, lane);
         __syncwarp();
       }
     }
