@@ -59,8 +59,10 @@ def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: in
     k = keep if isinstance(keep, int) else evit_keep_count(keep, n)
     if k >= n:
         return x, _identity_index(x, n)
-    return ops.prune_tokens(x, scores.to(x.dtype) if scores.dtype != x.dtype else scores, k,
-                            fuse=fuse, num_protected=num_protected, keep_order=keep_order)
+    # Scores keep their own dtype (e.g. float32 attention under autocast): the op accumulates in
+    # float32 and rounding them to x's dtype would only create ties.
+    return ops.prune_tokens(x, scores, k, fuse=fuse, num_protected=num_protected,
+                            keep_order=keep_order)
 
 
 def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
