@@ -1,0 +1,148 @@
+"""ToMe ops (csrc/cuda/merge.cu, segment.cu): emulated CUDA against the CPU kernels."""
+import os
+import sys
+
+import pytest
+import torch
+
+from differential import DTYPES, assert_both_raise, compare
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from merge_cases import random_sizes, separated_metric  # noqa: E402
+
+MODES = ["sum", "mean", "amax", "wavg"]
+PROTECT = [(True, False), (False, False), (True, True), (False, True)]
+PROTECT_IDS = ["cls", "none", "cls+dist", "dist"]
+
+
+def sign_metric(b, n, d, g, dtype):
+    """Entries +-1: every token has squared norm d, so similarities are dot / d with integer dots.
+    Different dots differ by far more than rounding, equal dots are computed from equal inputs:
+    both backends must find the same match, exact ties (cosine exactly 1 among them) included. A
+    zero token gives NaN similarities, which rank as the largest."""
+    m = torch.randint(0, 2, (b, n, d), generator=g).to(torch.float64) * 2 - 1
+    m[0, min(4, n - 1)] = 0
+    if n > 8:
+        m[-1, 6] = m[-1, 2]  # duplicated tokens
+        m[-1, 7] = m[-1, 3]
+    return m.to(dtype)
+
+
+# --------------------------------------------------------------------------- bipartite_match
+
+# N > 256: several chunks of 128 A tokens; N / 2 > 32: several B tiles; D > 16 and D % 16 != 0:
+# several channel tiles with a ragged last one.
+@pytest.mark.parametrize("n,d", [(2, 3), (3, 5), (9, 16), (17, 20), (197, 40), (300, 7), (601, 33)])
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bipartite_match(n, d, cls, dist, dtype):
+    g = torch.Generator().manual_seed(n * d)
+    metric = sign_metric(3, n, d, g, dtype)
+    cap = (n - cls - dist) // 2
+    for r in sorted({0, 1, cap // 2, cap, cap + 3}):
+        compare("bipartite_match", metric, r, cls, dist)
+
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_bipartite_match_separated_float_metric(cls, dist):
+    g = torch.Generator().manual_seed(7)
+    for n in (16, 197):
+        metric = separated_metric(2, n, cls, dist, torch.float32, generator=g)
+        compare("bipartite_match", metric, n // 3, cls, dist)
+        compare("bipartite_match", metric.transpose(1, 2).contiguous().transpose(1, 2), n // 3, cls, dist)
+
+
+def test_bipartite_match_over_default_shared_memory():
+    # float64 with N = 2500 needs 50,000 B of shared memory: the launch opts in past 48 KiB.
+    g = torch.Generator().manual_seed(8)
+    compare("bipartite_match", sign_metric(1, 2500, 3, g, torch.float64), 1000, True, False)
+
+
+# --------------------------------------------------------------------------- merge family
+
+def _match(b, n, r, cls, dist, g, index_dtype=torch.int64):
+    metric = separated_metric(b, n, cls, dist, generator=g)
+    return tuple(i.to(index_dtype) for i in torch.ops.tokred.bipartite_match(metric, r, cls, dist))
+
+
+def _tokens(b, n, c, dtype, g, ties):
+    # With ties, values repeat across tokens, so amax has several maximal members.
+    x = torch.randint(-3, 4, (b, n, c), generator=g).double() if ties else torch.randn(b, n, c, generator=g)
+    return x.to(dtype)
+
+
+CASES = [(17, 5), (16, 7), (9, 100), (8, 0), (2, 1), (197, 60)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_and_backward(mode, cls, dist, dtype):
+    g = torch.Generator().manual_seed(9)
+    for n, r in CASES:
+        index_dtype = torch.int32 if n % 2 else torch.int64
+        idx = _match(3, n, r, cls, dist, g, index_dtype)
+        for ties in (False, True):
+            x = _tokens(3, n, 12, dtype, g, ties)
+            for size in (None, random_sizes(3, n, dtype, generator=g)):
+                out, _ = compare("merge", x, size, *idx, mode, dist, scale=4)
+                grad = torch.randn(out.shape, generator=g).to(dtype)
+                compare("_merge_backward", grad, x, size, *idx, mode, dist, scale=4)
+                strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+                compare("merge", strided, size, *idx, mode, dist, scale=4)
+
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unmerge_and_backward(cls, dist, dtype):
+    g = torch.Generator().manual_seed(10)
+    for n, r in CASES:
+        idx = _match(2, n, r, cls, dist, g, torch.int32 if n % 2 else torch.int64)
+        r_eff = idx[1].shape[1]
+        y = torch.randn(2, n - r_eff, 10, generator=g).to(dtype)
+        compare("unmerge", y, *idx, n, dist, exact=(0,))
+        grad = torch.randn(2, n, 10, generator=g).to(dtype)
+        compare("_unmerge_backward", grad, *idx, dist)
+
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_merge_source(cls, dist):
+    g = torch.Generator().manual_seed(11)
+    for n, r in CASES:
+        idx = _match(2, n, r, cls, dist, g, torch.int32 if n % 2 else torch.int64)
+        compare("merge_source", None, *idx, n, dist)
+        source = torch.randint(0, n, (2, 3 * n), generator=g)
+        compare("merge_source", source, *idx, n, dist)
+        compare("merge_source", source.int(), *idx, n, dist)
+
+
+# --------------------------------------------------------------------------- device-side checks
+
+def test_bad_indices_raise_clear_errors():
+    g = torch.Generator().manual_seed(12)
+    n = 10
+    unm, src, dst = _match(1, n, 2, True, False, g)
+    x = torch.randn(1, n, 4)
+    bad_dst = dst.clone()
+    bad_dst[0, 0] = 7
+    assert_both_raise("merge", x, None, unm, src, bad_dst, "sum", False, match=r"dst_idx")
+    bad_src = src.clone()
+    bad_src[0, 0] = -4
+    assert_both_raise("merge", x, None, unm, bad_src, dst, "mean", False, match=r"src_idx")
+    # A token listed twice leaves another without an output.
+    dup_unm = unm.clone()
+    dup_unm[0, 1] = dup_unm[0, 2]
+    assert_both_raise("merge", x, None, dup_unm, src, dst, "wavg", False, match=r"merge")
+    grad = torch.randn(1, n - 2, 4)
+    assert_both_raise("_merge_backward", grad, x, None, dup_unm, src, dst, "amax", False, match=r"merge")
+    assert_both_raise("unmerge", grad, dup_unm, src, dst, n, False, match=r"unmerge|unm_idx")
+    assert_both_raise("_unmerge_backward", x, dup_unm, src, dst, False, match=r"merge|unm_idx")
+    assert_both_raise("merge_source", None, dup_unm, src, dst, n, False, match=r"lists an A token twice")
+    assert_both_raise("merge_source", torch.tensor([[0, n]]), unm, src, dst, n, False,
+                      match=r"merge_source.*source")
+    # Regressions: CUDA merge_source returned -1 as a token id for a duplicated index, and read
+    # past the plan for a source map with more rows than the match.
+    assert_both_raise("merge_source", torch.zeros(1, 3, dtype=torch.long), dup_unm, src, dst, n, False,
+                      match=r"lists an A token twice")
+    assert_both_raise("merge_source", torch.zeros(64, 8, dtype=torch.long), unm, src, dst, n, False,
+                      match=r"merge_source.*batch size 64")
