@@ -119,7 +119,10 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
     check_dim(*source, 2, op, "source", "[B, N0]");
     check_same_device(*source, unm_idx, op, "source", "unm_idx");
   }
-  return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, op);
+  // With a source map, the match indices must have its batch: a kernel reads one plan row per
+  // source row.
+  const c10::SymInt batch = source.has_value() ? source->sym_size(0) : unm_idx.sym_size(0);
+  return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, op);
 }
 
 }  // namespace tokred

@@ -210,6 +210,16 @@ __global__ void plan_kernel(const int64_t* __restrict__ unm, const int64_t* __re
   }
 }
 
+// Every token must have an output. unm_idx and src_idx list na A tokens between them, so one
+// listed twice leaves another at -1; the CPU plan rejects that, and so must every CUDA consumer
+// of the plan (merge_source would otherwise return the -1 as a token id).
+__global__ void plan_complete_kernel(const int64_t* __restrict__ dest, int64_t total) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    CUDA_KERNEL_ASSERT(dest[i] >= 0 && "tokred: unm_idx or src_idx lists an A token twice");
+  }
+}
+
 struct PlanCuda {
   at::Tensor dest, order, offsets;  // [B, n], [B, n], [B, nout + 1]
   TomeDims d;
@@ -225,14 +235,18 @@ PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at
   if (r == 0) {  // no merge: the identity, as upstream's do_nothing
     p.dest = at::arange(n, unm.options()).expand({B, n}).contiguous();
   } else {
-    // A token listed twice leaves another one at -1: build_segments skips it as padding and an
-    // output ends up with no member, which the reduction kernels assert on.
+    // Tokens start at -1: plan_complete_kernel then rejects a plan that left one without output.
     p.dest = at::full({B, n}, -1, unm.options());
     const int64_t total = B * (p.d.u + p.d.r + p.d.nb);
     if (total > 0) {
       plan_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), B, p.d,
           p.dest.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    if (B * n > 0) {
+      plan_complete_kernel<<<blocks_for(B * n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          p.dest.data_ptr<int64_t>(), B * n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -432,7 +446,7 @@ at::Tensor merge_source_cuda(const std::optional<at::Tensor>& source_in, const a
   at::Tensor dest = build_plan(unm, src, dst, n, distill, /*segments=*/false).dest;
   if (!source_in.has_value()) return dest;
   const at::Tensor source = as_int64(*source_in);
-  const int64_t B = source.size(0), N0 = source.size(1);
+  const int64_t B = source.size(0), N0 = source.size(1);  // B is the plan's (check_merge_source)
   at::Tensor out = at::empty({B, N0}, source.options());
   if (B * N0 == 0) return out;
   source_kernel<<<blocks_for(B * N0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
