@@ -1,4 +1,6 @@
 """Shared test parameters: every test runs on the CPU, and on CUDA where kernels and a GPU exist."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ TOL = {
     torch.float16: dict(atol=2e-2, rtol=2e-2),
     torch.bfloat16: dict(atol=1e-1, rtol=5e-2),
 }
+
+
+def pytest_ignore_collect(collection_path, config):
+    """tests/simt runs the CUDA kernels under the emulator, against a library it builds first:
+    .ci/simt_check.sh runs it, and so does naming it (`pytest tests/simt`); `pytest tests` skips it."""
+    simt = Path(__file__).parent / "simt"
+    if collection_path != simt:
+        return None
+    named = [Path(str(a).split("::")[0]).resolve() for a in config.args]
+    return None if any(p == simt or simt in p.parents for p in named) else True
 
 
 @pytest.fixture(params=DEVICES)
