@@ -263,9 +263,11 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __
                               int64_t nout, int64_t C, MergeMode mode, scalar_t* __restrict__ out,
                               scalar_t* __restrict__ size_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * nout * C;
+  // With C == 0 one thread per output token still sums its size.
+  const int64_t lanes = C > 0 ? C : 1;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * nout * lanes;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i % C, bo = i / C, b = bo / nout, o = bo % nout;
+    const int64_t c = i % lanes, bo = i / lanes, b = bo / nout, o = bo % nout;
     const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
     CUDA_KERNEL_ASSERT(begin < end && "tokred::merge: an output token has no member");
     acc_t acc = 0, wsum = 0;
@@ -274,11 +276,14 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __
       if (t < 0 || t >= n) continue;
       const acc_t w = size ? static_cast<acc_t>(size[b * n + t]) : acc_t(1);
       wsum += w;
+      if (C == 0) continue;
       tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + t) * C + c]), w, acc);
       if (end - begin == 1) acc = static_cast<acc_t>(x[(b * n + t) * C + c]);
     }
-    out[i] = static_cast<scalar_t>(end - begin == 1 ? acc
-                                                    : tome_finish(mode, acc, wsum, end - begin));
+    if (C > 0) {
+      out[i] = static_cast<scalar_t>(end - begin == 1 ? acc
+                                                      : tome_finish(mode, acc, wsum, end - begin));
+    }
     if (c == 0 && size_out) size_out[bo] = static_cast<scalar_t>(wsum);
   }
 }
@@ -345,11 +350,11 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
                                                const std::optional<at::Tensor>& size_in,
                                                const PlanCuda& p, MergeMode mode) {
   const at::Tensor x = x_in.contiguous();
-  const int64_t C = x.size(2), total = p.B * p.d.nout * C;
+  const int64_t C = x.size(2), total = p.B * p.d.nout * std::max<int64_t>(C, 1);
   at::Tensor out = at::empty({p.B, p.d.nout, C}, x.options());
   at::Tensor size_out = at::empty({p.B, p.d.nout, 1}, x.options());
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
-  if (total == 0) return {out, size_out};
+  if (total == 0) return {out, size_out};  // no output token: C == 0 still sums the sizes
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_merge_cuda", [&] {
     reduce_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), size.defined() ? size.data_ptr<scalar_t>() : nullptr,

@@ -146,3 +146,37 @@ def test_bad_indices_raise_clear_errors():
                       match=r"lists an A token twice")
     assert_both_raise("merge_source", torch.zeros(64, 8, dtype=torch.long), unm, src, dst, n, False,
                       match=r"merge_source.*batch size 64")
+
+
+def test_empty_shapes():
+    compare("bipartite_match", torch.randn(0, 6, 3), 2, True, False)
+    compare("bipartite_match", torch.randn(2, 1, 3), 2, True, False)
+    idx = torch.ops.tokred.bipartite_match(torch.randn(2, 6, 3), 2, True, False)
+    for mode in MODES:
+        # Regression: with C = 0 the CUDA merge returned size_out uninitialised.
+        for size in (None, torch.rand(2, 6, 1)):
+            compare("merge", torch.randn(2, 6, 0), size, *idx, mode, False)
+            compare("_merge_backward", torch.randn(2, 4, 0), torch.randn(2, 6, 0), size, *idx, mode, False)
+    compare("unmerge", torch.randn(2, 4, 0), *idx, 6, False)
+    compare("_unmerge_backward", torch.randn(2, 6, 0), *idx, False)
+    compare("merge_source", torch.zeros(2, 0, dtype=torch.long), *idx, 6, False)
+    empty = torch.ops.tokred.bipartite_match(torch.randn(0, 6, 3), 2, True, False)
+    compare("merge", torch.randn(0, 6, 4), None, *empty, "wavg", False)
+    compare("merge_source", None, *empty, 6, False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_tokens_sizes_and_metric(mode):
+    nan = float("nan")
+    g = torch.Generator().manual_seed(14)
+    metric = torch.randn(2, 9, 4, generator=g)
+    metric[0, 2], metric[1, 3, 1] = nan, nan
+    compare("bipartite_match", metric, 3, True, False)
+    idx = torch.ops.tokred.bipartite_match(torch.randn(2, 9, 4, generator=g), 3, True, False)
+    x = torch.randn(2, 9, 5, generator=g)
+    x[0, 1, 2], x[1, :, 0] = nan, nan
+    size = torch.rand(2, 9, 1, generator=g) + 0.5
+    size[0, 3, 0], size[1, 4, 0] = nan, 0.0
+    for sz in (None, size):
+        out, _ = compare("merge", x, sz, *idx, mode, False)
+        compare("_merge_backward", torch.randn(out.shape, generator=g), x, sz, *idx, mode, False)
