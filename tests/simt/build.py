@@ -70,7 +70,7 @@ def _asan_loaded():
         return "libasan" in f.read()
 
 
-def build(out, asan=False, cuda_dir=None, verbose=False):
+def build(out, asan=False, cuda_dir=None, coverage=False, verbose=False):
     from torch.utils.cpp_extension import load
 
     if asan and not _asan_loaded():
@@ -93,6 +93,9 @@ def build(out, asan=False, cuda_dir=None, verbose=False):
     if asan:
         cflags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
+    if coverage:  # gcov line and branch counts, mapped to the .cu lines by cu2cpp's #line
+        cflags += ["--coverage", "-O0"]
+        ldflags += ["--coverage"]
     print("simt: building %d sources into %s%s" % (len(sources), out, " (AddressSanitizer)" if asan else ""),
           file=sys.stderr, flush=True)
     start = time.time()
@@ -107,12 +110,14 @@ def main():
     parser.add_argument("out", help="build directory")
     parser.add_argument("--asan", action="store_true", help="build with AddressSanitizer")
     parser.add_argument("--cuda-dir", help="directory of the .cu files (default csrc/cuda)")
+    parser.add_argument("--coverage", action="store_true", help="build with gcov counters (coverage.py)")
     parser.add_argument("--clean", action="store_true", help="remove the build directory first")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     if args.clean:
         shutil.rmtree(args.out, ignore_errors=True)
-    print(build(args.out, asan=args.asan, cuda_dir=args.cuda_dir, verbose=args.verbose))
+    print(build(args.out, asan=args.asan, cuda_dir=args.cuda_dir, coverage=args.coverage,
+                verbose=args.verbose))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,19 @@ def test_bad_region_index_raises_clear_errors():
     assert_both_raise("routed_attention", q, q, q, bad, 2, 0.5, match=r"r_idx")
     out, lse = torch.ops.tokred.routed_attention(q, q, q, torch.zeros_like(bad), 2, 0.5)
     assert_both_raise("_routed_attention_backward", out, q, q, q, bad, out, lse, 2, 0.5, match=r"r_idx")
+
+
+def test_empty_shapes():
+    ridx = torch.tensor([[[0], [1], [2]]])
+    no_routes = torch.zeros(1, 3, 0, dtype=torch.long)
+    q = torch.randn(1, 3, 2, 8)
+    for q, k, idx in [(torch.randn(1, 3, 0, 8), torch.randn(1, 3, 4, 8), ridx),  # no query rows
+                      (q, torch.randn(1, 3, 0, 8), ridx),  # no keys: lse = -inf, out = 0
+                      (q, q, no_routes),  # no routed region
+                      (torch.randn(0, 3, 2, 8), torch.randn(0, 3, 2, 8), torch.zeros(0, 3, 1, dtype=torch.long))]:
+        out, lse = compare("routed_attention", q, k, k, idx, 2, 0.5)
+        compare("_routed_attention_backward", torch.randn(out.shape), q, k, k, idx, out, lse, 2, 0.5)
+    compare("routed_gather", torch.randn(1, 3, 0, 4), ridx, None)
+    compare("routed_gather", torch.randn(1, 3, 2, 4), no_routes, torch.rand(1, 3, 0))
+    compare("_routed_gather_backward", torch.randn(1, 3, 0, 2, 4), torch.randn(1, 3, 2, 4), no_routes,
+            torch.rand(1, 3, 0))

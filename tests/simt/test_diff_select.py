@@ -172,3 +172,34 @@ def test_bad_indices_raise_clear_errors():
     out, index = torch.ops.tokred.prune_tokens(torch.randn(1, 7, 4), scores, 2, True, 1, False)
     assert_both_raise("_prune_tokens_backward", torch.randn(out.shape), torch.randn(1, 7, 4), scores,
                       torch.tensor([[0, 6]]), True, 1, match=r"kept index out of range|index")
+
+
+def test_empty_shapes():
+    long = torch.long
+    compare("topk", torch.randn(0, 5), 2, True, None)
+    compare("topk", torch.randn(3, 0), 0, True, None)
+    compare("topk", torch.randn(3, 4), 0, True, torch.tensor([1, 2, 3]))
+    compare("gather_tokens", torch.randn(2, 5, 0), torch.tensor([[0, 1], [2, -1]]))
+    compare("gather_tokens", torch.randn(2, 0, 3), torch.full((2, 2), -1))
+    compare("gather_tokens", torch.randn(2, 5, 3), torch.zeros(2, 0, dtype=long))
+    compare("_gather_tokens_backward", torch.randn(2, 0, 3), torch.zeros(2, 0, dtype=long), 4)
+    compare("_topk_backward", torch.randn(2, 0), torch.zeros(2, 0, dtype=long), 4)
+    compare("complement", torch.zeros(2, 0, dtype=long), 0)
+    compare("complement", torch.zeros(0, 2, dtype=long), 5)
+    for x, scores, k in [(torch.randn(0, 5, 3), torch.randn(0, 4), 2), (torch.randn(2, 1, 3), torch.randn(2, 0), 0),
+                         (torch.randn(2, 5, 0), torch.randn(2, 4), 2)]:
+        out, index = compare("prune_tokens", x, scores, k, True, 1, False)
+        compare("_prune_tokens_backward", torch.randn(out.shape), x, scores, index, True, 1)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_nan_scores_and_tokens(fuse):
+    nan = float("nan")
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 11, 6, generator=g)
+    x[0, 4, 2] = nan
+    scores = torch.rand(3, 10, generator=g)
+    scores[0, 3], scores[1, :] = nan, nan  # NaN ranks above every number
+    for keep_order in (False, True):
+        out, index = compare("prune_tokens", x, scores, 4, fuse, 1, keep_order)
+        compare("_prune_tokens_backward", torch.randn(out.shape, generator=g), x, scores, index, fuse, 1)
