@@ -59,8 +59,14 @@ struct OnlineSoftmax {
   }
 
   // Moves to the new max max(m, tile_max). Returns the factor the running sum and the output
-  // accumulator must be multiplied by. Keeps all-(-inf) rows finite (factor 1, sum 0).
+  // accumulator must be multiplied by. Keeps all-(-inf) rows finite (factor 1, sum 0). A NaN
+  // score (tile_max is NaN: callers take a NaN-propagating max) makes the whole row NaN, as
+  // softmax does: m, l and the factor become NaN and stay so.
   TOKRED_HD acc_t rescale(acc_t tile_max) {
+    if (tile_max != tile_max || m != m) {
+      m = l = tile_max != tile_max ? tile_max : m;
+      return m;
+    }
     const acc_t m_new = tile_max > m ? tile_max : m;
     acc_t alpha = acc_t(1);
     if (m_new != m) alpha = (m == neg_inf<acc_t>()) ? acc_t(0) : acc_exp(m - m_new);
@@ -74,11 +80,26 @@ struct OnlineSoftmax {
     return m == neg_inf<acc_t>() ? acc_t(0) : acc_exp(s - m);
   }
 
-  // Log-sum-exp of the scores seen: the softmax normaliser saved for the backward.
-  TOKRED_HD acc_t lse() const { return l > acc_t(0) ? m + acc_log(l) : neg_inf<acc_t>(); }
+  // Log-sum-exp of the scores seen: the softmax normaliser saved for the backward. NaN for a row
+  // with a NaN score, +inf for one with +inf (as torch.logsumexp), -inf for a row without keys.
+  TOKRED_HD acc_t lse() const {
+    if (m != m || m == -neg_inf<acc_t>()) return m;  // a NaN score; else +inf (torch.logsumexp)
+    if (l != l) return l;
+    return l > acc_t(0) ? m + acc_log(l) : neg_inf<acc_t>();
+  }
 
-  TOKRED_HD acc_t inv_sum() const { return l > acc_t(0) ? acc_t(1) / l : acc_t(0); }
+  // 1 / l, to normalise the output; 0 for a row without keys (its output is 0), NaN for NaN.
+  TOKRED_HD acc_t inv_sum() const {
+    if (l != l) return l;
+    return l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+  }
 };
+
+// max that propagates NaN (a plain a > b ? a : b drops a NaN b), for the row maxima above.
+template <typename acc_t>
+TOKRED_HD acc_t nan_max(acc_t a, acc_t b) {
+  return (b > a || b != b) ? b : a;
+}
 
 // Backward: the probability of a score given the row's saved log-sum-exp.
 template <typename acc_t>

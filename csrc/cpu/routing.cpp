@@ -283,7 +283,7 @@ TOKRED_INLINE T vsum(Vec<T> v) {
 template <typename T>
 TOKRED_INLINE T vmax(const Vec<T>& v) {
   T m = v[0];
-  for (int64_t l = 1; l < kLanes<T>; ++l) m = v[l] > m ? v[l] : m;
+  for (int64_t l = 1; l < kLanes<T>; ++l) m = routing::nan_max(m, v[l]);
   return m;
 }
 
@@ -394,7 +394,7 @@ TOKRED_INLINE T softmax_tile_row_impl(T* s, int64_t kt, int64_t ktp, OnlineSoftm
   V mv = vsplat(routing::neg_inf<T>());
   for (int64_t x = 0; x < ktp; x += kLanes<T>) {
     const V v = vload(s + x);
-    mv = v > mv ? v : mv;
+    mv = (v > mv) | (v != v) ? v : mv;  // NaN propagates (routing::nan_max, lane-wise)
   }
   const T alpha = sm.rescale(vmax<T>(mv));
   if (sm.m == routing::neg_inf<T>()) {

@@ -55,12 +55,10 @@ unsigned grid_1d(int64_t work, int threads) {
   return static_cast<unsigned>(std::min<int64_t>(ceil_div(work, threads), 65535 * 16));
 }
 
+// Max over the warp; NaN propagates (any NaN lane makes every lane NaN).
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_max(acc_t x) {
-  for (int o = kWarp / 2; o > 0; o /= 2) {
-    const acc_t y = __shfl_xor_sync(0xffffffffu, x, o);
-    x = y > x ? y : x;
-  }
+  for (int o = kWarp / 2; o > 0; o /= 2) x = routing::nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 

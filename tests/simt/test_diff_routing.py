@@ -98,3 +98,24 @@ def test_empty_shapes():
     compare("routed_gather", torch.randn(1, 3, 2, 4), no_routes, torch.rand(1, 3, 0))
     compare("_routed_gather_backward", torch.randn(1, 3, 0, 2, 4), torch.randn(1, 3, 2, 4), no_routes,
             torch.rand(1, 3, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_nan_and_inf_propagate_alike(dtype):
+    # Regression: the CUDA warp max and the CPU max dropped NaN scores, and the two backends
+    # disagreed (zeros, -inf lse, dropped windows) where softmax gives NaN.
+    nan, inf = float("nan"), float("inf")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 3, 4, 16, generator=g).to(dtype)
+    k, v = torch.randn(q.shape, generator=g).to(dtype), torch.randn(q.shape, generator=g).to(dtype)
+    q[0, 0, 1, 0] = nan  # a NaN query row
+    k[0, 1] = nan        # a window whose keys are all NaN
+    v[0, 2, 0, 3] = inf
+    idx = torch.tensor([[[0, 2], [2, 0], [0, 1]]])
+    for scale in (0.25, nan):
+        out, lse = compare("routed_attention", q, k, v, idx, 2, scale)
+        compare("_routed_attention_backward", torch.randn(out.shape, generator=g).to(dtype), q, k, v, idx,
+                out, lse, 2, scale, scale=4)
+    big = torch.randn(1, 3, 4, 16, generator=g).to(dtype)
+    big[0, 1, 2, 5] = inf  # a +inf score: softmax NaN, lse +inf
+    out, lse = compare("routed_attention", big, big, big, idx, 1, 1.0)
