@@ -59,6 +59,12 @@ TOKRED_HD int64_t tome_dst_out(int64_t j, const TomeDims& d) {
   return (d.distill && j == 0) ? 1 : d.u + j;
 }
 
+// True if output o is a destination (a B token, which merged sources may join); false for an
+// unmerged A token.
+TOKRED_HD bool tome_is_dst_out(int64_t o, const TomeDims& d) {
+  return d.distill ? (o == 1 || o > d.u) : o >= d.u;
+}
+
 // Pairs excluded from matching: the class token's row (A[0]) and the distillation token's
 // column (B[0]).
 TOKRED_HD bool tome_excluded(int64_t a, int64_t j, bool class_token, bool distill_token) {
@@ -110,6 +116,15 @@ TOKRED_HD void tome_accumulate(MergeMode mode, bool first, acc_t v, acc_t w, acc
   }
 }
 
+// True if an output whose only member has weight w is that member's value, copied exactly.
+// Without a merge (r = 0: upstream's blocks skip merging) every output is; otherwise every mode
+// but wavg, and wavg only for a finite, nonzero weight: (w·x)/w is NaN for a size of 0, NaN or
+// inf, as upstream's x·size / size.
+template <typename acc_t>
+TOKRED_HD bool tome_lone_copies(MergeMode mode, acc_t w, bool merging) {
+  return !merging || mode != MergeMode::kWavg || (w == w && w != acc_t(0) && w - w == acc_t(0));
+}
+
 // The reduced value of an output with `count` members whose weights sum to wsum.
 template <typename acc_t>
 TOKRED_HD acc_t tome_finish(MergeMode mode, acc_t acc, acc_t wsum, int64_t count) {
@@ -120,16 +135,19 @@ TOKRED_HD acc_t tome_finish(MergeMode mode, acc_t acc, acc_t wsum, int64_t count
 
 // d out / d member: the share of an output's gradient that a member with value v and weight w
 // receives. amax splits it evenly between the members equal to the maximum (as torch's
-// scatter_reduce); `ties` is how many members equal out.
+// scatter_reduce); `ties` is how many members equal out. A NaN maximum of a destination passes
+// NaN to every member, as scatter_reduce's backward does; an unmerged token's NaN passes through
+// (upstream gathers it).
 template <typename acc_t>
 TOKRED_HD acc_t tome_grad_coef(MergeMode mode, acc_t v, acc_t w, acc_t out, acc_t wsum,
-                               int64_t count, int64_t ties) {
+                               int64_t count, int64_t ties, bool destination) {
   switch (mode) {
     case MergeMode::kMean:
       return acc_t(1) / static_cast<acc_t>(count);
     case MergeMode::kWavg:
       return w / wsum;
     case MergeMode::kAmax:
+      if (out != out) return destination ? out : acc_t(1);
       return v == out ? acc_t(1) / static_cast<acc_t>(ties) : acc_t(0);
     default:
       return acc_t(1);

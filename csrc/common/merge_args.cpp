@@ -31,7 +31,7 @@ c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r
 
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
                                 const at::Tensor& dst_idx, const c10::SymInt& batch,
-                                const c10::SymInt& n, const char* op) {
+                                const c10::SymInt& n, bool distill, const char* op) {
   check_index(unm_idx, op, "unm_idx");
   check_index(src_idx, op, "src_idx");
   check_index(dst_idx, op, "dst_idx");
@@ -52,12 +52,18 @@ c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src
   TOKRED_SYM_CHECK((unm_idx.sym_size(1) + r).sym_eq(na), op, "unm_idx",
                    "and src_idx must together list the ceil(N/2) = ", na,
                    " tokens of set A, got ", unm_idx.sym_size(1), " + ", r);
+  // Without an unmerged token, output 0 (the class token's slot) would have no member.
+  if (distill) {
+    TOKRED_SYM_CHECK((unm_idx.sym_size(1).sym_ge(1)).sym_or(n.sym_eq(0)), op, "unm_idx",
+                     "must keep at least the class token with distill_token=True, got none");
+  }
   return r;
 }
 
 c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                        const at::Tensor& dst_idx, std::string_view mode, const char* op) {
+                        const at::Tensor& dst_idx, std::string_view mode, bool distill,
+                        const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, N, C]");
   parse_merge_mode(mode, op);
@@ -72,7 +78,7 @@ c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& si
                  s.sym_sizes());
   }
   check_same_device(x, unm_idx, op, "x", "unm_idx");
-  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), distill, op);
 }
 
 void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
@@ -89,21 +95,23 @@ void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, cons
 
 c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
                                    const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                                   const char* op) {
+                                   bool distill, const char* op) {
   check_float(grad, op, "grad");
   check_dim(grad, 3, op, "grad", "[B, n, C]");
   check_same_device(grad, unm_idx, op, "grad", "unm_idx");
-  return check_match_indices(unm_idx, src_idx, dst_idx, grad.sym_size(0), grad.sym_size(1), op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, grad.sym_size(0), grad.sym_size(1),
+                             distill, op);
 }
 
 c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
                           const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const c10::SymInt& n, const char* op) {
+                          const c10::SymInt& n, bool distill, const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, n - r, C]");
   check_same_device(x, unm_idx, op, "x", "unm_idx");
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
-  const c10::SymInt r = check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), n, op);
+  const c10::SymInt r =
+      check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), n, distill, op);
   TOKRED_SYM_CHECK(x.sym_size(1).sym_eq(n - r), op, "x", "must have n - r = ", n - r,
                    " tokens, got ", x.sym_size(1));
   return r;
@@ -111,7 +119,7 @@ c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
 
 c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
                                const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                               const c10::SymInt& n) {
+                               const c10::SymInt& n, bool distill) {
   const char* op = "merge_source";
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
   if (source.has_value()) {
@@ -122,7 +130,7 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
   // With a source map, the match indices must have its batch: a kernel reads one plan row per
   // source row.
   const c10::SymInt batch = source.has_value() ? source->sym_size(0) : unm_idx.sym_size(0);
-  return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, distill, op);
 }
 
 }  // namespace tokred

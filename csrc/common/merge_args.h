@@ -23,15 +23,17 @@ c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r
                                   bool class_token, bool distill_token);
 
 // The three index tensors of a match for a sequence of n tokens: unm_idx [B, ceil(n/2) - r],
-// src_idx [B, r], dst_idx [B, r]. Returns r.
+// src_idx [B, r], dst_idx [B, r]. With a distillation token, unm_idx keeps at least the class
+// token (upstream's layout puts it first). Returns r.
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
                                 const at::Tensor& dst_idx, const c10::SymInt& batch,
-                                const c10::SymInt& n, const char* op);
+                                const c10::SymInt& n, bool distill, const char* op);
 
 // x [B, N, C], size None or [B, N, 1] of x's dtype. Returns r.
 c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                        const at::Tensor& dst_idx, std::string_view mode, const char* op);
+                        const at::Tensor& dst_idx, std::string_view mode, bool distill,
+                        const char* op);
 
 // grad_out [B, N - r, C] of x's dtype and batch, for a merge of x [B, N, C].
 void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
@@ -40,16 +42,16 @@ void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, cons
 // grad [B, n, C], the gradient of an unmerge to n tokens. Returns r.
 c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
                                    const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                                   const char* op);
+                                   bool distill, const char* op);
 
 // x [B, n - r, C]. Returns r.
 c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
                           const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const c10::SymInt& n, const char* op);
+                          const c10::SymInt& n, bool distill, const char* op);
 
 // source None or [B, N0] int of token positions in [0, n). Returns r.
 c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
                                const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                               const c10::SymInt& n);
+                               const c10::SymInt& n, bool distill);
 
 }  // namespace tokred

@@ -36,6 +36,7 @@ void check_topk_backward(const at::Tensor& grad, const at::Tensor& indices, cons
   const char* op = "_topk_backward";
   check_float(grad, op, "grad_values");
   check_index(indices, op, "indices");
+  check_same_device(grad, indices, op, "grad_values", "indices");
   TOKRED_CHECK(grad.sym_sizes() == indices.sym_sizes(), op, "indices",
                "must have the shape of grad_values ", grad.sym_sizes(), ", got ",
                indices.sym_sizes());
@@ -115,13 +116,31 @@ void check_prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x
   check_dim(scores, 2, op, "scores", "[B, N]");
   check_index(index, op, "index");
   check_dim(index, 2, op, "index", "[B, k]");
+  check_same_device(grad_out, x, op, "grad_out", "x");
+  check_same_device(grad_out, scores, op, "grad_out", "scores");
   check_same_device(grad_out, index, op, "grad_out", "index");
+  TOKRED_SYM_CHECK(num_protected.sym_ge(0), op, "num_protected", "must be >= 0, got ",
+                   num_protected);
+  const c10::SymInt B = grad_out.sym_size(0);
+  TOKRED_SYM_CHECK(x.sym_size(0).sym_eq(B), op, "x", "must have batch size grad_out.size(0) = ",
+                   B, ", got ", x.sym_size(0));
+  TOKRED_SYM_CHECK(x.sym_size(2).sym_eq(grad_out.sym_size(2)), op, "x",
+                   "must have the channels of grad_out, grad_out.size(2) = ",
+                   grad_out.sym_size(2), ", got ", x.sym_size(2));
+  TOKRED_SYM_CHECK(scores.sym_size(0).sym_eq(B), op, "scores",
+                   "must have batch size grad_out.size(0) = ", B, ", got ", scores.sym_size(0));
+  TOKRED_SYM_CHECK(index.sym_size(0).sym_eq(B), op, "index",
+                   "must have batch size grad_out.size(0) = ", B, ", got ", index.sym_size(0));
+  TOKRED_SYM_CHECK(index.sym_size(1).sym_le(scores.sym_size(1)), op, "index",
+                   "must keep at most the N = ", scores.sym_size(1), " scored tokens, got k = ",
+                   index.sym_size(1));
   const c10::SymInt rows = num_protected + index.sym_size(1) + (fuse ? 1 : 0);
   TOKRED_SYM_CHECK(grad_out.sym_size(1).sym_eq(rows), op, "grad_out",
                    "must have num_protected + k + fuse = ", rows, " rows, got ",
                    grad_out.sym_size(1));
   TOKRED_SYM_CHECK((num_protected + scores.sym_size(1)).sym_eq(x.sym_size(1)), op, "x",
-                   "must have num_protected + scores.size(1) rows");
+                   "must have num_protected + scores.size(1) = ",
+                   num_protected + scores.sym_size(1), " rows, got ", x.sym_size(1));
 }
 
 }  // namespace tokred

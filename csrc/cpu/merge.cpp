@@ -193,12 +193,14 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
         const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
         acc_t wsum = 0;
         scalar_t* orow = op + i * C;
+        bool copied = false;
         for (int64_t m = of[0]; m < of[1]; ++m) {
           const int64_t t = me[m];
           const acc_t w = sz ? static_cast<acc_t>(sz[b * n + t]) : acc_t(1);
           wsum += w;
-          if (count == 1) {  // a lone token is copied exactly in every mode
+          if (count == 1 && tome_lone_copies(mode, w, p.d.r > 0)) {  // exact, not (w·x)/w
             std::copy(xp + (b * n + t) * C, xp + (b * n + t + 1) * C, orow);
+            copied = true;
             break;
           }
           const scalar_t* xr = xp + (b * n + t) * C;
@@ -208,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
           }
         }
         so[i] = static_cast<scalar_t>(wsum);
-        if (count == 1) continue;
+        if (copied) continue;
         for (int64_t c = 0; c < C; ++c) {
           orow[c] = static_cast<scalar_t>(tome_finish(mode, acc[c], wsum, count));
         }
@@ -241,10 +243,11 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
         const OutputView ov = output_view(p, i);
         const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
         const scalar_t* grow = gp + i * C;
-        if (count == 1) {
+        if (count == 1 && mode == MergeMode::kMean) {  // amax and wavg can make NaN
           std::copy(grow, grow + C, gx + (b * n + me[of[0]]) * C);
           continue;
         }
+        const bool destination = tome_is_dst_out(i % nout, p.d);
         acc_t wsum = 0;
         for (int64_t m = of[0]; m < of[1]; ++m) {
           wsum += sz ? static_cast<acc_t>(sz[b * n + me[m]]) : acc_t(1);
@@ -268,7 +271,8 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
           scalar_t* grow_x = gx + (b * n + t) * C;
           for (int64_t c = 0; c < C; ++c) {
             const acc_t v = xp ? static_cast<acc_t>(xp[(b * n + t) * C + c]) : acc_t(0);
-            const acc_t coef = tome_grad_coef(mode, v, w, mx[c], wsum, count, ties[c]);
+            const acc_t coef =
+                tome_grad_coef(mode, v, w, mx[c], wsum, count, ties[c], destination);
             grow_x[c] = static_cast<scalar_t>(coef * static_cast<acc_t>(grow[c]));
           }
         }
@@ -305,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x,
                                              const at::Tensor& dst, c10::string_view mode,
                                              bool distill) {
   const char* op = "merge";
-  check_merge(x, size, unm, src, dst, mode, op);
+  check_merge(x, size, unm, src, dst, mode, distill, op);
   const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
   return reduce_plan(x, size, p, parse_merge_mode(mode, op));
 }
@@ -315,25 +319,25 @@ at::Tensor merge_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                               const at::Tensor& src, const at::Tensor& dst,
                               c10::string_view mode, bool distill) {
   const char* op = "_merge_backward";
-  const int64_t r = check_merge(x, size, unm, src, dst, mode, op).expect_int();
+  const int64_t r = check_merge(x, size, unm, src, dst, mode, distill, op).expect_int();
   check_merge_backward_grad(grad, x, r, op);
   const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
   const MergeMode m = parse_merge_mode(mode, op);
-  if (m == MergeMode::kSum) return gather_plan(grad, p);
+  if (m == MergeMode::kSum || r == 0) return gather_plan(grad, p);  // r = 0: the identity
   return spread_plan(grad, x, size, p, m);
 }
 
 at::Tensor unmerge_cpu(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
                        const at::Tensor& dst, int64_t n, bool distill) {
   const char* op = "unmerge";
-  check_unmerge(x, unm, src, dst, n, op);
+  check_unmerge(x, unm, src, dst, n, distill, op);
   return gather_plan(x, build_plan(unm, src, dst, n, distill, op));
 }
 
 at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& unm,
                                 const at::Tensor& src, const at::Tensor& dst, bool distill) {
   const char* op = "_unmerge_backward";
-  check_unmerge_backward(grad, unm, src, dst, op);
+  check_unmerge_backward(grad, unm, src, dst, distill, op);
   const Plan p = build_plan(unm, src, dst, grad.size(1), distill, op);
   return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
 }
@@ -342,7 +346,7 @@ at::Tensor merge_source_cpu(const std::optional<at::Tensor>& source_in, const at
                             const at::Tensor& src, const at::Tensor& dst, int64_t n,
                             bool distill) {
   const char* op = "merge_source";
-  check_merge_source(source_in, unm, src, dst, n);
+  check_merge_source(source_in, unm, src, dst, n, distill);
   const Plan p = build_plan(unm, src, dst, n, distill, op);
   if (!source_in.has_value()) return p.dest;
   const at::Tensor source = as_int64(*source_in);

@@ -10,7 +10,7 @@
 namespace tokred {
 
 at::Tensor scatter_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& index_in, int64_t n,
-                                const char* op) {
+                                const char* op, const char* arg) {
   const at::Tensor src = src_in.contiguous();
   const at::Tensor index = as_int64(index_in);
   const int64_t B = src.size(0), K = src.size(1), C = src.size(2);
@@ -26,8 +26,8 @@ at::Tensor scatter_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& inde
         acc.assign(n * C, acc_t(0));
         for (int64_t k = 0; k < K; ++k) {
           const int64_t i = idx[b * K + k];
-          TORCH_CHECK(i >= -1 && i < n, "tokred::", op, ": index ", i, " at [", b, ", ", k,
-                      "] is out of range [-1, ", n, ")");
+          TORCH_CHECK(i >= -1 && i < n, "tokred::", op, ": argument '", arg, "' holds ", i, " at [",
+                      b, ", ", k, "], expected values in [-1, ", n, ")");
           if (i < 0) continue;
           const scalar_t* row = s + (b * K + k) * C;
           acc_t* dst = acc.data() + i * C;

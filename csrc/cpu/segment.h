@@ -9,6 +9,6 @@ namespace tokred {
 // accumulator. src [B, K, C], index [B, K] int64 with entries in [-1, n); -1 marks padding and
 // contributes nothing. Returns [B, n, C] in src's dtype.
 at::Tensor scatter_sum_rows_cpu(const at::Tensor& src, const at::Tensor& index, int64_t n,
-                                const char* op);
+                                const char* op, const char* arg);
 
 }  // namespace tokred

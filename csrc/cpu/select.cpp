@@ -100,7 +100,8 @@ at::Tensor topk_backward_cpu(const at::Tensor& grad, const at::Tensor& indices, 
   std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
   shape.back() = n;
   const at::Tensor summed = scatter_sum_rows_cpu(grad.reshape({rows, k, 1}),
-                                                 indices.reshape({rows, k}), n, "_topk_backward");
+                                                 indices.reshape({rows, k}), n, "_topk_backward",
+                                                 "indices");
   return summed.view(shape);
 }
 
@@ -133,7 +134,7 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index_in) {
 
 at::Tensor gather_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& index, int64_t n) {
   check_gather_tokens_backward(grad, index, n);
-  return scatter_sum_rows_cpu(grad, index, n, "_gather_tokens_backward");
+  return scatter_sum_rows_cpu(grad, index, n, "_gather_tokens_backward", "index");
 }
 
 at::Tensor complement_cpu(const at::Tensor& index_in, int64_t n) {

@@ -271,6 +271,7 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __
     const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
     CUDA_KERNEL_ASSERT(begin < end && "tokred::merge: an output token has no member");
     acc_t acc = 0, wsum = 0;
+    bool lone_copy = false;
     for (int64_t m = begin; m < end; ++m) {
       const int64_t t = order[b * n + m];
       if (t < 0 || t >= n) continue;
@@ -278,11 +279,13 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __
       wsum += w;
       if (C == 0) continue;
       tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + t) * C + c]), w, acc);
-      if (end - begin == 1) acc = static_cast<acc_t>(x[(b * n + t) * C + c]);
+      if (end - begin == 1 && tome_lone_copies(mode, w, /*merging=*/nout < n)) {  // exact
+        acc = static_cast<acc_t>(x[(b * n + t) * C + c]);
+        lone_copy = true;
+      }
     }
     if (C > 0) {
-      out[i] = static_cast<scalar_t>(end - begin == 1 ? acc
-                                                      : tome_finish(mode, acc, wsum, end - begin));
+      out[i] = static_cast<scalar_t>(lone_copy ? acc : tome_finish(mode, acc, wsum, end - begin));
     }
     if (c == 0 && size_out) size_out[bo] = static_cast<scalar_t>(wsum);
   }
@@ -293,10 +296,10 @@ template <typename scalar_t>
 __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ size, const int64_t* __restrict__ dest,
                               const int64_t* __restrict__ order,
-                              const int64_t* __restrict__ offsets, int64_t B, int64_t n,
-                              int64_t nout, int64_t C, MergeMode mode,
-                              scalar_t* __restrict__ grad_x) {
+                              const int64_t* __restrict__ offsets, int64_t B, TomeDims d,
+                              int64_t C, MergeMode mode, scalar_t* __restrict__ grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = d.n, nout = d.nout;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % C, bt = i / C, b = bt / n;
@@ -308,7 +311,7 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
     }
     const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
     const acc_t g = static_cast<acc_t>(grad[(b * nout + o) * C + c]);
-    if (end - begin == 1) {
+    if (end - begin == 1 && mode == MergeMode::kMean) {  // amax and wavg can make NaN
       grad_x[i] = static_cast<scalar_t>(g);
       continue;
     }
@@ -329,7 +332,9 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
     }
     const acc_t v = x ? static_cast<acc_t>(x[i]) : acc_t(0);
     const acc_t w = size ? static_cast<acc_t>(size[bt]) : acc_t(1);
-    grad_x[i] = static_cast<scalar_t>(tome_grad_coef(mode, v, w, mx, wsum, end - begin, ties) * g);
+    const acc_t coef =
+        tome_grad_coef(mode, v, w, mx, wsum, end - begin, ties, tome_is_dst_out(o, d));
+    grad_x[i] = static_cast<scalar_t>(coef * g);
   }
 }
 
@@ -385,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& x,
                                               const at::Tensor& dst, c10::string_view mode,
                                               bool distill) {
   const char* op = "merge";
-  check_merge(x, size, unm, src, dst, mode, op);
+  check_merge(x, size, unm, src, dst, mode, distill, op);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const PlanCuda p = build_plan(unm, src, dst, x.size(1), distill);
   return reduce_plan(x, size, p, parse_merge_mode(mode, op));
@@ -396,12 +401,13 @@ at::Tensor merge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in
                                const at::Tensor& src, const at::Tensor& dst,
                                c10::string_view mode_s, bool distill) {
   const char* op = "_merge_backward";
-  const int64_t r = check_merge(x_in, size_in, unm, src, dst, mode_s, op).expect_int();
+  const int64_t r = check_merge(x_in, size_in, unm, src, dst, mode_s, distill, op).expect_int();
   check_merge_backward_grad(grad_in, x_in, r, op);
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const MergeMode mode = parse_merge_mode(mode_s, op);
-  const PlanCuda p = build_plan(unm, src, dst, x_in.size(1), distill, mode != MergeMode::kSum);
-  if (mode == MergeMode::kSum) return gather_plan(grad_in, p);
+  const bool identity = mode == MergeMode::kSum || r == 0;  // r = 0: no merge
+  const PlanCuda p = build_plan(unm, src, dst, x_in.size(1), distill, /*segments=*/!identity);
+  if (identity) return gather_plan(grad_in, p);
   const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
   const int64_t C = x.size(2), total = p.B * p.d.n * C;
@@ -411,8 +417,8 @@ at::Tensor merge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in
     spread_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
         size.defined() ? size.data_ptr<scalar_t>() : nullptr, p.dest.data_ptr<int64_t>(),
-        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.d.n, p.d.nout, C,
-        mode, grad_x.data_ptr<scalar_t>());
+        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.d, C, mode,
+        grad_x.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;
@@ -420,14 +426,14 @@ at::Tensor merge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in
 
 at::Tensor unmerge_cuda(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
                         const at::Tensor& dst, int64_t n, bool distill) {
-  check_unmerge(x, unm, src, dst, n, "unmerge");
+  check_unmerge(x, unm, src, dst, n, distill, "unmerge");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   return gather_plan(x, build_plan(unm, src, dst, n, distill, /*segments=*/false));
 }
 
 at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& unm,
                                  const at::Tensor& src, const at::Tensor& dst, bool distill) {
-  check_unmerge_backward(grad, unm, src, dst, "_unmerge_backward");
+  check_unmerge_backward(grad, unm, src, dst, distill, "_unmerge_backward");
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   const PlanCuda p = build_plan(unm, src, dst, grad.size(1), distill);
   return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
@@ -446,7 +452,7 @@ __global__ void source_kernel(const int64_t* __restrict__ source, const int64_t*
 at::Tensor merge_source_cuda(const std::optional<at::Tensor>& source_in, const at::Tensor& unm,
                              const at::Tensor& src, const at::Tensor& dst, int64_t n,
                              bool distill) {
-  check_merge_source(source_in, unm, src, dst, n);
+  check_merge_source(source_in, unm, src, dst, n, distill);
   const c10::cuda::OptionalCUDAGuard guard(unm.device());
   at::Tensor dest = build_plan(unm, src, dst, n, distill, /*segments=*/false).dest;
   if (!source_in.has_value()) return dest;

@@ -21,7 +21,8 @@ __global__ void segment_order_kernel(const int64_t* __restrict__ index, int64_t 
     const int64_t b = t / K, k = t % K;
     const int64_t* row = index + b * K;
     const int64_t v = row[k];
-    CUDA_KERNEL_ASSERT(v >= -1 && v < n && "tokred: index out of range [-1, n)");
+    CUDA_KERNEL_ASSERT(v >= -1 && v < n &&
+                       "tokred: index out of range [-1, n) ('indices' of _topk_backward, 'index' of _gather_tokens_backward)");
     int64_t rank = 0;
     for (int64_t j = 0; j < K; ++j) {
       const int64_t u = row[j];
@@ -84,9 +85,9 @@ std::tuple<at::Tensor, at::Tensor> build_segments_cuda(const at::Tensor& index_i
 }
 
 at::Tensor scatter_sum_rows_cuda(const at::Tensor& src_in, const at::Tensor& index, int64_t n,
-                                 const char* op) {
+                                 const char* op, const char* arg) {
   TORCH_CHECK(src_in.dim() == 3 && index.dim() == 2, "tokred::", op,
-              ": expected src [B, K, C] and index [B, K]");
+              ": expected src [B, K, C] and argument '", arg, "' [B, K]");
   const at::Tensor src = src_in.contiguous();
   const int64_t B = src.size(0), K = src.size(1), C = src.size(2);
   at::Tensor out = at::empty({B, n, C}, src.options());

@@ -122,7 +122,7 @@ at::Tensor topk_backward_cuda(const at::Tensor& grad, const at::Tensor& indices,
   std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
   shape.back() = n;
   return scatter_sum_rows_cuda(grad.reshape({rows, k, 1}), indices.reshape({rows, k}), n,
-                               "_topk_backward")
+                               "_topk_backward", "indices")
       .view(shape);
 }
 
@@ -164,7 +164,7 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor&
                                        int64_t n) {
   check_gather_tokens_backward(grad, index, n);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
-  return scatter_sum_rows_cuda(grad, index, n, "_gather_tokens_backward");
+  return scatter_sum_rows_cuda(grad, index, n, "_gather_tokens_backward", "index");
 }
 
 // present[b, i] = how often i occurs in row b (must be 0 or 1).

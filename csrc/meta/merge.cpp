@@ -21,8 +21,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_meta(const at::Te
 std::tuple<at::Tensor, at::Tensor> merge_meta(const at::Tensor& x,
                                               const std::optional<at::Tensor>& size,
                                               const at::Tensor& unm, const at::Tensor& src,
-                                              const at::Tensor& dst, c10::string_view mode, bool) {
-  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, "merge");
+                                              const at::Tensor& dst, c10::string_view mode,
+                                              bool distill) {
+  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, distill, "merge");
   const c10::SymInt nout = x.sym_size(1) - r;
   return {at::empty_symint({x.sym_size(0), nout, x.sym_size(2)}, x.options()),
           at::empty_symint({x.sym_size(0), nout, c10::SymInt(1)}, x.options())};
@@ -31,29 +32,29 @@ std::tuple<at::Tensor, at::Tensor> merge_meta(const at::Tensor& x,
 at::Tensor merge_backward_meta(const at::Tensor& grad, const at::Tensor& x,
                                const std::optional<at::Tensor>& size, const at::Tensor& unm,
                                const at::Tensor& src, const at::Tensor& dst, c10::string_view mode,
-                               bool) {
+                               bool distill) {
   const char* op = "_merge_backward";
-  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, op);
+  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, distill, op);
   check_merge_backward_grad(grad, x, r, op);
   return at::empty_symint(x.sym_sizes(), grad.options());
 }
 
 at::Tensor unmerge_meta(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
-                        const at::Tensor& dst, c10::SymInt n, bool) {
-  check_unmerge(x, unm, src, dst, n, "unmerge");
+                        const at::Tensor& dst, c10::SymInt n, bool distill) {
+  check_unmerge(x, unm, src, dst, n, distill, "unmerge");
   return at::empty_symint({x.sym_size(0), n, x.sym_size(2)}, x.options());
 }
 
 at::Tensor unmerge_backward_meta(const at::Tensor& grad, const at::Tensor& unm,
-                                 const at::Tensor& src, const at::Tensor& dst, bool) {
-  const c10::SymInt r = check_unmerge_backward(grad, unm, src, dst, "_unmerge_backward");
+                                 const at::Tensor& src, const at::Tensor& dst, bool distill) {
+  const c10::SymInt r = check_unmerge_backward(grad, unm, src, dst, distill, "_unmerge_backward");
   return at::empty_symint({grad.sym_size(0), grad.sym_size(1) - r, grad.sym_size(2)},
                           grad.options());
 }
 
 at::Tensor merge_source_meta(const std::optional<at::Tensor>& source, const at::Tensor& unm,
-                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n, bool) {
-  check_merge_source(source, unm, src, dst, n);
+                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n, bool distill) {
+  check_merge_source(source, unm, src, dst, n, distill);
   if (source.has_value()) return at::empty_symint(source->sym_sizes(), source->options().dtype(at::kLong));
   return at::empty_symint({unm.sym_size(0), n}, unm.options().dtype(at::kLong));
 }

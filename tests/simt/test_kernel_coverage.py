@@ -31,12 +31,12 @@ def test_every_op_has_a_cuda_kernel_and_a_differential_test():
 def test_every_kernel_ran():
     defined = set()
     for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
-        rel = os.path.relpath(path, ROOT)
-        _, names = cu2cpp.convert(open(path).read(), rel)
-        defined |= {f"{rel}:{name}" for name in names}
+        _, names = cu2cpp.convert(open(path).read(), path)
+        defined |= {f"{os.path.basename(path)}:{name}" for name in names}
     lib = ctypes.CDLL(LIBRARY)
     lib.simt_kernel_runs.restype = ctypes.c_char_p
-    ran = {line.split()[0] for line in lib.simt_kernel_runs().decode().splitlines()}
+    # By file name: mutants.py builds copies of csrc/cuda from another folder.
+    ran = {os.path.basename(line.split()[0]) for line in lib.simt_kernel_runs().decode().splitlines()}
     assert len(defined) >= 29, sorted(defined)
     never = defined - ran
     assert not never, f"CUDA kernels that no differential test ran: {sorted(never)}"

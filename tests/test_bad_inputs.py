@@ -1,0 +1,326 @@
+"""Every public op, backward ops included, against bad and unusual inputs, on every backend here.
+
+One table: for each op a valid call, then each argument with its bad values (wrong rank, dtype,
+device or batch; negative or oversized sizes; out-of-range indices) and its unusual ones (NaN,
+inf). A bad value must raise a RuntimeError that names the argument; an unusual value must give
+the reference's result. Backends: the CPU kernels, the Meta kernels (shape checks only: they see
+no values), and the emulated CUDA kernels when tests/simt's library is loaded (TOKRED_SIMT_LIB,
+as .ci/simt_check.sh does).
+"""
+import os
+import re
+
+import pytest
+import torch
+
+import tokred_ext  # noqa: F401
+from tokred_ext import reference as R
+
+OPS = torch.ops.tokred
+NAN, INF = float("nan"), float("inf")
+
+BACKENDS = ["cpu", "meta"]
+if os.environ.get("TOKRED_SIMT_LIB"):
+    torch.ops.load_library(os.environ["TOKRED_SIMT_LIB"])
+    BACKENDS.append("cuda-emulated")
+
+
+def _g():
+    return torch.Generator().manual_seed(0)
+
+
+def _match():
+    metric = torch.randn(2, 10, 4, generator=_g())
+    return OPS.bipartite_match(metric, 3, True, False)  # unm [2, 2], src/dst [2, 3]
+
+
+def _valid():
+    """A valid call of every op, as {op: {argument: value}} in schema order."""
+    g = _g()
+    unm, src, dst = _match()
+    x10 = torch.randn(2, 10, 4, generator=g)
+    q = torch.randn(1, 3, 2, 8, generator=g)
+    ridx = torch.tensor([[[0, 1], [1, 2], [2, 0]]])
+    out, lse = OPS.routed_attention(q, q, q, ridx, 2, 0.5)
+    pruned, kept = OPS.prune_tokens(torch.randn(2, 7, 4, generator=g), torch.rand(2, 6, generator=g),
+                                    3, True, 1, False)
+    return {
+        "topk": dict(scores=torch.randn(3, 6, generator=g), k=2, largest=True, lengths=None),
+        "_topk_backward": dict(grad_values=torch.randn(3, 2, generator=g),
+                               indices=torch.tensor([[0, 1], [2, 3], [4, -1]]), n=6),
+        "gather_tokens": dict(x=torch.randn(2, 5, 4, generator=g), index=torch.tensor([[0, 4], [-1, 2]])),
+        "_gather_tokens_backward": dict(grad=torch.randn(2, 2, 4, generator=g),
+                                        index=torch.tensor([[0, 4], [-1, 2]]), n=5),
+        "complement": dict(index=torch.tensor([[0, 3], [1, 2]]), n=5),
+        "prune_tokens": dict(x=torch.randn(2, 7, 4, generator=g), scores=torch.rand(2, 6, generator=g), k=3,
+                             fuse=True, num_protected=1, keep_order=False),
+        "_prune_tokens_backward": dict(grad_out=torch.randn(pruned.shape, generator=g),
+                                       x=torch.randn(2, 7, 4, generator=g), scores=torch.rand(2, 6, generator=g),
+                                       index=kept, fuse=True, num_protected=1),
+        "bipartite_match": dict(metric=torch.randn(2, 10, 4, generator=g), r=3, class_token=True,
+                                distill_token=False),
+        "merge": dict(x=x10, size=torch.rand(2, 10, 1, generator=g) + 0.5, unm_idx=unm, src_idx=src,
+                      dst_idx=dst, mode="wavg", distill_token=False),
+        "_merge_backward": dict(grad_out=torch.randn(2, 7, 4, generator=g), x=x10, size=None, unm_idx=unm,
+                                src_idx=src, dst_idx=dst, mode="amax", distill_token=False),
+        "unmerge": dict(x=torch.randn(2, 7, 4, generator=g), unm_idx=unm, src_idx=src, dst_idx=dst, n=10,
+                        distill_token=False),
+        "_unmerge_backward": dict(grad=torch.randn(2, 10, 4, generator=g), unm_idx=unm, src_idx=src,
+                                  dst_idx=dst, distill_token=False),
+        "merge_source": dict(source=torch.randint(0, 10, (2, 12), generator=g), unm_idx=unm, src_idx=src,
+                             dst_idx=dst, n=10, distill_token=False),
+        "routed_gather": dict(kv=torch.randn(1, 3, 2, 4, generator=g), r_idx=ridx,
+                              r_weight=torch.rand(1, 3, 2, generator=g)),
+        "_routed_gather_backward": dict(grad=torch.randn(1, 3, 2, 2, 4, generator=g),
+                                        kv=torch.randn(1, 3, 2, 4, generator=g), r_idx=ridx,
+                                        r_weight=torch.rand(1, 3, 2, generator=g)),
+        "routed_attention": dict(q=q, k=q.clone(), v=q.clone(), r_idx=ridx, num_heads=2, scale=0.5),
+        "_routed_attention_backward": dict(grad_out=torch.randn(out.shape, generator=g), q=q, k=q.clone(),
+                                           v=q.clone(), r_idx=ridx, out=out, lse=lse, num_heads=2,
+                                           scale=0.5),
+    }
+
+
+def _set(arg, value):
+    return lambda a: a.__setitem__(arg, value(a[arg]) if callable(value) else value)
+
+
+def _meta_one(arg):
+    return _set(arg, lambda t: t.to("meta"))
+
+
+def V(regex=""):
+    """A check on values (index ranges, duplicates), which the Meta kernels cannot make."""
+    return ("values", regex)
+
+
+# (op, argument, what is wrong, mutation, what the message must also match: a regex, or V(regex))
+BAD = [
+    ("topk", "scores", "a scalar", _set("scores", torch.tensor(1.0)), "at least 1 dimension"),
+    ("topk", "scores", "an integer dtype", _set("scores", lambda t: t.long()), "float32"),
+    ("topk", "k", "negative", _set("k", -1), ">= 0"),
+    ("topk", "k", "over n", _set("k", 7), "<="),
+    ("topk", "lengths", "a float dtype", _set("lengths", torch.ones(3)), "index tensor"),
+    ("topk", "lengths", "the wrong shape", _set("lengths", torch.ones(2, dtype=torch.long)), "leading shape"),
+    ("topk", "lengths", "over n", _set("lengths", torch.tensor([1, 7, 2])), V()),
+    ("topk", "lengths", "negative", _set("lengths", torch.tensor([1, -1, 2])), V()),
+    ("topk", "lengths", "on another device", _set("lengths", torch.ones(3, dtype=torch.long, device="meta")),
+     "same device"),
+    ("_topk_backward", "grad_values", "an integer dtype", _set("grad_values", lambda t: t.long()), "float32"),
+    ("_topk_backward", "indices", "another shape", _set("indices", torch.zeros(3, 3, dtype=torch.long)), "shape"),
+    ("_topk_backward", "indices", "out of range", _set("indices", torch.tensor([[0, 1], [2, 6], [4, -1]])), V()),
+    ("_topk_backward", "indices", "below -1", _set("indices", torch.tensor([[0, 1], [2, -2], [4, -1]])), V()),
+    ("_topk_backward", "indices", "on another device", _meta_one("indices"), "same device"),
+    ("_topk_backward", "n", "below k", _set("n", 1), ">= k"),
+    ("gather_tokens", "x", "2-D", _set("x", lambda t: t[0]), "3-D"),
+    ("gather_tokens", "index", "3-D", _set("index", lambda t: t[None]), "2-D"),
+    ("gather_tokens", "index", "another batch", _set("index", lambda t: t[:1]), "batch size"),
+    ("gather_tokens", "index", "out of range", _set("index", torch.tensor([[0, 5], [1, 2]])), V()),
+    ("gather_tokens", "index", "below -1", _set("index", torch.tensor([[0, -2], [1, 2]])), V()),
+    ("gather_tokens", "index", "on another device", _meta_one("index"), "same device"),
+    ("_gather_tokens_backward", "index", "another shape", _set("index", torch.zeros(2, 3, dtype=torch.long)),
+     "shape"),
+    ("_gather_tokens_backward", "index", "out of range", _set("index", torch.tensor([[0, 5], [1, 2]])), V()),
+    ("_gather_tokens_backward", "n", "negative", _set("n", -1), ">= 0"),
+    ("_gather_tokens_backward", "grad", "on another device", _meta_one("grad"), "same device"),
+    ("complement", "index", "a float dtype", _set("index", lambda t: t.float()), "index tensor"),
+    ("complement", "index", "a duplicate", _set("index", torch.tensor([[0, 0], [1, 2]])), V("twice|duplicate")),
+    ("complement", "index", "out of range", _set("index", torch.tensor([[0, 5], [1, 2]])), V()),
+    ("complement", "n", "below k", _set("n", 1), ">="),
+    ("prune_tokens", "x", "2-D", _set("x", lambda t: t[0]), "3-D"),
+    ("prune_tokens", "x", "an integer dtype", _set("x", lambda t: t.long()), "float32"),
+    ("prune_tokens", "scores", "another batch", _set("scores", lambda t: t[:1]), "batch size"),
+    ("prune_tokens", "scores", "too few tokens", _set("scores", lambda t: t[:, 1:]), "every unprotected"),
+    ("prune_tokens", "num_protected", "negative", _set("num_protected", -1), ">= 0"),
+    ("prune_tokens", "k", "over N", _set("k", 7), "<="),
+    ("prune_tokens", "scores", "on another device", _meta_one("scores"), "same device"),
+    ("_prune_tokens_backward", "grad_out", "another batch", _set("grad_out", lambda t: t[:1]), V()),
+    ("_prune_tokens_backward", "x", "another batch", _set("x", lambda t: t[:1]), "batch size"),
+    ("_prune_tokens_backward", "x", "other channels", _set("x", lambda t: t[..., :3]), "channels"),
+    ("_prune_tokens_backward", "x", "another dtype", _set("x", lambda t: t.double()), "dtype"),
+    ("_prune_tokens_backward", "scores", "another batch", _set("scores", lambda t: t[:1]), "batch size"),
+    ("_prune_tokens_backward", "index", "another batch", _set("index", lambda t: t[:1]), "batch size"),
+    ("_prune_tokens_backward", "index", "out of range", _set("index", lambda t: t.clone().fill_(6)), V()),
+    ("_prune_tokens_backward", "num_protected", "negative", _set("num_protected", -1), ">= 0"),
+    ("_prune_tokens_backward", "x", "on another device", _meta_one("x"), "same device"),
+    ("_prune_tokens_backward", "scores", "on another device", _meta_one("scores"), "same device"),
+    ("bipartite_match", "metric", "2-D", _set("metric", lambda t: t[0]), "3-D"),
+    ("bipartite_match", "metric", "an integer dtype", _set("metric", lambda t: t.long()), "float32"),
+    ("merge", "mode", "unknown", _set("mode", "max"), "one of"),
+    ("merge", "size", "another dtype", _set("size", lambda t: t.double()), "dtype"),
+    ("merge", "size", "another shape", _set("size", lambda t: t[..., :1, :]), "shape"),
+    ("merge", "unm_idx", "another batch", _set("unm_idx", lambda t: t[:1]), "batch size"),
+    ("merge", "unm_idx", "too few tokens", _set("unm_idx", lambda t: t[:, :1]), "ceil"),
+    ("merge", "dst_idx", "another shape", _set("dst_idx", lambda t: t[:, :2]), "shape"),
+    ("merge", "dst_idx", "out of range", _set("dst_idx", lambda t: t.clone().fill_(5)), V()),
+    ("merge", "src_idx", "out of range", _set("src_idx", lambda t: t.clone().fill_(-1)), V()),
+    ("merge", "unm_idx", "a token twice", _set("unm_idx", lambda t: t[:, :1].repeat(1, 2)), V()),
+    ("merge", "unm_idx", "empty with distill_token",
+     lambda a: a.update(unm_idx=torch.zeros(2, 0, dtype=torch.long),
+                        src_idx=torch.tensor([[0, 1, 2, 3, 4]] * 2),
+                        dst_idx=torch.tensor([[0, 1, 2, 3, 4]] * 2), distill_token=True),
+     "class token"),
+    ("merge", "x", "on another device", _meta_one("x"), "same device"),
+    ("_merge_backward", "grad_out", "another shape", _set("grad_out", lambda t: t[:, 1:]), "shape"),
+    ("_merge_backward", "grad_out", "on another device", _meta_one("grad_out"), "same device"),
+    ("unmerge", "unm_idx", "a float dtype", _set("unm_idx", lambda t: t.float()), "index tensor"),
+    ("unmerge", "dst_idx", "3-D", _set("dst_idx", lambda t: t[None]), "2-D"),
+    ("unmerge", "x", "another token count", _set("x", lambda t: t[:, 1:]), "n - r"),
+    ("unmerge", "n", "negative", _set("n", -1), ">= 0"),
+    ("unmerge", "src_idx", "out of range", _set("src_idx", lambda t: t.clone().fill_(9)), V()),
+    ("_unmerge_backward", "unm_idx", "a token twice", _set("unm_idx", lambda t: t[:, :1].repeat(1, 2)), V()),
+    ("merge_source", "src_idx", "a float dtype", _set("src_idx", lambda t: t.float()), "index tensor"),
+    ("merge_source", "dst_idx", "out of range", _set("dst_idx", lambda t: t.clone().fill_(7)), V()),
+    ("merge_source", "source", "another batch", _set("source", torch.zeros(64, 8, dtype=torch.long)),
+     "batch size"),
+    ("merge_source", "source", "out of range", _set("source", torch.full((2, 3), 10)), V()),
+    ("merge_source", "source", "a float dtype", _set("source", torch.zeros(2, 3)), "index tensor"),
+    ("merge_source", "unm_idx", "a token twice", _set("unm_idx", lambda t: t[:, :1].repeat(1, 2)), V()),
+    ("routed_gather", "r_idx", "out of range", _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])), V(r"\[0, 3\)")),
+    ("routed_gather", "r_idx", "negative", _set("r_idx", torch.tensor([[[0, -1], [1, 2], [2, 0]]])), V(r"\[0, 3\)")),
+    ("routed_gather", "r_idx", "another batch", _set("r_idx", lambda t: t.repeat(2, 1, 1)), "batch size"),
+    ("routed_gather", "r_weight", "another shape", _set("r_weight", lambda t: t[..., :1]), "shape"),
+    ("routed_gather", "r_weight", "on another device", _meta_one("r_weight"), "same device"),
+    ("_routed_gather_backward", "grad", "another shape", _set("grad", lambda t: t[:, :, :1]), "shape"),
+    ("_routed_gather_backward", "kv", "another dtype", _set("kv", lambda t: t.double()), "dtype"),
+    ("routed_gather", "kv", "3-D", _set("kv", lambda t: t[0]), "4-D"),
+    ("routed_attention", "q", "an integer dtype", _set("q", lambda t: t.long()), "float32"),
+    ("routed_attention", "num_heads", "zero", _set("num_heads", 0), ">= 1"),
+    ("routed_attention", "num_heads", "not dividing", _set("num_heads", 3), "divide"),
+    ("routed_attention", "k", "another dtype", _set("k", lambda t: t.double()), "dtype"),
+    ("routed_attention", "v", "other windows", _set("v", lambda t: t[:, :, :1]), "match k"),
+    ("routed_attention", "r_idx", "out of range", _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])),
+     V(r"\[0, 3\)")),
+    ("routed_attention", "q", "on another device", _meta_one("q"), "same device"),
+    ("_routed_attention_backward", "lse", "another dtype", _set("lse", lambda t: t.double()), "lse"),
+    ("_routed_attention_backward", "out", "another shape", _set("out", lambda t: t[..., :4]), "shape"),
+    ("_routed_attention_backward", "lse", "on another device", _meta_one("lse"), "same device"),
+]
+
+
+def _call(backend, op, args):
+    schema = [a.name for a in getattr(OPS, op).default._schema.arguments]
+    assert list(args) == schema, (op, list(args), schema)
+    values = list(args.values())
+    if backend == "meta":
+        values = [v.to("meta") if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+                  for v in values]
+    ns = torch.ops.tokred_simt if backend == "cuda-emulated" else OPS
+    return getattr(ns, op)(*values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op,arg,what,mutate,extra", BAD, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in BAD])
+def test_bad_input_raises_naming_the_argument(backend, op, arg, what, mutate, extra):
+    args = _valid()[op]
+    mutate(args)
+    mixed_devices = any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in args.values())
+    if isinstance(extra, tuple):
+        if backend == "meta":
+            pytest.skip("the Meta kernels see no values")
+        extra = extra[1]
+    if backend != "cpu" and mixed_devices:
+        pytest.skip("a CPU call with one meta argument is the mixed case (it reaches the Meta kernel)")
+    with pytest.raises(RuntimeError) as info:
+        _call(backend, op, args)
+    message = str(info.value)
+    assert "tokred" in message and arg in message, f"{op}({arg} {what}): unclear error: {message}"
+    assert re.search(extra, message), f"{op}({arg} {what}): {message}"
+
+
+def test_every_op_and_argument_has_bad_cases():
+    covered = {(op, arg) for op, arg, *_ in BAD}
+    for op, args in _valid().items():
+        tensors = [a for a, v in args.items() if isinstance(v, torch.Tensor)]
+        missing = [a for a in tensors if (op, a) not in covered]
+        # Every op has cases, and every tensor argument of a forward op has at least one.
+        assert any(o == op for o, _ in covered), f"{op} has no bad-input case"
+        if not op.startswith("_"):
+            assert not missing, f"{op}: tensor arguments without a bad-input case: {missing}"
+
+
+def test_valid_calls_pass_on_every_backend():
+    for backend in BACKENDS:
+        for op, args in _valid().items():
+            _call(backend, op, args)
+
+
+# --------------------------------------------------------------------------- NaN and inf
+
+def _nan_cases():
+    """(op, arguments, reference function) for inputs holding NaN and inf."""
+    g = _g()
+    scores = torch.rand(3, 9, generator=g)
+    scores[0, 2], scores[1, 4], scores[2, 1] = NAN, INF, -INF
+    x = torch.randn(2, 10, 4, generator=g)
+    x[0, 3, 1], x[1, 4, 2], x[1, 6, 0] = NAN, INF, -INF
+    metric = torch.randn(2, 10, 4, generator=g)
+    metric[0, 2] = NAN
+    unm, src, dst = R.bipartite_match(torch.randn(2, 10, 4, generator=g), 3, True, False)
+    size = torch.rand(2, 10, 1, generator=g) + 0.5
+    size[0, 1, 0], size[0, 3, 0], size[1, 5, 0] = 0.0, NAN, INF
+    q = torch.randn(1, 3, 4, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    q[0, 0, 1, 0] = NAN      # a NaN query row
+    k[0, 1] = NAN            # a window whose keys are all NaN
+    v[0, 2, 0, 3] = INF
+    ridx = torch.tensor([[[0, 2], [2, 0], [0, 1]]])
+    cases = [("topk", (scores, 4, largest, None), R.topk) for largest in (True, False)]
+    cases.append(("gather_tokens", (x, torch.tensor([[0, 3], [4, 6]])), R.gather_tokens))
+    for fuse in (False, True):
+        xp = torch.cat([x[:, :1], x], dim=1)[:, :10]
+        cases.append(("prune_tokens", (xp, scores[:2], 4, fuse, 1, False), R.prune_tokens))
+    cases.append(("bipartite_match", (metric, 3, True, False), R.bipartite_match))
+    for mode in ("sum", "mean", "amax", "wavg"):
+        for sz in (None, size):
+            cases.append(("merge", (x, sz, unm, src, dst, mode, False), R.merge))
+    cases.append(("routed_attention", (q, k, v, ridx, 2, 0.5), R.routed_attention))
+    cases.append(("routed_attention", (q.nan_to_num(0), k.nan_to_num(0), v, ridx, 2, NAN), R.routed_attention))
+    cases.append(("routed_gather", (v, ridx, torch.tensor([[[1.0, NAN], [0.5, 1], [INF, 1]]])), R.routed_gather))
+    return cases
+
+
+NAN_CASES = _nan_cases()
+
+
+def _assert_same(got, want, what):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape, (what, i, a.shape, b.shape)
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b.to(a.dtype), equal_nan=True, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m: f"{what} output {i}: {m}")
+        else:
+            assert torch.equal(a, b), (what, i, a, b)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "meta"])
+@pytest.mark.parametrize("case", range(len(NAN_CASES)), ids=[f"{c[0]}-{i}" for i, c in enumerate(NAN_CASES)])
+def test_nan_and_inf_give_the_reference_result(backend, case):
+    op, args, reference = NAN_CASES[case]
+    ns = torch.ops.tokred_simt if backend == "cuda-emulated" else OPS
+    _assert_same(getattr(ns, op)(*args), reference(*args), op)
+
+
+GRAD_CASES = [i for i, c in enumerate(NAN_CASES) if c[0] in ("merge", "routed_attention", "prune_tokens",
+                                                            "routed_gather", "gather_tokens")]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[f"{NAN_CASES[i][0]}-{i}" for i in GRAD_CASES])
+def test_nan_and_inf_gradients_follow_the_reference(case):
+    """NaN reaches the same gradients as the reference composition's autograd."""
+    from tokred_ext import ops
+
+    op, args, reference = NAN_CASES[case]
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+              and i == 0 else a for i, a in enumerate(args)]
+    ref_leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) and a.requires_grad
+                  else a for a in leaves]
+    out = getattr(ops, op)(*leaves)
+    ref = reference(*ref_leaves)
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    g = torch.randn(out.shape, generator=_g(), dtype=out.dtype)
+    got, = torch.autograd.grad(out, leaves[0], g)
+    want, = torch.autograd.grad(ref, ref_leaves[0], g.to(ref.dtype))
+    torch.testing.assert_close(got, want.to(got.dtype), equal_nan=True, atol=1e-5, rtol=1e-5)
