@@ -1,4 +1,6 @@
 """ToMe ops (bipartite_match, merge, unmerge, merge_source) against tokred_ext.reference."""
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -345,3 +347,43 @@ def test_meta_shapes_with_clamped_r():
         assert unm.shape == (3, 99 - want) and src.shape == dst.shape == (3, want)
         out, size = ops.merge(torch.empty(3, 197, 8, device="meta"), None, unm, src, dst)
         assert out.shape == (3, 197 - want, 8) and size.shape == (3, 197 - want, 1)
+
+
+# --------------------------------------------------------------------------- the tie rule
+
+def _tied_metric(b, n, d, dtype, g):
+    """Entries +-1 (every similarity is an integer over d: exact ties everywhere), duplicated
+    tokens (cosine exactly 1) and a zero token (NaN similarities)."""
+    m = (torch.randint(0, 2, (b, n, d), generator=g) * 2 - 1).to(torch.float64)
+    m[:, 5] = m[:, 2]
+    m[:, 8] = m[:, 3]
+    m[:, 9] = m[:, 4]
+    m[0, 6] = 0
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_bipartite_match_tie_rule(device, dtype, cls, dist):
+    """Partner: the lowest-index B token of largest similarity (NaN largest). Ranking: by that
+    similarity, descending, NaN first, ties to the lower A index. CPU, CUDA and the reference."""
+    g = _gen(21)
+    for n, d in [(12, 3), (40, 4), (197, 6)]:
+        metric = _tied_metric(4, n, d, dtype, g).to(device)
+        cap = R.tome_clamp_r(10 ** 6, n, cls, dist)
+        for r in sorted({1, cap // 2, cap}):
+            unm, src, dst = _match_both(metric, r, cls, dist)
+            # The rule, checked directly on exact similarities (integers over d).
+            m = metric.double().cpu()
+            a, bb = m[:, ::2], m[:, 1::2]
+            sim = (a @ bb.transpose(1, 2)) / (a.norm(dim=-1)[..., None] * bb.norm(dim=-1)[:, None])
+            if cls:
+                sim[:, 0] = -math.inf
+            if dist:
+                sim[:, :, 0] = -math.inf
+            best = torch.where(sim.isnan(), math.inf, sim).amax(-1)
+            for row in range(4):
+                for s_i, j in zip(src[row].tolist(), dst[row].tolist()):
+                    row_sim = torch.where(sim[row, s_i].isnan(), math.inf, sim[row, s_i])
+                    assert j == int((row_sim == best[row, s_i]).nonzero()[0]), (n, r, row, s_i)
+                order = sorted(range(best.shape[1]), key=lambda i: (-best[row, i].item(), i))
+                assert src[row].tolist() == order[:src.shape[1]], (n, r, row)

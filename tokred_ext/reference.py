@@ -36,6 +36,8 @@ def topk(scores: Tensor, k: int, largest: bool = True,
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """tokred::gather_tokens: torch.gather along tokens; index -1 gives a zero row."""
     index = index.long()
+    if x.shape[1] == 0:  # nothing to gather from: every index must be -1
+        return x.new_zeros(x.shape[0], index.shape[1], x.shape[2])
     out = torch.gather(x, 1, index.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return out.masked_fill((index < 0).unsqueeze(-1), 0)
 
@@ -119,13 +121,22 @@ def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
         none = torch.empty(b, 0, dtype=torch.long, device=metric.device)
         return torch.arange(na, device=metric.device).expand(b, na).clone(), none, none.clone()
     with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        scores = metric[..., ::2, :] @ metric[..., 1::2, :].transpose(-1, -2)
+        # Cosine similarity as dot * (1/|a|) * (1/|b|) in the op-math dtype, the kernels' formula:
+        # the same rounding, so exact ties stay ties and the tie rule below decides them.
+        m = metric.to(torch.float32 if metric.dtype in (torch.float16, torch.bfloat16) else metric.dtype)
+        inv = m.square().sum(-1).sqrt().reciprocal()
+        scores = (m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)) * inv[..., ::2, None] \
+            * inv[..., None, 1::2]
         if class_token:
             scores[..., 0, :] = -math.inf
         if distill_token:
             scores[..., :, 0] = -math.inf
-        node_max, node_idx = scores.max(dim=-1)
+        # The tie rule. Partner: the lowest-index B token of largest similarity, NaN counting as
+        # the largest. Ranking: by that similarity, descending, NaN first, ties to the lower A index.
+        node_max = scores.max(dim=-1).values
+        best = (scores == node_max[..., None]) | (scores.isnan() & node_max.isnan()[..., None])
+        j = torch.arange(scores.shape[-1], device=scores.device)
+        node_idx = torch.where(best, j, scores.shape[-1]).min(dim=-1).values
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
         unm_idx, src_idx = edge_idx[..., r:], edge_idx[..., :r]
         dst_idx = node_idx.gather(-1, src_idx)
@@ -152,8 +163,8 @@ def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, d
           mode: str = "wavg", distill_token: bool = False) -> Tuple[Tensor, Tensor]:
     """tokred::merge: upstream merge (sum, mean, amax) or merge_wavg; also the summed sizes."""
     if size is None:
-        size = torch.ones_like(x[..., :1])
-    if src_idx.shape[1] == 0:
+        size = x.new_ones(x.shape[0], x.shape[1], 1)
+    if src_idx.shape[1] == 0:  # no merge: upstream's blocks skip merge_wavg, so x is unchanged
         return x.clone(), size.clone()
     size_out = _tome_apply(size, unm_idx, src_idx, dst_idx, "sum", distill_token)
     if mode == "wavg":
