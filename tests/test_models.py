@@ -237,3 +237,15 @@ def test_jit_script_policy_path():
     expected, eindex = functional.evit_prune(x, scores, 0.5)
     torch.testing.assert_close(out, expected)
     assert torch.equal(index, eindex)
+
+
+@pytest.mark.parametrize("name,make", POLICIES, ids=[p[0] for p in POLICIES])
+def test_every_policy_takes_batch_zero(name, make):
+    # Regression: ToMe's size bias reshaped [0, N, 1] with -1 and failed.
+    _maybe_skip(name)
+    model = tiny().eval()
+    model.reduction = make()
+    with torch.no_grad():
+        out = model(torch.randn(0, 3, 64, 64))
+        ref = reference.ReferenceViT(model, make())(torch.randn(0, 3, 64, 64))
+    assert out.shape == ref.shape == (0, model.head.out_features)

@@ -19,7 +19,7 @@ __all__ = ["Attention", "attention_forward", "size_bias"]
 
 def size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     """ToMe's proportional-attention bias ``log(size)`` as an SDPA mask ``[B, 1, 1, N]``."""
-    return size.reshape(size.shape[0], 1, 1, -1).log().to(dtype)
+    return size.reshape(size.shape[0], 1, 1, size.shape[1]).log().to(dtype)  # B = 0 works too
 
 
 def attention_forward(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None,
