@@ -37,7 +37,14 @@ def _peaked(model):
 
 # --------------------------------------------------------------------------- timm stand-in
 
-class _Attention(nn.Module):
+# The stand-in's classes carry timm's names (module and class), which is what the patch checks
+# before it reproduces a block's forward.
+TIMM_VIT = "timm.models.vision_transformer"
+
+
+class Attention(nn.Module):
+    __module__ = TIMM_VIT
+
     def __init__(self, dim, heads):
         super().__init__()
         self.num_heads, self.head_dim = heads, dim // heads
@@ -53,11 +60,13 @@ class _Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
+    __module__ = TIMM_VIT
+
     def __init__(self, dim, heads):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = _Attention(dim, heads)
+        self.attn = Attention(dim, heads)
         self.mlp = Mlp(dim, 4 * dim)
         self.ls1 = self.ls2 = self.drop_path1 = self.drop_path2 = nn.Identity()
 
@@ -75,7 +84,7 @@ class TimmLikeViT(nn.Module):
         self.patch_embed = PatchEmbed(64, 8, 3, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 65, dim))
-        self.blocks = nn.Sequential(*[_Block(dim, heads) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.fc_norm = nn.Identity()
         self.head = nn.Linear(dim, 10)
@@ -120,6 +129,40 @@ def test_patch_rejects_bad_input():
         model.blocks[0](torch.randn(1, 65, 64), attn_mask=torch.ones(65, 65, dtype=torch.bool))
 
 
+class ResPostBlock(Block):
+    """timm's post-norm block: norm after the residual branch."""
+
+    __module__ = TIMM_VIT
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        x = x + self.drop_path1(self.norm1(self.attn(x)))
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+
+class ParallelScalingBlock(nn.Module):
+    __module__ = TIMM_VIT
+
+    def forward(self, x):
+        return x
+
+
+class RopeAttention(Attention):
+    __module__ = "timm.layers.attention"
+
+
+@pytest.mark.parametrize("swap, named", [
+    (lambda blk: ResPostBlock(64, 4), "timm.models.vision_transformer.ResPostBlock"),
+    (lambda blk: ParallelScalingBlock(), "timm.models.vision_transformer.ParallelScalingBlock"),
+    (lambda blk: setattr(blk, "attn", RopeAttention(64, 4)) or blk, "timm.layers.attention.RopeAttention"),
+])
+def test_patch_refuses_blocks_it_does_not_reproduce(swap, named):
+    model = TimmLikeViT()
+    model.blocks[2] = swap(model.blocks[2])
+    with pytest.raises(ValueError, match=rf"tokred_ext\.patch\.timm .*block 2 has {named.replace('.', r'[.]')}"):
+        tokred_ext.patch.timm(model, ToMe(2))
+    assert type(model.blocks[0]) is Block  # nothing was patched
+
+
 # --------------------------------------------------------------------------- real timm
 
 TIMM_CASES = [("deit_tiny_patch16_224", {}),
@@ -136,6 +179,17 @@ def _timm_model(name, kwargs):
     else:
         model = timm.create_model(name, pretrained=False)
     return _peaked(model)
+
+
+@pytest.mark.parametrize("block", ["ResPostBlock", "ParallelScalingBlock", "ParallelThingsBlock"])
+def test_timm_patch_refuses_post_norm_and_parallel_blocks(block):
+    pytest.importorskip("timm")
+    import timm.models.vision_transformer as tv
+
+    model = tv.VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2,
+                                 block_fn=getattr(tv, block))
+    with pytest.raises(ValueError, match=f"block 0 has timm.models.vision_transformer.{block}"):
+        tokred_ext.patch.timm(model, ToMe(2))
 
 
 @pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])

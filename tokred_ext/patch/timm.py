@@ -65,13 +65,31 @@ def _subclass(obj: nn.Module, mixin: type) -> None:
 
 def _num_prefix(model: nn.Module) -> int:
     if getattr(model, "cls_token", None) is None:
-        raise ValueError("tokred.patch.timm needs a model with a class token (cls_token)")
+        raise ValueError("tokred_ext.patch.timm needs a model with a class token (cls_token)")
     n = 1 + int(getattr(model, "dist_token", None) is not None)
     declared = getattr(model, "num_prefix_tokens", n)
     if declared != n:
         raise ValueError(f"model has {declared} prefix tokens; only a class token and an "
                          "optional distillation token are supported (no register tokens)")
     return n
+
+
+# The block and attention classes whose forward tokred's block reproduces exactly: timm's pre-norm
+# vision_transformer.Block (LayerScale and q/k norm included) and its Attention (which timm 1.0.16+
+# keeps in timm.layers.attention). Post-norm (ResPostBlock), parallel (ParallelScalingBlock,
+# ParallelThingsBlock) and other blocks compute something else: they are refused, not changed.
+_BLOCKS = {("timm.models.vision_transformer", "Block")}
+_ATTENTIONS = {("timm.models.vision_transformer", "Attention"), ("timm.layers.attention", "Attention")}
+
+
+def _check_block(i: int, blk: nn.Module) -> None:
+    for part, obj, supported in (("block", blk, _BLOCKS),
+                                 ("attention", getattr(blk, "attn", None), _ATTENTIONS)):
+        cls = getattr(type(obj), "_tokred_base", type(obj))
+        if (cls.__module__, cls.__name__) not in supported:
+            names = " or ".join(sorted(f"{m}.{n}" for m, n in supported))
+            raise ValueError(f"tokred_ext.patch.timm reproduces only timm's {names} {part}; block {i} "
+                             f"has {cls.__module__}.{cls.__qualname__}, so it cannot be patched")
 
 
 def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
@@ -86,6 +104,8 @@ def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
     for attr in ("blocks", "patch_embed"):
         if not hasattr(model, attr):
             raise ValueError(f"not a timm VisionTransformer: the model has no '{attr}'")
+    for i, blk in enumerate(model.blocks):
+        _check_block(i, blk)
     state = {"policy": policy, "num_prefix": _num_prefix(model), "plan": None, "size": None,
              "source": None, "counts": [], "sources": []}
     model._tokred_state = state
