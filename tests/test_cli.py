@@ -90,6 +90,11 @@ BAD = [
     ["visualize", "--method", "evit"],
     ["visualize", "-o", "x.png", "--method", "evit", "--model", "nope"],
     ["frobnicate"],
+    # Refused before any work (issue 10): an output folder that does not exist, a format the
+    # suffix does not name, a fractional ToMe r.
+    ["bench", "--models", "deit_tiny", "--json", "/nonexistent/x.json"],
+    ["visualize", "-o", "x.bmpx", "--method", "evit"],
+    ["bench", "--models", "deit_tiny", "--policies", "tome:2.7"],
 ]
 
 
@@ -108,6 +113,46 @@ def test_bad_checkpoint_one_line(capsys, tmp_path):
     rc, _, err = run(capsys, "visualize", "-o", str(tmp_path / "o.png"), "--method", "evit",
                      "--model", "deit_tiny", "--checkpoint", str(ckpt))
     assert rc == 2 and len(err.strip().splitlines()) == 1
+    # The one line says what was expected: the missing keys and the unexpected ones.
+    assert "does not fit deit_tiny: missing " in err and "blocks.0.attn.proj.bias" in err
+    assert "unexpected 1 keys: not_a_weight" in err
+
+
+def test_corrupt_checkpoint_one_line(capsys, tmp_path):
+    ckpt = tmp_path / "corrupt.pth"
+    ckpt.write_bytes(b"not a checkpoint at all")
+    rc, _, err = run(capsys, "visualize", "-o", str(tmp_path / "o.png"), "--method", "evit",
+                     "--model", "deit_tiny", "--checkpoint", str(ckpt))
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is not a readable PyTorch state dict" in err and "Traceback" not in err
+
+
+def test_info_into_a_closed_pipe(tmp_path):
+    # tokred info | head -1: the reader leaves early; no BrokenPipeError traceback.
+    import tokred_ext
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(tokred_ext.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(f"'{sys.executable}' -m tokred_ext info | head -1", shell=True, capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.stdout.startswith("tokred") and "Traceback" not in res.stderr, res.stderr
+
+
+def test_bench_says_what_a_large_tome_r_merged(capsys):
+    if not bench.tome_available():
+        pytest.skip("functional.tome_merge not available yet")
+    rc, out, err = run(capsys, "bench", "--models", "deit_tiny", "--policies", "tome:500", "--impls",
+                       "tokred", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--no-progress")
+    assert rc == 0, err
+    assert "tokred: note: tome:500 on deit_tiny" in err and "[98, 49, 24," in err
+
+
+def test_visualize_honours_the_suffix(capsys, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "evit.jpg"
+    rc, _, err = run(capsys, "visualize", "-o", str(out), "--method", "evit", "--model", "deit_tiny")
+    assert rc == 0, err
+    assert Image.open(out).format == "JPEG"
 
 
 def _check_png(path, panels, method, num_prefix=1, patch=16, size=224):

@@ -47,18 +47,21 @@ def make_policy(spec: str, keep_rate: float = 0.7, r: int = 13, trace_source: bo
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
     if name == "none":
         return None
-    try:
-        num = float(value) if value else None
-    except ValueError:
-        raise ValueError(f"policy {spec!r}: {value!r} is not a number") from None
     if name == "tome":
         if not tome_available():
             raise ValueError("policy 'tome' needs tokred_ext.functional.tome_merge, which this "
                              "build does not have")
-        rr = int(num) if num is not None else r
+        try:
+            rr = int(value) if value else r
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: r must be a whole number of tokens, got {value!r}") from None
         if rr < 0:
             raise ValueError(f"policy {spec!r}: r must be >= 0")
         return ToMe(rr, trace_source=trace_source)
+    try:
+        num = float(value) if value else None
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: {value!r} is not a number") from None
     kr = num if num is not None else keep_rate
     cls = TopK if name == "topk" else EViT
     return cls(kr, trace_source=trace_source)
@@ -209,6 +212,8 @@ def run(models: Iterable[str] = ("deit_small", "deit_base"),
                                              f"{model_name} {spec} {impl}")
                     rows.append(dict(model=model_name, policy=spec, impl=impl,
                                      batch_size=batch_size, dtype=dtype, device=device,
+                                     tokens_in=model.patch_embed.num_patches + model.num_prefix_tokens,
+                                     tokens_per_block=list(counter.token_counts),
                                      tokens_out=counter.token_counts[-1],
                                      images_per_s=batch_size / sec, ms_per_batch=sec * 1e3,
                                      peak_mem_mib=peak))

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("visualize", help="draw merged or pruned patches over an image")
     v.add_argument("image", nargs="?", default=None,
                    help="image file (default: the sample shipped with tokred)")
-    v.add_argument("-o", "--output", required=True, help="output PNG")
+    v.add_argument("-o", "--output", required=True,
+                   help="output image; its suffix picks the format (.png, .jpg, .webp, ...)")
     v.add_argument("--method", choices=["tome", "evit", "topk"], default="tome")
     group = v.add_mutually_exclusive_group()
     group.add_argument("--r", type=_nonneg_int, default=None, help="ToMe: tokens merged per layer")
@@ -119,6 +120,8 @@ def _bench(args) -> int:
             bench.make_policy(p, args.keep_rate, args.r)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.json and args.json != "-":
+        _check_writable(args.json, "--json")
     device = args.device or bench.best_device()
     try:
         torch.empty(0, device=device)
@@ -131,6 +134,7 @@ def _bench(args) -> int:
                      args.iters, args.warmup, args.keep_rate, args.r,
                      progress=not args.no_progress)
     print(bench.format_table(rows, markdown=args.markdown))
+    _note_clamped_merges(rows, args.r)
     if args.json:
         text = json.dumps(rows, indent=2)
         if args.json == "-":
@@ -139,6 +143,31 @@ def _bench(args) -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return 0
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Refuses an output path whose folder is missing or read-only, before any work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path!r} is not writable")
+
+
+def _note_clamped_merges(rows, default_r: int) -> None:
+    """ToMe merges at most half of a block's unprotected tokens: say so where a requested r was
+    more than a block could merge, with what each block did merge."""
+    for row in rows:
+        name, _, value = row["policy"].partition(":")
+        if name != "tome" or row["impl"] != "tokred":
+            continue
+        r = int(value) if value else default_r
+        counts = [row["tokens_in"]] + row["tokens_per_block"]
+        merged = [a - b for a, b in zip(counts, counts[1:])]
+        if any(m < r for m in merged):
+            print(f"tokred: note: {row['policy']} on {row['model']}: a block merges at most half of "
+                  f"its unprotected tokens, so the blocks merged {merged} (r = {r} was asked)",
+                  file=sys.stderr)
 
 
 def _info(args) -> int:
@@ -189,10 +218,12 @@ def _visualize(args) -> int:
     if args.method == "tome" and not bench.tome_available():
         raise UsageError("--method tome needs tokred_ext.functional.tome_merge, which this "
                          "build does not have")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"output folder {out_dir!r} does not exist")
-    from .visualize import visualize
+    _check_writable(args.output, "--output")
+    from .visualize import image_format, visualize
+    try:
+        image_format(args.output)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         img, panels = visualize(args.image, args.output, args.method, args.model, args.r,
                                 args.keep_rate, args.checkpoint, args.seed)
@@ -217,6 +248,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("tokred: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (tokred info | head): stop quietly, as a Unix filter does,
+        # and keep Python's exit-time flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,40 @@ def load_image(path: str, size: int) -> Tensor:
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
 
 
+def _load_checkpoint(model: torch.nn.Module, path: str, model_name: str) -> None:
+    """Loads a state dict (or a dict holding one under 'model' or 'state_dict') into ``model``;
+    a ValueError says what is wrong with a file that is not one, or does not fit."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors alike
+        raise ValueError(f"checkpoint {path!r} is not a readable PyTorch state dict "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state:
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
+    expected, given = set(model.state_dict()), set(state)
+
+    def listed(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    problems = []
+    if expected - given:
+        problems.append(f"missing {len(expected - given)} keys: {listed(expected - given)}")
+    if given - expected:
+        problems.append(f"unexpected {len(given - expected)} keys: {listed(given - expected)}")
+    if not problems:
+        wrong = [k for k in sorted(expected) if tuple(state[k].shape) != tuple(model.state_dict()[k].shape)]
+        if wrong:
+            problems.append(f"{len(wrong)} tensors of another shape: " + ", ".join(
+                f"{k} {list(state[k].shape)} (expected {list(model.state_dict()[k].shape)})" for k in wrong[:4]))
+    if problems:
+        raise ValueError(f"checkpoint {path!r} does not fit {model_name}: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
 def trace(pixels: Tensor, method: str, model_name: str = "deit_small",
           r: Optional[int] = None, keep_rate: Optional[float] = None,
           checkpoint: Optional[str] = None, seed: int = 0):
@@ -57,11 +91,7 @@ def trace(pixels: Tensor, method: str, model_name: str = "deit_small",
     torch.manual_seed(seed)
     model = create_model(model_name).eval()
     if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and key in state:
-                state = state[key]
-        model.load_state_dict(state)
+        _load_checkpoint(model, checkpoint, model_name)
     model.reduction = policy
     x = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255
     with torch.no_grad():
@@ -137,12 +167,27 @@ def render(pixels: Tensor, panels: List[Tuple[int, int, Tensor]], num_prefix: in
 def visualize(image: Optional[str], output: str, method: str, model_name: str = "deit_small",
               r: Optional[int] = None, keep_rate: Optional[float] = None,
               checkpoint: Optional[str] = None, seed: int = 0):
-    """Writes the visualisation PNG; returns ``(image, panels)``."""
+    """Writes the visualisation in the format of ``output``'s suffix (PNG, JPEG, WebP, ...);
+    returns ``(image, panels)``."""
     model_probe = create_model(model_name)  # validates the name; gives the geometry
     size, patch = model_probe.patch_embed.img_size, model_probe.patch_embed.patch_size
     del model_probe
     pixels = load_image(image or DEFAULT_IMAGE, size)
     model, panels = trace(pixels, method, model_name, r, keep_rate, checkpoint, seed)
     img = render(pixels, panels, model.num_prefix_tokens, patch, method)
-    img.save(output, format="PNG")
+    fmt = image_format(output)
+    (img.convert("RGB") if fmt == "JPEG" else img).save(output, format=fmt)
     return img, panels
+
+
+def image_format(path: str) -> str:
+    """PIL's format for ``path``'s suffix; a ValueError for a suffix PIL cannot write."""
+    from PIL import Image
+
+    Image.init()
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = Image.EXTENSION.get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"output {path!r}: cannot write images with suffix {suffix or '(none)'!r}; "
+                         "use .png, .jpg or .webp")
+    return fmt
