@@ -6,6 +6,8 @@ Switches (environment):
   TORCH_CUDA_ARCH_LIST  CUDA architectures (read by torch.utils.cpp_extension)
   MAX_JOBS              parallel compile jobs (read by torch.utils.cpp_extension)
   TOKRED_DEBUG=1        -O0 -g host code, device line info
+  TOKRED_SANITIZE=1     host code with AddressSanitizer and UBSan (.ci/asan_check.sh; run Python
+                        with libasan and libstdc++ preloaded)
 """
 import glob
 import os
@@ -45,6 +47,12 @@ def _extension():
     debug = _flag("TOKRED_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20"]
+    link = []
+    if _flag("TOKRED_SANITIZE"):
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                    "-fno-omit-frame-pointer", "-g"]
+        cxx += sanitize
+        link += sanitize
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = [("TOKRED_BUILD_PYTHON_MODULE", None)]
     if with_cuda:
@@ -55,6 +63,7 @@ def _extension():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     return CppExtension(
         "tokred_ext._C",
@@ -62,6 +71,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
     )
 
 
