@@ -324,3 +324,25 @@ def test_nan_and_inf_gradients_follow_the_reference(case):
     got, = torch.autograd.grad(out, leaves[0], g)
     want, = torch.autograd.grad(ref, ref_leaves[0], g.to(ref.dtype))
     torch.testing.assert_close(got, want.to(got.dtype), equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def _strided(t):
+    """The same values as t in a non-contiguous view (every other element of a larger tensor)."""
+    big = torch.zeros(t.shape + (2,), dtype=t.dtype)
+    big[..., 0] = t
+    return big[..., 0]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "meta"])
+@pytest.mark.parametrize("op", sorted(_valid()))
+def test_views_read_only_their_elements(backend, op):
+    """Every tensor argument as a strided view of a larger buffer (its other elements zero) gives
+    the contiguous result: kernels read views through their strides, never past them."""
+    args = _valid()[op]
+    want = _call(backend, op, args)
+    views = {a: _strided(v) if isinstance(v, torch.Tensor) else v for a, v in args.items()}
+    got = _call(backend, op, views)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(0), b.nan_to_num(0)) and torch.equal(a.isnan(), b.isnan()), op
