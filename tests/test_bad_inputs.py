@@ -346,3 +346,15 @@ def test_views_read_only_their_elements(backend, op):
     got = got if isinstance(got, (tuple, list)) else (got,)
     for a, b in zip(got, want):
         assert torch.equal(a.nan_to_num(0), b.nan_to_num(0)) and torch.equal(a.isnan(), b.isnan()), op
+
+
+def test_reference_is_right_on_edge_cases_the_ops_accept():
+    # Regressions: the oracle gave size [B, N, 0] for C = 0 and raised for N = 0.
+    unm, src, dst = _match()
+    x = torch.randn(2, 10, 0)
+    for mode in ("sum", "mean", "amax", "wavg"):
+        _assert_same(OPS.merge(x, None, unm, src, dst, mode, False), R.merge(x, None, unm, src, dst, mode, False),
+                     f"merge C=0 {mode}")
+    index = torch.full((2, 3), -1)
+    _assert_same(OPS.gather_tokens(torch.randn(2, 0, 4), index), R.gather_tokens(torch.randn(2, 0, 4), index),
+                 "gather_tokens N=0")
