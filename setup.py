@@ -11,12 +11,19 @@ Switches (environment):
 """
 import glob
 import os
+import re
 
 import torch
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    """The one version string, tokred_ext.__version__ (CMakeLists.txt reads it too)."""
+    with open(os.path.join(ROOT, "tokred_ext", "__init__.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def _flag(name):
@@ -54,14 +61,11 @@ def _extension():
         cxx += sanitize
         link += sanitize
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
-    macros = [("TOKRED_BUILD_PYTHON_MODULE", None)]
     if with_cuda:
-        macros.append(("TOKRED_WITH_CUDA", None))
         return CUDAExtension(
             "tokred_ext._C",
             host + device,
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=link,
         )
@@ -69,7 +73,6 @@ def _extension():
         "tokred_ext._C",
         host,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros,
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,
     )
@@ -77,7 +80,7 @@ def _extension():
 
 setup(
     name="tokred",
-    version="0.1.0",
+    version=_version(),
     description="Fused, exact token-reduction kernels for vision transformers (Top-K, EViT, ToMe, BiFormer)",
     packages=find_packages(include=["tokred_ext", "tokred_ext.*"]),
     package_data={"tokred_ext": ["assets/*.png"]},

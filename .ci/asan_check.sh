@@ -22,10 +22,11 @@ git ls-files -z | (mkdir -p "$out/src" && xargs -0 cp --parents -t "$out/src")
 step "op tests under the sanitizers"
 preload="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so.6)"
 # From the copy's tests, with the copy first on the path: the sanitized build is the one imported.
+# -s: a sanitizer report goes to the real stderr (pytest's capture would lose it on the abort).
 cd "$out/src"
 PYTHONPATH="$out/src" LD_PRELOAD="$preload" \
   ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   TOKRED_FUZZ_CASES=${TOKRED_FUZZ_CASES:-200} \
-  python3 -m pytest -q -p no:cacheprovider tests/test_select.py tests/test_select_fuzz.py tests/test_merge.py \
+  python3 -m pytest -q -s -p no:cacheprovider tests/test_select.py tests/test_select_fuzz.py tests/test_merge.py \
     tests/test_merge_fuzz.py tests/test_routing.py tests/test_bad_inputs.py
 cd "$root"

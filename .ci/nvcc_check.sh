@@ -14,7 +14,7 @@ mapfile -t incs < <(python3 -c "
 import torch.utils.cpp_extension as c
 for p in c.include_paths(): print(p)")
 abi=$(python3 -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
-flags=(-diag-suppress 3306,3357 -std=c++20 -O1 "-arch=$arch" --expt-relaxed-constexpr -DTOKRED_WITH_CUDA
+flags=(-diag-suppress 3306,3357 -std=c++20 -O1 "-arch=$arch" --expt-relaxed-constexpr
        "-D_GLIBCXX_USE_CXX11_ABI=$abi" -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
        -Icsrc "-I$tmp/include")

@@ -28,4 +28,4 @@ step "differential suite under AddressSanitizer, schedule random"
 SIMT_SCHEDULE=random TOKRED_SIMT_LIB=$asan_lib TOKRED_SIMT_ASAN=1 \
   LD_PRELOAD=$(python3 -c "import sys; sys.path.insert(0, 'tests/simt'); import build; print(build.asan_preload())") \
   ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 \
-  pytest -q -p no:cacheprovider tests/simt tests/test_bad_inputs.py
+  pytest -q -s -p no:cacheprovider tests/simt tests/test_bad_inputs.py  # -s: keep a sanitizer report

@@ -1,6 +1,5 @@
 """Draws tokred_ext/assets/sample.png: a procedural landscape (sky, sun, clouds, mountains, lake,
 meadow) at 224x224, so ``tokred visualize`` has an image with regions worth merging."""
-import math
 import os
 import sys
 

@@ -198,7 +198,7 @@ def test_visualize_png_matches_source_maps(capsys, tmp_path, method, args):
     kr = float(args[1]) if method != "tome" and args else None
     r = int(args[1]) if method == "tome" else None
     _, panels = vis.trace(vis.load_image(vis.DEFAULT_IMAGE, 224), method, "deit_tiny", r, kr)
-    png = _check_png(out, panels, method)
+    _check_png(out, panels, method)
     if method == "topk":
         pruned = sum(int((s[1:] < 0).sum()) for _, _, s in panels)
         assert pruned == (196 - 137) + (196 - 96) + (196 - 67)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import tokred_ext
 from tokred_ext import functional as F
 from tokred_ext import ops
 from tokred_ext import reference as R

@@ -2,7 +2,7 @@
 
 Importing this package registers every op as ``torch.ops.tokred.*`` and their autograd formulas.
 """
-import torch
+import torch  # noqa: F401  (torch first: _C links against its libraries)
 
 from . import _C  # noqa: F401  (loads the kernels; registers torch.ops.tokred.*)
 from . import ops  # noqa: F401  (registers autograd)

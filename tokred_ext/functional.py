@@ -3,7 +3,7 @@
 Each function takes either the attention map ``[B, H, N, N]`` or the class-attention scores
 ``[B, N - P]`` and applies the upstream keep-count rule.
 """
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -8,11 +8,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define TOKRED_HD __host__ __device__ __forceinline__
-#else
-#define TOKRED_HD inline
-#endif
+#include "common/hd.h"
 
 namespace tokred {
 

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "common/rank.h"  // TOKRED_HD
+#include "common/hd.h"
 
 namespace tokred {
 namespace routing {

@@ -37,7 +37,8 @@ MUTANTS = [
      "const size_t smem = (static_cast<size_t>(n) - ({on} ? 1 : 0)) * sizeof(acc_t);"),
     ("select.cu", "__syncthreads in divergent code: only half of select_kept's block reaches it",
      "      rank[i] = rank_in_row(row, N, i, /*largest=*/true);\n    }\n    __syncthreads();",
-     "      rank[i] = rank_in_row(row, N, i, /*largest=*/true);\n    }\n    if (!{on} || threadIdx.x < 128) __syncthreads();"),
+     "      rank[i] = rank_in_row(row, N, i, /*largest=*/true);\n    }\n"
+     "    if (!{on} || threadIdx.x < 128) __syncthreads();"),
     ("merge.cu", "missing __syncthreads: bipartite_match places tokens before all ranks are known",
      "rank[a] = rank_in_row(node_max, d.na, a, true);\n  __syncthreads();",
      "rank[a] = rank_in_row(node_max, d.na, a, true);\n  if (!{on}) __syncthreads();"),
@@ -74,17 +75,23 @@ def run_suite(library, mutant, schedule):
     env = dict(os.environ, TOKRED_SIMT_LIB=library, TOKRED_SIMT_ASAN="1", SIMT_MUTANT=str(mutant),
                SIMT_SCHEDULE=schedule, LD_PRELOAD=build.asan_preload(),
                ASAN_OPTIONS="detect_leaks=0:halt_on_error=1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header",
+    # -s: AddressSanitizer's report goes to the real stderr (pytest's capture would lose it).
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-s", "-p", "no:cacheprovider", "--no-header",
            os.path.join(HERE)]
     child = subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True)
     return child.returncode == 0, (child.stdout + child.stderr)
 
 
 def first_failure(log):
-    for line in log.splitlines():
-        if line.startswith(("E ", "FAILED", "ERROR")) or "AddressSanitizer" in line:
+    """The line that says why the run failed: a sanitizer report, else pytest's first error."""
+    lines = log.splitlines()
+    for line in lines:
+        if "ERROR: AddressSanitizer" in line:
+            return line.split("ERROR: ", 1)[1].strip()[:160]
+    for line in lines:
+        if line.startswith(("E ", "FAILED", "ERROR")):
             return line.strip()[:160]
-    return log.strip().splitlines()[-1][:160] if log.strip() else "(no output)"
+    return lines[-1][:160] if lines else "(no output)"
 
 
 def main():
