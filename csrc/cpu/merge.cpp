@@ -243,7 +243,9 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
         const OutputView ov = output_view(p, i);
         const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
         const scalar_t* grow = gp + i * C;
-        if (count == 1 && mode == MergeMode::kMean) {  // amax and wavg can make NaN
+        const acc_t w_lone = sz ? static_cast<acc_t>(sz[b * n + me[of[0]]]) : acc_t(1);
+        if (count == 1 && mode != MergeMode::kAmax && tome_lone_copies(mode, w_lone, true)) {
+          // The gradient passes unchanged (w/w = 1); amax can pass NaN.
           std::copy(grow, grow + C, gx + (b * n + me[of[0]]) * C);
           continue;
         }

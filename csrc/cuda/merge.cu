@@ -311,8 +311,9 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
     }
     const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
     const acc_t g = static_cast<acc_t>(grad[(b * nout + o) * C + c]);
-    if (end - begin == 1 && mode == MergeMode::kMean) {  // amax and wavg can make NaN
-      grad_x[i] = static_cast<scalar_t>(g);
+    const acc_t w_self = size ? static_cast<acc_t>(size[bt]) : acc_t(1);
+    if (end - begin == 1 && mode != MergeMode::kAmax && tome_lone_copies(mode, w_self, true)) {
+      grad_x[i] = static_cast<scalar_t>(g);  // passes unchanged (w/w = 1); amax can pass NaN
       continue;
     }
     acc_t wsum = 0, mx = 0;
@@ -331,9 +332,8 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
       }
     }
     const acc_t v = x ? static_cast<acc_t>(x[i]) : acc_t(0);
-    const acc_t w = size ? static_cast<acc_t>(size[bt]) : acc_t(1);
     const acc_t coef =
-        tome_grad_coef(mode, v, w, mx, wsum, end - begin, ties, tome_is_dst_out(o, d));
+        tome_grad_coef(mode, v, w_self, mx, wsum, end - begin, ties, tome_is_dst_out(o, d));
     grad_x[i] = static_cast<scalar_t>(coef * g);
   }
 }
