@@ -125,6 +125,14 @@ TOKRED_HD bool tome_lone_copies(MergeMode mode, acc_t w, bool merging) {
   return !merging || mode != MergeMode::kWavg || (w == w && w != acc_t(0) && w - w == acc_t(0));
 }
 
+// True if the gradient of an output whose only member has weight w passes to it unchanged
+// (w / w = 1): every mode but amax (a NaN maximum of a destination passes NaN, tome_grad_coef),
+// and wavg only where tome_lone_copies copies the value.
+template <typename acc_t>
+TOKRED_HD bool tome_lone_grad_passes(MergeMode mode, acc_t w) {
+  return mode != MergeMode::kAmax && tome_lone_copies(mode, w, /*merging=*/true);
+}
+
 // The reduced value of an output with `count` members whose weights sum to wsum.
 template <typename acc_t>
 TOKRED_HD acc_t tome_finish(MergeMode mode, acc_t acc, acc_t wsum, int64_t count) {

@@ -244,8 +244,7 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
         const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
         const scalar_t* grow = gp + i * C;
         const acc_t w_lone = sz ? static_cast<acc_t>(sz[b * n + me[of[0]]]) : acc_t(1);
-        if (count == 1 && mode != MergeMode::kAmax && tome_lone_copies(mode, w_lone, true)) {
-          // The gradient passes unchanged (w/w = 1); amax can pass NaN.
+        if (count == 1 && tome_lone_grad_passes(mode, w_lone)) {
           std::copy(grow, grow + C, gx + (b * n + me[of[0]]) * C);
           continue;
         }

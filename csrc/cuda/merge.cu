@@ -312,8 +312,8 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
     const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
     const acc_t g = static_cast<acc_t>(grad[(b * nout + o) * C + c]);
     const acc_t w_self = size ? static_cast<acc_t>(size[bt]) : acc_t(1);
-    if (end - begin == 1 && mode != MergeMode::kAmax && tome_lone_copies(mode, w_self, true)) {
-      grad_x[i] = static_cast<scalar_t>(g);  // passes unchanged (w/w = 1); amax can pass NaN
+    if (end - begin == 1 && tome_lone_grad_passes(mode, w_self)) {
+      grad_x[i] = static_cast<scalar_t>(g);
       continue;
     }
     acc_t wsum = 0, mx = 0;

@@ -15,6 +15,9 @@ output ulp plus the accumulation slack, relative to the output's magnitude and t
 terms (`scale`, for outputs that cancel to near zero). Measured maxima are far below it
 (tests/simt/README.md).
 """
+import re
+
+import pytest
 import torch
 
 CPU = torch.ops.tokred
@@ -96,10 +99,6 @@ def compare(name, *args, exact=(), scale=1.0):
 def assert_both_raise(name, *args, match):
     """The CPU kernel and the emulated CUDA kernel both reject the input with a clear message
     (`match`, a regex, must occur in the emulated error)."""
-    import re
-
-    import pytest
-
     TESTED_OPS.add(name)
     with pytest.raises(RuntimeError):
         getattr(CPU, name)(*args)

@@ -116,7 +116,6 @@ struct Runtime {
   void* body_arg = nullptr;
   std::string error;  // first failure of the running launch
   unsigned char* dynamic_smem = nullptr;
-  size_t dynamic_smem_bytes = 0;
   std::vector<const void*> poisoned_static_smem;  // __shared__ arrays poisoned in this block
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
@@ -542,7 +541,6 @@ struct Launcher {
     ensure_thread_slots(nthreads);
     DynamicSmem shared(smem);
     rt.dynamic_smem = shared.data();
-    rt.dynamic_smem_bytes = smem;
     rt.body = &Call<R (*)(P...), Tuple>::run;
     rt.body_arg = &call;
     rt.error.clear();
