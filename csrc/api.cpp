@@ -100,6 +100,36 @@ at::Tensor merge_source(const OptTensor& source, T unm_idx, T src_idx, T dst_idx
   return h.call(source, unm_idx, src_idx, dst_idx, n, distill_token);
 }
 
+MergePlan merge_plan(T unm_idx, T src_idx, T dst_idx, int64_t n, bool distill_token) {
+  static auto h = op<TensorTriple(T, T, T, c10::SymInt, bool)>("tokred::merge_plan");
+  auto [dest, offsets, members] = h.call(unm_idx, src_idx, dst_idx, n, distill_token);
+  return MergePlan{dest, offsets, members};
+}
+
+TensorPair merge_by_plan(T x, const OptTensor& size, const MergePlan& plan,
+                         const std::string& mode) {
+  static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view)>(
+      "tokred::merge_by_plan");
+  return h.call(x, size, plan.dest, plan.offsets, plan.members, mode);
+}
+
+at::Tensor merge_by_plan_backward(T grad_out, T x, const OptTensor& size, const MergePlan& plan,
+                                  const std::string& mode) {
+  static auto h = op<at::Tensor(T, T, const OptTensor&, T, T, T, c10::string_view)>(
+      "tokred::_merge_by_plan_backward");
+  return h.call(grad_out, x, size, plan.dest, plan.offsets, plan.members, mode);
+}
+
+at::Tensor unmerge_by_plan(T x, const MergePlan& plan) {
+  static auto h = op<at::Tensor(T, T, T, T)>("tokred::unmerge_by_plan");
+  return h.call(x, plan.dest, plan.offsets, plan.members);
+}
+
+at::Tensor merge_source_by_plan(const OptTensor& source, const MergePlan& plan) {
+  static auto h = op<at::Tensor(const OptTensor&, T, T, T)>("tokred::merge_source_by_plan");
+  return h.call(source, plan.dest, plan.offsets, plan.members);
+}
+
 // ---- Routing: BiFormer.
 
 at::Tensor routed_gather(const at::Tensor& kv, const at::Tensor& r_idx, const OptTensor& r_weight) {

@@ -19,6 +19,13 @@ TORCH_LIBRARY(tokred, m) {
   m.def("unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
   m.def("_unmerge_backward(Tensor grad, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, bool distill_token) -> Tensor");
   m.def("merge_source(Tensor? source, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
+  // The merge plan as a value: built once per ToMe step by merge_plan, then passed to the merge,
+  // the unmerge, source tracking and the backward (the ops above build it again on every call).
+  m.def("merge_plan(Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> (Tensor dest, Tensor offsets, Tensor members)");
+  m.def("merge_by_plan(Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor members, str mode=\"wavg\") -> (Tensor out, Tensor size_out)");
+  m.def("_merge_by_plan_backward(Tensor grad_out, Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor members, str mode) -> Tensor");
+  m.def("unmerge_by_plan(Tensor x, Tensor dest, Tensor offsets, Tensor members) -> Tensor");
+  m.def("merge_source_by_plan(Tensor? source, Tensor dest, Tensor offsets, Tensor members) -> Tensor");
 
   // Routing: BiFormer.
   m.def("routed_gather(Tensor kv, Tensor r_idx, Tensor? r_weight=None) -> Tensor");

@@ -63,6 +63,25 @@ at::Tensor merge_source(const std::optional<at::Tensor>& source, const at::Tenso
                         const at::Tensor& src_idx, const at::Tensor& dst_idx, int64_t n,
                         bool distill_token = false);
 
+// The merge plan as a value (docs/merge.md): built once per ToMe step, then passed to the
+// merge, the unmerge, source tracking and the backward, which check it instead of rebuilding it.
+struct MergePlan {
+  at::Tensor dest;     // [B, N]: the output token of every input token
+  at::Tensor offsets;  // [B, N - r + 1]: output o reduces members[offsets[o] .. offsets[o + 1])
+  at::Tensor members;  // [B, N]: input tokens grouped by output, ascending within each
+};
+MergePlan merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                     const at::Tensor& dst_idx, int64_t n, bool distill_token = false);
+std::tuple<at::Tensor, at::Tensor> merge_by_plan(const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& size,
+                                                 const MergePlan& plan,
+                                                 const std::string& mode = "wavg");
+at::Tensor merge_by_plan_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                  const std::optional<at::Tensor>& size, const MergePlan& plan,
+                                  const std::string& mode);
+at::Tensor unmerge_by_plan(const at::Tensor& x, const MergePlan& plan);
+at::Tensor merge_source_by_plan(const std::optional<at::Tensor>& source, const MergePlan& plan);
+
 // ---- Routing: BiFormer.
 
 // kv [n, P, w2, c], r_idx [n, P, topk] (int64/int32, values in [0, P)) -> [n, P, topk, w2, c]:

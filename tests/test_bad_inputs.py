@@ -38,6 +38,7 @@ def _valid():
     """A valid call of every op, as {op: {argument: value}} in schema order."""
     g = _g()
     unm, src, dst = _match()
+    plan = dict(zip(("dest", "offsets", "members"), OPS.merge_plan(unm, src, dst, 10, False)))
     x10 = torch.randn(2, 10, 4, generator=g)
     q = torch.randn(1, 3, 2, 8, generator=g)
     ridx = torch.tensor([[[0, 1], [1, 2], [2, 0]]])
@@ -69,6 +70,12 @@ def _valid():
                                   dst_idx=dst, distill_token=False),
         "merge_source": dict(source=torch.randint(0, 10, (2, 12), generator=g), unm_idx=unm, src_idx=src,
                              dst_idx=dst, n=10, distill_token=False),
+        "merge_plan": dict(unm_idx=unm, src_idx=src, dst_idx=dst, n=10, distill_token=False),
+        "merge_by_plan": dict(x=x10, size=torch.rand(2, 10, 1, generator=g) + 0.5, **plan, mode="wavg"),
+        "_merge_by_plan_backward": dict(grad_out=torch.randn(2, 7, 4, generator=g), x=x10, size=None, **plan,
+                                        mode="amax"),
+        "unmerge_by_plan": dict(x=torch.randn(2, 7, 4, generator=g), **plan),
+        "merge_source_by_plan": dict(source=torch.randint(0, 10, (2, 12), generator=g), **plan),
         "routed_gather": dict(kv=torch.randn(1, 3, 2, 4, generator=g), r_idx=ridx,
                               r_weight=torch.rand(1, 3, 2, generator=g)),
         "_routed_gather_backward": dict(grad=torch.randn(1, 3, 2, 2, 4, generator=g),
@@ -87,6 +94,23 @@ def _set(arg, value):
 
 def _meta_one(arg):
     return _set(arg, lambda t: t.to("meta"))
+
+
+def _swap_members_of_a_merged_output(a):
+    """Breaks the ascending order inside the first output with two or more members."""
+    members, offsets = a["members"].clone(), a["offsets"]
+    o = int(((offsets[0, 1:] - offsets[0, :-1]) > 1).nonzero()[0])
+    i = int(offsets[0, o])
+    members[0, i], members[0, i + 1] = members[0, i + 1].clone(), members[0, i].clone()
+    a["members"] = members
+
+
+def _edit(arg, index, value):
+    def edit(a):
+        t = a[arg].clone()
+        t[index] = value
+        a[arg] = t
+    return edit
 
 
 def V(regex=""):
@@ -176,6 +200,44 @@ BAD = [
     ("merge_source", "source", "out of range", _set("source", torch.full((2, 3), 10)), V()),
     ("merge_source", "source", "a float dtype", _set("source", torch.zeros(2, 3)), "index tensor"),
     ("merge_source", "unm_idx", "a token twice", _set("unm_idx", lambda t: t[:, :1].repeat(1, 2)), V()),
+    ("merge_plan", "unm_idx", "a token twice", _set("unm_idx", lambda t: t[:, :1].repeat(1, 2)), V()),
+    ("merge_plan", "src_idx", "another shape", _set("src_idx", lambda t: t[:1]), "shape"),
+    ("merge_plan", "dst_idx", "out of range", _set("dst_idx", lambda t: t.clone().fill_(5)), V()),
+    ("merge_plan", "n", "negative", _set("n", -1), ">= 0"),
+    ("merge_plan", "n", "another token count", _set("n", 12), "ceil"),
+    ("merge_by_plan", "x", "another token count", _set("x", lambda t: t[:, 1:]), "leading sizes"),
+    ("merge_by_plan", "x", "an integer dtype", _set("x", lambda t: t.long()), "float32"),
+    ("merge_by_plan", "size", "another shape", _set("size", lambda t: t[:, 1:]), "shape"),
+    ("merge_by_plan", "size", "another dtype", _set("size", lambda t: t.double()), "dtype"),
+    ("merge_by_plan", "mode", "unknown", _set("mode", "max"), "one of"),
+    ("merge_by_plan", "dest", "3-D", _set("dest", lambda t: t[None]), "2-D"),
+    ("merge_by_plan", "dest", "a float dtype", _set("dest", lambda t: t.float()), "index tensor"),
+    ("merge_by_plan", "dest", "on another device", _meta_one("dest"), "same device"),
+    ("merge_by_plan", "dest", "a member's output wrong", _edit("dest", (0, 0), 1), V("map each member")),
+    ("merge_by_plan", "offsets", "another batch", _set("offsets", lambda t: t[:1]), "batch size"),
+    ("merge_by_plan", "offsets", "more outputs than tokens", _set("offsets", torch.zeros(2, 12, dtype=torch.long)),
+     "N - r \\+ 1"),
+    ("merge_by_plan", "offsets", "not from 0", _edit("offsets", (1, 0), 1), V("start at 0")),
+    ("merge_by_plan", "offsets", "not to N", _edit("offsets", (0, -1), 9), V("end at N")),
+    ("merge_by_plan", "offsets", "an empty output", _edit("offsets", (0, 1), 0), V("rise strictly")),
+    ("merge_by_plan", "offsets", "past N", _edit("offsets", (0, 3), 99), V("offsets")),
+    ("merge_by_plan", "members", "another shape", _set("members", lambda t: t[:, 1:]), "shape of dest"),
+    ("merge_by_plan", "members", "out of range", _edit("members", (1, 4), 10), V(r"\[0, N\)")),
+    ("merge_by_plan", "members", "negative", _edit("members", (0, 0), -1), V(r"\[0, N\)")),
+    ("merge_by_plan", "members", "out of order", _swap_members_of_a_merged_output, V("ascend")),
+    ("_merge_by_plan_backward", "grad_out", "another shape", _set("grad_out", lambda t: t[:, 1:]), "shape"),
+    ("_merge_by_plan_backward", "members", "out of range", _edit("members", (1, 4), 10), V()),
+    ("unmerge_by_plan", "x", "another token count", _set("x", lambda t: t[:, 1:]), "leading sizes"),
+    ("unmerge_by_plan", "dest", "a member's output wrong", _edit("dest", (0, 0), 1), V()),
+    ("unmerge_by_plan", "offsets", "an empty output", _edit("offsets", (0, 1), 0), V()),
+    ("unmerge_by_plan", "members", "out of range", _edit("members", (1, 4), 10), V()),
+    ("merge_source_by_plan", "source", "another batch", _set("source", torch.zeros(64, 8, dtype=torch.long)),
+     "batch size"),
+    ("merge_source_by_plan", "source", "out of range", _set("source", torch.full((2, 3), 10)), V()),
+    ("merge_source_by_plan", "source", "a float dtype", _set("source", torch.zeros(2, 3)), "index tensor"),
+    ("merge_source_by_plan", "dest", "a member's output wrong", _edit("dest", (0, 0), 1), V()),
+    ("merge_source_by_plan", "offsets", "not from 0", _edit("offsets", (1, 0), 1), V()),
+    ("merge_source_by_plan", "members", "out of order", _swap_members_of_a_merged_output, V()),
     ("routed_gather", "r_idx", "out of range", _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])), V(r"\[0, 3\)")),
     ("routed_gather", "r_idx", "negative", _set("r_idx", torch.tensor([[[0, -1], [1, 2], [2, 0]]])), V(r"\[0, 3\)")),
     ("routed_gather", "r_idx", "another batch", _set("r_idx", lambda t: t.repeat(2, 1, 1)), "batch size"),

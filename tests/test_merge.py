@@ -151,7 +151,8 @@ def test_twelve_layers_equal_upstream_recipe(device, cls, dist):
     g = _gen(7)
     b, n, c = 2, 197, 24
     x = torch.randn(b, n, c, dtype=torch.float64, generator=g).to(device)
-    x_ref, size, size_ref, source, source_ref = x, None, None, None, None
+    x_ref, size, size_ref, source_ref = x, None, None, None
+    source = torch.arange(n, device=device).expand(b, n)  # tracing starts from the identity
     for r in F.parse_r(12, 16):
         metric = torch.randn(b, x.shape[1], 16, dtype=torch.float64, generator=g).to(device)
         proj = torch.randn(c, c, dtype=torch.float64, generator=g).to(device) / c ** 0.5
@@ -280,7 +281,9 @@ def test_torchscript(device):
     g = _gen(14)
     x = torch.randn(2, 17, 8, generator=g).to(device)
     metric = separated_metric(2, 17, generator=g).to(device)
-    for a, b in zip(scripted(x, metric, 4), F.tome_merge(x, metric, 4)):
+    source = torch.arange(17).expand(2, 17).to(device)
+    for a, b in zip(scripted(x, metric, 4, None, True, False, source),
+                    F.tome_merge(x, metric, 4, source=source)):
         assert torch.equal(a, b)
     unm = torch.jit.script(ops.unmerge)
     idx = ops.bipartite_match(metric, 4)
@@ -386,3 +389,111 @@ def test_bipartite_match_tie_rule(device, dtype, cls, dist):
                     assert j == int((row_sim == best[row, s_i]).nonzero()[0]), (n, r, row, s_i)
                 order = sorted(range(best.shape[1]), key=lambda i: (-best[row, i].item(), i))
                 assert src[row].tolist() == order[:src.shape[1]], (n, r, row)
+
+
+# --------------------------------------------------------------------------- the plan as a value
+
+def _plan_cases(device, g):
+    """Matches of every protection kind and size, including r = 0 and the one-token sequence."""
+    for cls, dist in PROTECT:
+        for n, r in [(17, 5), (16, 7), (9, 100), (8, 0), (1, 1), (2, 1)]:
+            yield cls, dist, n, _indices(device, 3, n, r, cls, dist, g, int32=n % 2 == 1)
+
+
+def test_merge_plan_matches_reference(device):
+    g = _gen(21)
+    for cls, dist, n, idx in _plan_cases(device, g):
+        got = ops.merge_plan(*idx, n, dist)
+        want = R.merge_plan(*idx, n, dist)
+        for a, e, name in zip(got, want, ("dest", "offsets", "members")):
+            assert a.dtype == torch.long and torch.equal(a.cpu(), e.cpu()), (cls, dist, n, name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_by_plan_ops_equal_the_ops_that_build_it(device, dtype, mode):
+    # The same plan, built once: every op given it equals the op that builds it again, bitwise.
+    g = _gen(22)
+    for cls, dist, n, idx in _plan_cases(device, g):
+        plan = ops.merge_plan(*idx, n, dist)
+        x = tie_free((3, 6, n), dtype, device, g).transpose(1, 2)
+        size = random_sizes(3, n, dtype, device, g)
+        for s in (size, None):
+            got = ops.merge_by_plan(x, s, plan, mode)
+            want = ops.merge(x, s, *idx, mode, dist)
+            assert all(torch.equal(a, e) for a, e in zip(got, want)), (cls, dist, n)
+            want_ref, _ = R.merge(x.double(), None if s is None else s.double(), *idx, mode, dist)
+            assert_close(got[0].double(), want_ref, **TOL[dtype])
+        merged = torch.randn(3, plan.offsets.shape[1] - 1, 6, generator=g).to(device, dtype)
+        assert torch.equal(ops.unmerge_by_plan(merged, plan), ops.unmerge(merged, *idx, n, dist))
+        source = torch.randint(0, n, (3, 11), generator=g).to(device)
+        for src_map in (source, source.int(), None):
+            assert torch.equal(ops.merge_source_by_plan(src_map, plan),
+                               ops.merge_source(src_map, *idx, n, dist))
+        grad = torch.randn(3, plan.offsets.shape[1] - 1, 6, generator=g).to(device, dtype)
+        assert torch.equal(
+            torch.ops.tokred._merge_by_plan_backward(grad, x, size, *plan, mode),
+            torch.ops.tokred._merge_backward(grad, x, size, *idx, mode, dist))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_merge_by_plan_gradcheck(device, mode):
+    g = _gen(23)
+    for dist in (False, True):
+        idx = _indices(device, 2, 11, 3, True, dist, g)
+        plan = ops.merge_plan(*idx, 11, dist)
+        x = tie_free((2, 11, 3), torch.float64, device, g).requires_grad_()
+        size = random_sizes(2, 11, torch.float64, device, g)
+        assert torch.autograd.gradcheck(lambda t: ops.merge_by_plan(t, size, plan, mode)[0], (x,))
+        y = torch.randn(2, 8, 3, dtype=torch.float64, generator=g).to(device).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: ops.unmerge_by_plan(t, plan), (y,))
+
+
+def test_plan_opcheck(device):
+    x, metric, size, idx, idx_d, merged = _opcheck_samples(device)
+    plan, plan_d = ops.merge_plan(*idx, 9), ops.merge_plan(*idx_d, 9, True)
+    xg = x.clone().requires_grad_()
+    cases = [
+        (torch.ops.tokred.merge_plan.default, (*idx, 9, False)),
+        (torch.ops.tokred.merge_plan.default, (*idx_d, 9, True)),
+        (torch.ops.tokred.merge_by_plan.default, (xg, size, *plan, "wavg")),
+        (torch.ops.tokred.merge_by_plan.default, (xg, None, *plan_d, "amax")),
+        (torch.ops.tokred._merge_by_plan_backward.default, (merged, x, size, *plan, "mean")),
+        (torch.ops.tokred.unmerge_by_plan.default, (merged.clone().requires_grad_(), *plan)),
+        (torch.ops.tokred.merge_source_by_plan.default, (None, *plan)),
+        (torch.ops.tokred.merge_source_by_plan.default,
+         (torch.randint(0, 9, (2, 20), device=device), *plan_d)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_plan_torchscript_and_compile_without_recompiles(device):
+    def step(x, metric, r: int, size):
+        plan = ops.merge_plan(*ops.bipartite_match(metric, r), metric.shape[1])
+        out, size = ops.merge_by_plan(x, size, plan, "wavg")
+        return out, size, ops.unmerge_by_plan(out, plan)
+
+    scripted = torch.jit.script(step)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    g = _gen(24)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for b, n, r in [(2, 17, 4), (3, 25, 5), (4, 33, 3)]:
+            x = torch.randn(b, n, 8, generator=g).to(device)
+            metric = separated_metric(b, n, generator=g).to(device)
+            size = random_sizes(b, n, generator=g).to(device)
+            want = step(x, metric, r, size)
+            for got in (scripted(x, metric, r, size), compiled(x, metric, r, size)):
+                assert all(torch.equal(a, e) for a, e in zip(got, want))
+
+
+def test_tome_merge_traces_sources_only_when_asked(device):
+    g = _gen(25)
+    x = torch.randn(2, 17, 8, generator=g).to(device)
+    metric = separated_metric(2, 17, generator=g).to(device)
+    out, size, source = F.tome_merge(x, metric, 4)
+    assert source is None
+    start = torch.arange(17, device=device).expand(2, 17)
+    out2, size2, source = F.tome_merge(x, metric, 4, source=start)
+    assert torch.equal(out, out2) and torch.equal(size, size2)
+    assert torch.equal(source, R.merge_source(None, *R.bipartite_match(metric, 4), 17))

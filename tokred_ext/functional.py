@@ -67,18 +67,22 @@ def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: in
 
 def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
                class_token: bool = True, distill_token: bool = False,
-               source: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               source: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One ToMe step: bipartite matching on ``metric``, then the size-weighted merge of ``x``.
 
-    Upstream's ``bipartite_soft_matching`` followed by ``merge_wavg`` (and ``merge_source``):
-    ``x`` ``[B, N, C]``, ``metric`` ``[B, N, D]`` (ToMe uses the keys averaged over heads),
-    ``size`` ``[B, N, 1]`` (None: every token has size 1). ``r`` is clamped to
-    ``(N - protected) // 2``. Returns the merged tokens ``[B, N - r, C]``, their sizes
-    ``[B, N - r, 1]`` and the source map ``[B, N0]`` (int64; ``source`` None starts from the
-    identity of this step's ``N`` tokens), which :func:`tokred_ext.ops.source_onehot` turns into
+    Upstream's ``bipartite_soft_matching`` followed by ``merge_wavg`` (and ``merge_source`` when
+    tracing sources): ``x`` ``[B, N, C]``, ``metric`` ``[B, N, D]`` (ToMe uses the keys averaged
+    over heads), ``size`` ``[B, N, 1]`` (None: every token has size 1). ``r`` is clamped to
+    ``(N - protected) // 2``. The merge plan is built once and serves the merge, its backward
+    and the source map. Returns the merged tokens ``[B, N - r, C]``, their sizes
+    ``[B, N - r, 1]`` and, when ``source`` (``[B, N0]`` int64, the current token of every
+    original patch) is given, the updated map (None otherwise, as upstream skips
+    ``merge_source`` unless tracing). :func:`tokred_ext.ops.source_onehot` turns a map into
     upstream's ``[B, N - r, N0]`` matrix.
     """
     unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, class_token, distill_token)
-    out, size = ops.merge(x, size, unm_idx, src_idx, dst_idx, "wavg", distill_token)
-    source = ops.merge_source(source, unm_idx, src_idx, dst_idx, x.shape[1], distill_token)
+    plan = ops.merge_plan(unm_idx, src_idx, dst_idx, x.shape[1], distill_token)
+    out, size = ops.merge_by_plan(x, size, plan, "wavg")
+    if source is not None:
+        source = ops.merge_source_by_plan(source, plan)
     return out, size, source

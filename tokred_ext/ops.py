@@ -9,7 +9,7 @@ Conventions shared by every op:
 * Backward passes are ops of their own (``tokred::_<name>_backward``), computed as deterministic
   segmented sums, never with atomics.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -144,7 +144,9 @@ def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, d
     ``merge_wavg`` (``size`` ``[B, N, 1]`` in x's dtype; None means ones). Returns the merged
     tokens and the summed sizes ``[B, N - r, 1]`` (in every mode). ``r == 0`` returns copies.
     Sums run in ascending token order in float32 or wider, never with atomics. Differentiable
-    with respect to ``x``; ``size`` carries no gradient.
+    with respect to ``x``; ``size`` carries no gradient. Builds the merge plan on every call (and
+    again in the backward): where one match feeds several ops, build it once with
+    :func:`merge_plan` and use :func:`merge_by_plan`.
     """
     return _ops.merge(x, size, unm_idx, src_idx, dst_idx, mode, distill_token)
 
@@ -180,6 +182,70 @@ def source_onehot(source: Tensor, n: int, dtype: torch.dtype = torch.float32) ->
     return torch.nn.functional.one_hot(source.long(), n).transpose(1, 2).to(dtype)
 
 
+class MergePlan(NamedTuple):
+    """A ToMe merge plan, built once per step by :func:`merge_plan` (CSR, one row per batch).
+
+    ``dest`` ``[B, N]``: the output token of every input token. ``offsets`` ``[B, N - r + 1]``
+    and ``members`` ``[B, N]``: output ``o`` reduces ``members[b, offsets[b, o]:offsets[b, o + 1]]``,
+    ascending. Ops that take a plan check that it is one (any other tensors are an error).
+    """
+    dest: Tensor
+    offsets: Tensor
+    members: Tensor
+
+
+def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
+               distill_token: bool = False) -> MergePlan:
+    """The merge plan of a match of ``n`` tokens (from :func:`bipartite_match`).
+
+    Build it once per ToMe step and pass it to :func:`merge_by_plan`, :func:`unmerge_by_plan`
+    and :func:`merge_source_by_plan`: the indices are validated and grouped once, and the
+    backward passes reuse the plan. Not differentiable.
+    """
+    dest, offsets, members = _ops.merge_plan(unm_idx, src_idx, dst_idx, n, distill_token)
+    return MergePlan(dest, offsets, members)
+
+
+def merge_by_plan(x: Tensor, size: Optional[Tensor], plan: MergePlan,
+                  mode: str = "wavg") -> Tuple[Tensor, Tensor]:
+    """:func:`merge` with a plan from :func:`merge_plan`: ``[B, N, C] -> [B, N - r, C]``."""
+    return _ops.merge_by_plan(x, size, plan.dest, plan.offsets, plan.members, mode)
+
+
+def unmerge_by_plan(x: Tensor, plan: MergePlan) -> Tensor:
+    """:func:`unmerge` with a plan from :func:`merge_plan`: ``[B, N - r, C] -> [B, N, C]``."""
+    return _ops.unmerge_by_plan(x, plan.dest, plan.offsets, plan.members)
+
+
+def merge_source_by_plan(source: Optional[Tensor], plan: MergePlan) -> Tensor:
+    """:func:`merge_source` with a plan from :func:`merge_plan` (None: a copy of ``plan.dest``)."""
+    return _ops.merge_source_by_plan(source, plan.dest, plan.offsets, plan.members)
+
+
+def _merge_by_plan_setup(ctx, inputs, output):
+    x, size, dest, offsets, members, mode = inputs
+    ctx.mode = mode
+    ctx.save_for_backward(x, size, dest, offsets, members)
+
+
+def _merge_by_plan_backward(ctx, grad_out, grad_size):
+    x, size, dest, offsets, members = ctx.saved_tensors
+    grad_x = _ops._merge_by_plan_backward(grad_out.contiguous(), x, size, dest, offsets, members,
+                                          ctx.mode)
+    return grad_x, None, None, None, None, None
+
+
+def _unmerge_by_plan_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _unmerge_by_plan_backward(ctx, grad):
+    # unmerge is a gather by dest, so its transpose is the plan's segmented sum.
+    dest, offsets, members = ctx.saved_tensors
+    grad_x, _ = _ops.merge_by_plan(grad.contiguous(), None, dest, offsets, members, "sum")
+    return grad_x, None, None, None
+
+
 def _merge_setup(ctx, inputs, output):
     x, size, unm_idx, src_idx, dst_idx, mode, distill_token = inputs
     ctx.mode = mode
@@ -210,6 +276,10 @@ def _unmerge_backward(ctx, grad):
 torch.library.register_autograd("tokred::merge", _merge_backward, setup_context=_merge_setup)
 torch.library.register_autograd("tokred::unmerge", _unmerge_backward,
                                 setup_context=_unmerge_setup)
+torch.library.register_autograd("tokred::merge_by_plan", _merge_by_plan_backward,
+                                setup_context=_merge_by_plan_setup)
+torch.library.register_autograd("tokred::unmerge_by_plan", _unmerge_by_plan_backward,
+                                setup_context=_unmerge_by_plan_setup)
 
 # --------------------------------------------------------------------------- routing
 

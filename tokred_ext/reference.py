@@ -207,6 +207,19 @@ def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst
     return dest if source is None else dest.gather(1, source.long())
 
 
+def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
+               distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """tokred::merge_plan: dest (merge_source's map), then each output's members in ascending
+    order (a stable sort by dest) and where each output's run starts (a running count)."""
+    b, r = src_idx.shape
+    dest = merge_source(None, unm_idx, src_idx, dst_idx, n, distill_token)
+    members = dest.argsort(dim=1, stable=True)
+    counts = torch.zeros(b, n - r, dtype=torch.long, device=dest.device)
+    counts.scatter_add_(1, dest, torch.ones_like(dest))
+    offsets = torch.cat([counts.new_zeros(b, 1), counts.cumsum(1)], dim=1)
+    return dest, offsets, members
+
+
 def merge_source_onehot(source: Optional[Tensor], x: Tensor, unm_idx: Tensor, src_idx: Tensor,
                         dst_idx: Tensor, distill_token: bool = False) -> Tensor:
     """Upstream merge_source: the [B, N, N0] 0/1 matrix merged with mode amax."""

@@ -8,8 +8,11 @@
 // the class token at 0 and the distillation token at 1.
 //
 // The merge plan maps every original token t to its output token dest[t]; each output token is
-// the reduction of its members {t : dest[t] = o}, taken in ascending t. dest alone describes merge
-// (a segmented reduction), unmerge (a gather), both backwards and source tracking.
+// the reduction of its members {t : dest[t] = o}, taken in ascending t. As a value (the merge_plan
+// op) it is a CSR plan per batch row: dest [n], offsets [nout + 1] and members [n], output o's
+// members being members[offsets[o] .. offsets[o + 1]). merge is a segmented reduction over it,
+// unmerge a gather by dest, the backwards the transposed pair, and source tracking a gather of
+// dest.
 #pragma once
 
 #include <cmath>
@@ -63,6 +66,35 @@ TOKRED_HD int64_t tome_dst_out(int64_t j, const TomeDims& d) {
 // unmerged A token.
 TOKRED_HD bool tome_is_dst_out(int64_t o, const TomeDims& d) {
   return d.distill ? (o == 1 || o > d.u) : o >= d.u;
+}
+
+// Output o of a plan is a destination (it holds a B token, an odd position) or an unmerged A
+// token (one even position). Its members ascend, so a lone member's parity decides.
+TOKRED_HD bool tome_output_is_destination(int64_t count, int64_t first_member) {
+  return count > 1 || first_member % 2 == 1;
+}
+
+// What is wrong with output o of a plan row, if anything. A row is a merge plan when every output
+// passes: offsets start at 0, end at n and rise strictly (every output has a member), members
+// lie in [0, n) and ascend within an output, and dest maps each member back to its output. Then
+// members is a permutation of [0, n) and dest its inverse grouping, so kernels that trust the
+// plan read and write in bounds. CPU and CUDA check plans with this one rule.
+enum class PlanFault : int { kNone = 0, kOffsets, kMemberRange, kMemberOrder, kDest };
+
+TOKRED_HD PlanFault tome_plan_fault(const int64_t* offsets, const int64_t* members,
+                                    const int64_t* dest, int64_t o, int64_t n, int64_t nout) {
+  const int64_t begin = offsets[o], end = offsets[o + 1];
+  if ((o == 0 && begin != 0) || (o == nout - 1 && end != n) || begin < 0 || end > n ||
+      begin >= end) {
+    return PlanFault::kOffsets;
+  }
+  for (int64_t m = begin; m < end; ++m) {
+    const int64_t t = members[m];
+    if (t < 0 || t >= n) return PlanFault::kMemberRange;
+    if (m > begin && t <= members[m - 1]) return PlanFault::kMemberOrder;
+    if (dest[t] != o) return PlanFault::kDest;
+  }
+  return PlanFault::kNone;
 }
 
 // Pairs excluded from matching: the class token's row (A[0]) and the distillation token's

@@ -14,6 +14,22 @@ MergeMode parse_merge_mode(std::string_view mode, const char* op) {
   return MergeMode::kSum;
 }
 
+namespace {
+
+// size None or [B, N, 1] of x's dtype and device.
+void check_size(const at::Tensor& x, const std::optional<at::Tensor>& size, const char* op) {
+  if (!size.has_value()) return;
+  const at::Tensor& s = *size;
+  TOKRED_CHECK(s.scalar_type() == x.scalar_type(), op, "size", "must have the dtype of x ",
+               x.scalar_type(), ", got ", s.scalar_type());
+  check_same_device(x, s, op, "x", "size");
+  const std::vector<c10::SymInt> want = {x.sym_size(0), x.sym_size(1), c10::SymInt(1)};
+  TOKRED_CHECK(s.sym_sizes() == c10::SymIntArrayRef(want), op, "size",
+               "must have shape [B, N, 1] = ", c10::SymIntArrayRef(want), ", got ", s.sym_sizes());
+}
+
+}  // namespace
+
 c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n, bool class_token,
                            bool distill_token) {
   const int64_t prot = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
@@ -67,16 +83,7 @@ c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& si
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, N, C]");
   parse_merge_mode(mode, op);
-  if (size.has_value()) {
-    const at::Tensor& s = *size;
-    TOKRED_CHECK(s.scalar_type() == x.scalar_type(), op, "size", "must have the dtype of x ",
-                 x.scalar_type(), ", got ", s.scalar_type());
-    check_same_device(x, s, op, "x", "size");
-    const std::vector<c10::SymInt> want = {x.sym_size(0), x.sym_size(1), c10::SymInt(1)};
-    TOKRED_CHECK(s.sym_sizes() == c10::SymIntArrayRef(want), op, "size",
-                 "must have shape [B, N, 1] = ", c10::SymIntArrayRef(want), ", got ",
-                 s.sym_sizes());
-  }
+  check_size(x, size, op);
   check_same_device(x, unm_idx, op, "x", "unm_idx");
   return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), distill, op);
 }
@@ -131,6 +138,104 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
   // source row.
   const c10::SymInt batch = source.has_value() ? source->sym_size(0) : unm_idx.sym_size(0);
   return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, distill, op);
+}
+
+// ---- plans
+
+c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
+                       const at::Tensor& members, const char* op) {
+  check_index(dest, op, "dest");
+  check_index(offsets, op, "offsets");
+  check_index(members, op, "members");
+  check_dim(dest, 2, op, "dest", "[B, N]");
+  check_dim(offsets, 2, op, "offsets", "[B, N - r + 1]");
+  check_dim(members, 2, op, "members", "[B, N]");
+  check_same_device(dest, offsets, op, "dest", "offsets");
+  check_same_device(dest, members, op, "dest", "members");
+  TOKRED_CHECK(members.sym_sizes() == dest.sym_sizes(), op, "members",
+               "must have the shape of dest ", dest.sym_sizes(), ", got ", members.sym_sizes());
+  TOKRED_SYM_CHECK(offsets.sym_size(0).sym_eq(dest.sym_size(0)), op, "offsets",
+                   "must have batch size ", dest.sym_size(0), ", got ", offsets.sym_size(0));
+  const c10::SymInt n = dest.sym_size(1);
+  const c10::SymInt nout = offsets.sym_size(1) - 1;
+  TOKRED_SYM_CHECK(nout.sym_ge(0).sym_and(nout.sym_le(n)), op, "offsets",
+                   "must have N - r + 1 columns with 0 <= r <= N = ", n, ", got ",
+                   offsets.sym_size(1));
+  TOKRED_SYM_CHECK(nout.sym_gt(0).sym_or(n.sym_eq(0)), op, "offsets",
+                   "must have at least one output for N = ", n, " tokens, got none");
+  return nout;
+}
+
+c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                             const at::Tensor& dst_idx, const c10::SymInt& n, bool distill) {
+  const char* op = "merge_plan";
+  TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
+  return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, distill, op);
+}
+
+c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                                const at::Tensor& dest, const at::Tensor& offsets,
+                                const at::Tensor& members, std::string_view mode,
+                                const char* op) {
+  check_float(x, op, "x");
+  check_dim(x, 3, op, "x", "[B, N, C]");
+  parse_merge_mode(mode, op);
+  const c10::SymInt nout = check_plan(dest, offsets, members, op);
+  check_same_device(x, dest, op, "x", "dest");
+  const std::vector<c10::SymInt> want = {dest.sym_size(0), dest.sym_size(1)};
+  TOKRED_CHECK(x.sym_sizes().slice(0, 2) == c10::SymIntArrayRef(want), op, "x",
+               "must have the plan's [B, N] = ", c10::SymIntArrayRef(want),
+               " leading sizes, got ", x.sym_sizes());
+  check_size(x, size, op);
+  return nout;
+}
+
+void check_unmerge_by_plan(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& offsets,
+                           const at::Tensor& members) {
+  const char* op = "unmerge_by_plan";
+  check_float(x, op, "x");
+  check_dim(x, 3, op, "x", "[B, N - r, C]");
+  const c10::SymInt nout = check_plan(dest, offsets, members, op);
+  check_same_device(x, dest, op, "x", "dest");
+  const std::vector<c10::SymInt> want = {dest.sym_size(0), nout};
+  TOKRED_CHECK(x.sym_sizes().slice(0, 2) == c10::SymIntArrayRef(want), op, "x",
+               "must have the plan's [B, N - r] = ", c10::SymIntArrayRef(want),
+               " leading sizes, got ", x.sym_sizes());
+}
+
+void check_merge_source_by_plan(const std::optional<at::Tensor>& source, const at::Tensor& dest,
+                                const at::Tensor& offsets, const at::Tensor& members) {
+  const char* op = "merge_source_by_plan";
+  check_plan(dest, offsets, members, op);
+  if (!source.has_value()) return;
+  check_index(*source, op, "source");
+  check_dim(*source, 2, op, "source", "[B, N0]");
+  check_same_device(*source, dest, op, "source", "dest");
+  TOKRED_SYM_CHECK(source->sym_size(0).sym_eq(dest.sym_size(0)), op, "source",
+                   "must have the plan's batch size ", dest.sym_size(0), ", got ",
+                   source->sym_size(0));
+}
+
+std::string plan_fault_message(PlanFault fault, int64_t b, int64_t o, const char* op) {
+  const char* what = "";
+  switch (fault) {
+    case PlanFault::kOffsets:
+      what = "'offsets' must start at 0, end at N and rise strictly (every output has a member)";
+      break;
+    case PlanFault::kMemberRange:
+      what = "'members' must hold token positions in [0, N)";
+      break;
+    case PlanFault::kMemberOrder:
+      what = "'members' must ascend within each output";
+      break;
+    case PlanFault::kDest:
+      what = "'dest' must map each member to the output that lists it";
+      break;
+    case PlanFault::kNone:
+      break;
+  }
+  return c10::str("tokred::", op, ": (dest, offsets, members) is not a merge plan at batch row ",
+                  b, ", output ", o, ": ", what, " (build plans with tokred::merge_plan)");
 }
 
 }  // namespace tokred

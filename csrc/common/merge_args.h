@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include <ATen/ATen.h>
@@ -53,5 +54,34 @@ c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
 c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
                                const at::Tensor& src_idx, const at::Tensor& dst_idx,
                                const c10::SymInt& n, bool distill);
+
+// ---- ops that take a plan (dest, offsets, members) from merge_plan
+
+// The shapes of a plan: dest [B, n], offsets [B, nout + 1], members [B, n], index dtypes on one
+// device, with 0 < nout <= n (nout = 0 only for n = 0). Returns nout. Values are checked by the
+// backends with tome_plan_fault (common/merge.h).
+c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
+                       const at::Tensor& members, const char* op);
+
+// merge_plan: the match indices for n tokens. Returns r.
+c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                             const at::Tensor& dst_idx, const c10::SymInt& n, bool distill);
+
+// x [B, n, C] and size None or [B, n, 1] for a plan of n tokens. Returns nout.
+c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,
+                                const at::Tensor& dest, const at::Tensor& offsets,
+                                const at::Tensor& members, std::string_view mode,
+                                const char* op);
+
+// x [B, nout, C] for a plan of nout outputs.
+void check_unmerge_by_plan(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& offsets,
+                           const at::Tensor& members);
+
+// source None or [B, N0] int of token positions, B the plan's.
+void check_merge_source_by_plan(const std::optional<at::Tensor>& source, const at::Tensor& dest,
+                                const at::Tensor& offsets, const at::Tensor& members);
+
+// The message of a plan row that tome_plan_fault rejects.
+std::string plan_fault_message(PlanFault fault, int64_t b, int64_t o, const char* op);
 
 }  // namespace tokred

@@ -14,6 +14,7 @@
 #include "common/dispatch.h"
 #include "common/merge.h"
 #include "common/merge_args.h"
+#include "cpu/segment.h"
 
 namespace tokred {
 namespace {
@@ -99,31 +100,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
 // ---- the plan
 
 struct Plan {
-  at::Tensor dest, offsets, members;  // [B, n], [B, nout + 1], [B, n]
-  TomeDims d;
-  int64_t B;
+  at::Tensor dest, offsets, members;  // [B, n], [B, nout + 1], [B, n], int64
+  int64_t B, n, nout;
+  bool merging() const { return nout < n; }  // r > 0 (r = 0 is upstream's do_nothing)
 };
 
+// The plan of a match, from validated indices: dest by tome_unm_out / tome_dst_out, then the
+// members of each output grouped in ascending order by the segment module.
 Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
                 int64_t n, bool distill, const char* op) {
   const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
   const int64_t B = src.size(0), r = src.size(1);
   const TomeDims d = tome_dims(n, r, distill);
-  const auto opts = unm.options();
-  Plan p{at::empty({B, n}, opts), at::empty({B, d.nout + 1}, opts), at::empty({B, n}, opts), d,
-         B};
+  at::Tensor dest = at::empty({B, n}, unm.options());
   const int64_t *up = unm.data_ptr<int64_t>(), *sp = src.data_ptr<int64_t>(),
                 *dp = dst.data_ptr<int64_t>();
-  int64_t *dest = p.dest.data_ptr<int64_t>(), *off = p.offsets.data_ptr<int64_t>(),
-          *mem = p.members.data_ptr<int64_t>();
+  int64_t* dest_p = dest.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t* de = dest + b * n;
-      int64_t* of = off + b * (d.nout + 1);
-      int64_t* me = mem + b * n;
+      int64_t* de = dest_p + b * n;
       if (r == 0) {  // no merge: the identity, as upstream's do_nothing
-        for (int64_t t = 0; t < n; ++t) de[t] = me[t] = of[t] = t;
-        of[n] = n;
+        for (int64_t t = 0; t < n; ++t) de[t] = t;
         continue;
       }
       std::fill(de, de + n, int64_t(-1));
@@ -143,12 +140,26 @@ Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Te
         place_a(sp[b * r + k], tome_dst_out(j, d), "src_idx", k);
       }
       for (int64_t j = 0; j < d.nb; ++j) de[2 * j + 1] = tome_dst_out(j, d);
-      // Counting sort by destination keeps each output's members in ascending order.
-      std::fill(of, of + d.nout + 1, int64_t(0));
-      for (int64_t t = 0; t < n; ++t) ++of[de[t] + 1];
-      for (int64_t o = 0; o < d.nout; ++o) of[o + 1] += of[o];
-      std::vector<int64_t> cursor(of, of + d.nout);
-      for (int64_t t = 0; t < n; ++t) me[cursor[de[t]]++] = t;
+    }
+  });
+  auto [members, offsets] = build_segments_cpu(dest, d.nout);
+  return Plan{dest, offsets, members, B, n, d.nout};
+}
+
+// A plan given as tensors (a public op's arguments): every row must pass tome_plan_fault.
+Plan checked_plan(const at::Tensor& dest_in, const at::Tensor& offsets_in,
+                  const at::Tensor& members_in, const char* op) {
+  Plan p{as_int64(dest_in), as_int64(offsets_in), as_int64(members_in), dest_in.size(0),
+         dest_in.size(1), offsets_in.size(1) - 1};
+  const int64_t *de = p.dest.data_ptr<int64_t>(), *of = p.offsets.data_ptr<int64_t>(),
+                *me = p.members.data_ptr<int64_t>();
+  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t o = 0; o < p.nout; ++o) {
+        const PlanFault fault = tome_plan_fault(of + b * (p.nout + 1), me + b * p.n,
+                                                de + b * p.n, o, p.n, p.nout);
+        TORCH_CHECK(fault == PlanFault::kNone, plan_fault_message(fault, b, o, op));
+      }
     }
   });
   return p;
@@ -164,9 +175,9 @@ struct OutputView {
 };
 
 OutputView output_view(const Plan& p, int64_t i) {
-  const int64_t b = i / p.d.nout, o = i % p.d.nout;
-  const int64_t* of = p.offsets.data_ptr<int64_t>() + b * (p.d.nout + 1) + o;
-  return {b, of[0], of[1], p.members.data_ptr<int64_t>() + b * p.d.n};
+  const int64_t b = i / p.nout, o = i % p.nout;
+  const int64_t* of = p.offsets.data_ptr<int64_t>() + b * (p.nout + 1) + o;
+  return {b, of[0], of[1], p.members.data_ptr<int64_t>() + b * p.n};
 }
 
 // out [B, nout, C] and the summed sizes [B, nout, 1] (count of members when size is None).
@@ -174,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
                                                const std::optional<at::Tensor>& size_in,
                                                const Plan& p, MergeMode mode) {
   const at::Tensor x = x_in.contiguous();
-  const int64_t B = p.B, n = p.d.n, nout = p.d.nout, C = x.size(2);
+  const int64_t B = p.B, n = p.n, nout = p.nout, C = x.size(2);
   at::Tensor out = at::empty({B, nout, C}, x.options());
   at::Tensor size_out = at::empty({B, nout, 1}, x.options());
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
@@ -198,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
           const int64_t t = me[m];
           const acc_t w = sz ? static_cast<acc_t>(sz[b * n + t]) : acc_t(1);
           wsum += w;
-          if (count == 1 && tome_lone_copies(mode, w, p.d.r > 0)) {  // exact, not (w·x)/w
+          if (count == 1 && tome_lone_copies(mode, w, p.merging())) {  // exact, not (w·x)/w
             std::copy(xp + (b * n + t) * C, xp + (b * n + t + 1) * C, orow);
             copied = true;
             break;
@@ -224,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
 at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
                        const std::optional<at::Tensor>& size_in, const Plan& p, MergeMode mode) {
   const at::Tensor grad = grad_in.contiguous();
-  const int64_t B = p.B, n = p.d.n, nout = p.d.nout, C = grad.size(2);
+  const int64_t B = p.B, n = p.n, nout = p.nout, C = grad.size(2);
   at::Tensor grad_x = at::empty({B, n, C}, grad.options());
   if (B == 0 || nout == 0) return grad_x;
   const at::Tensor x = mode == MergeMode::kAmax ? x_in.contiguous() : at::Tensor();
@@ -248,7 +259,7 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
           std::copy(grow, grow + C, gx + (b * n + me[of[0]]) * C);
           continue;
         }
-        const bool destination = tome_is_dst_out(i % nout, p.d);
+        const bool destination = tome_output_is_destination(count, me[of[0]]);
         acc_t wsum = 0;
         for (int64_t m = of[0]; m < of[1]; ++m) {
           wsum += sz ? static_cast<acc_t>(sz[b * n + me[m]]) : acc_t(1);
@@ -286,7 +297,7 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
 // out[b, t] = x[b, dest[b, t]]: unmerge, and the sum-mode backward.
 at::Tensor gather_plan(const at::Tensor& x_in, const Plan& p) {
   const at::Tensor x = x_in.contiguous();
-  const int64_t B = p.B, n = p.d.n, nout = p.d.nout, C = x.size(2);
+  const int64_t B = p.B, n = p.n, nout = p.nout, C = x.size(2);
   at::Tensor out = at::empty({B, n, C}, x.options());
   if (B == 0 || n == 0) return out;
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_unmerge_cpu", [&] {
@@ -302,6 +313,83 @@ at::Tensor gather_plan(const at::Tensor& x_in, const Plan& p) {
     });
   });
   return out;
+}
+
+// ---- ops with a plan as a value (merge_plan) and the ops that build one per call
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_cpu(const at::Tensor& unm,
+                                                              const at::Tensor& src,
+                                                              const at::Tensor& dst, int64_t n,
+                                                              bool distill) {
+  check_merge_plan(unm, src, dst, n, distill);
+  const Plan p = build_plan(unm, src, dst, n, distill, "merge_plan");
+  return {p.dest, p.offsets, p.members};
+}
+
+// The merge backward over a plan: sum mode and r = 0 (the identity) gather the gradient.
+at::Tensor merge_backward_over(const at::Tensor& grad, const at::Tensor& x,
+                               const std::optional<at::Tensor>& size, const Plan& p,
+                               MergeMode mode) {
+  if (mode == MergeMode::kSum || !p.merging()) return gather_plan(grad, p);
+  return spread_plan(grad, x, size, p, mode);
+}
+
+// Source tracking: the plan's dest (a copy: ops never return an alias of an input), or dest
+// composed with an earlier source map.
+at::Tensor source_over(const std::optional<at::Tensor>& source_in, const Plan& p, const char* op) {
+  if (!source_in.has_value()) return p.dest.clone();
+  const at::Tensor source = as_int64(*source_in);
+  const int64_t B = source.size(0), N0 = source.size(1), n = p.n;
+  at::Tensor out = at::empty({B, N0}, source.options());
+  const int64_t* sp = source.data_ptr<int64_t>();
+  const int64_t* dest = p.dest.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * N0; ++i) {
+    const int64_t t = sp[i];
+    TORCH_CHECK(t >= 0 && t < n, "tokred::", op, ": argument 'source' holds ", t, " at [",
+                i / std::max<int64_t>(N0, 1), ", ", i % std::max<int64_t>(N0, 1),
+                "], expected a token position in [0, ", n, ")");
+    o[i] = dest[(i / N0) * n + t];
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_by_plan_cpu(const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& size,
+                                                     const at::Tensor& dest,
+                                                     const at::Tensor& offsets,
+                                                     const at::Tensor& members,
+                                                     c10::string_view mode) {
+  const char* op = "merge_by_plan";
+  check_merge_by_plan(x, size, dest, offsets, members, mode, op);
+  return reduce_plan(x, size, checked_plan(dest, offsets, members, op),
+                     parse_merge_mode(mode, op));
+}
+
+at::Tensor merge_by_plan_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& size,
+                                      const at::Tensor& dest, const at::Tensor& offsets,
+                                      const at::Tensor& members, c10::string_view mode) {
+  const char* op = "_merge_by_plan_backward";
+  const int64_t nout = check_merge_by_plan(x, size, dest, offsets, members, mode, op).expect_int();
+  check_merge_backward_grad(grad, x, x.size(1) - nout, op);
+  return merge_backward_over(grad, x, size, checked_plan(dest, offsets, members, op),
+                             parse_merge_mode(mode, op));
+}
+
+at::Tensor unmerge_by_plan_cpu(const at::Tensor& x, const at::Tensor& dest,
+                               const at::Tensor& offsets, const at::Tensor& members) {
+  const char* op = "unmerge_by_plan";
+  check_unmerge_by_plan(x, dest, offsets, members);
+  return gather_plan(x, checked_plan(dest, offsets, members, op));
+}
+
+at::Tensor merge_source_by_plan_cpu(const std::optional<at::Tensor>& source,
+                                   const at::Tensor& dest, const at::Tensor& offsets,
+                                   const at::Tensor& members) {
+  const char* op = "merge_source_by_plan";
+  check_merge_source_by_plan(source, dest, offsets, members);
+  return source_over(source, checked_plan(dest, offsets, members, op), op);
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x,
@@ -323,9 +411,7 @@ at::Tensor merge_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
   const int64_t r = check_merge(x, size, unm, src, dst, mode, distill, op).expect_int();
   check_merge_backward_grad(grad, x, r, op);
   const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
-  const MergeMode m = parse_merge_mode(mode, op);
-  if (m == MergeMode::kSum || r == 0) return gather_plan(grad, p);  // r = 0: the identity
-  return spread_plan(grad, x, size, p, m);
+  return merge_backward_over(grad, x, size, p, parse_merge_mode(mode, op));
 }
 
 at::Tensor unmerge_cpu(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
@@ -343,27 +429,12 @@ at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& unm,
   return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
 }
 
-at::Tensor merge_source_cpu(const std::optional<at::Tensor>& source_in, const at::Tensor& unm,
+at::Tensor merge_source_cpu(const std::optional<at::Tensor>& source, const at::Tensor& unm,
                             const at::Tensor& src, const at::Tensor& dst, int64_t n,
                             bool distill) {
   const char* op = "merge_source";
-  check_merge_source(source_in, unm, src, dst, n, distill);
-  const Plan p = build_plan(unm, src, dst, n, distill, op);
-  if (!source_in.has_value()) return p.dest;
-  const at::Tensor source = as_int64(*source_in);
-  const int64_t B = source.size(0), N0 = source.size(1);
-  at::Tensor out = at::empty({B, N0}, source.options());
-  const int64_t* sp = source.data_ptr<int64_t>();
-  const int64_t* dest = p.dest.data_ptr<int64_t>();
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * N0; ++i) {
-    const int64_t t = sp[i];
-    TORCH_CHECK(t >= 0 && t < n, "tokred::merge_source: argument 'source' holds ", t, " at [",
-                i / std::max<int64_t>(N0, 1), ", ", i % std::max<int64_t>(N0, 1),
-                "], expected a token position in [0, ", n, ")");
-    o[i] = dest[(i / N0) * n + t];
-  }
-  return out;
+  check_merge_source(source, unm, src, dst, n, distill);
+  return source_over(source, build_plan(unm, src, dst, n, distill, op), op);
 }
 
 }  // namespace
@@ -375,6 +446,11 @@ TORCH_LIBRARY_IMPL(tokred, CPU, m) {
   m.impl("unmerge", TORCH_FN(unmerge_cpu));
   m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_cpu));
   m.impl("merge_source", TORCH_FN(merge_source_cpu));
+  m.impl("merge_plan", TORCH_FN(merge_plan_cpu));
+  m.impl("merge_by_plan", TORCH_FN(merge_by_plan_cpu));
+  m.impl("_merge_by_plan_backward", TORCH_FN(merge_by_plan_backward_cpu));
+  m.impl("unmerge_by_plan", TORCH_FN(unmerge_by_plan_cpu));
+  m.impl("merge_source_by_plan", TORCH_FN(merge_source_by_plan_cpu));
 }
 
 }  // namespace tokred

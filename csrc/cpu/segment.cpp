@@ -41,4 +41,42 @@ at::Tensor scatter_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& inde
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index_in, int64_t n) {
+  const at::Tensor index = as_int64(index_in);
+  const int64_t B = index.size(0), K = index.size(1);
+  at::Tensor order = at::empty({B, K}, index.options());
+  at::Tensor offsets = at::empty({B, n + 1}, index.options());
+  const int64_t* idx = index.data_ptr<int64_t>();
+  int64_t* ord = order.data_ptr<int64_t>();
+  int64_t* off = offsets.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> cursor(n);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t* row = idx + b * K;
+      int64_t* of = off + b * (n + 1);
+      // Count each target, then offsets[i] = padding + #{k : 0 <= index_k < i}.
+      std::fill(cursor.begin(), cursor.end(), int64_t(0));
+      int64_t padding = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = row[k];
+        TORCH_CHECK(i >= -1 && i < n, "tokred: segment index ", i, " out of [-1, ", n, ")");
+        if (i < 0) {
+          ++padding;
+        } else {
+          ++cursor[i];
+        }
+      }
+      of[0] = padding;
+      for (int64_t i = 0; i < n; ++i) of[i + 1] = of[i] + cursor[i];
+      for (int64_t i = 0; i < n; ++i) cursor[i] = of[i];
+      int64_t next_padding = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = row[k];
+        ord[b * K + (i < 0 ? next_padding++ : cursor[i]++)] = k;
+      }
+    }
+  });
+  return {order, offsets};
+}
+
 }  // namespace tokred

@@ -1,6 +1,8 @@
 // Mᵀ on the CPU: the deterministic segmented sum that every backward (and ToMe's merge) uses.
 #pragma once
 
+#include <tuple>
+
 #include <ATen/ATen.h>
 
 namespace tokred {
@@ -10,5 +12,10 @@ namespace tokred {
 // contributes nothing. Returns [B, n, C] in src's dtype.
 at::Tensor scatter_sum_rows_cpu(const at::Tensor& src, const at::Tensor& index, int64_t n,
                                 const char* op, const char* arg);
+
+// The CSR plan alone, as build_segments_cuda: order [B, K] lists each row's k sorted by
+// (index, k); offsets [B, n + 1] delimits the run of each target i. Padding (-1) sorts first and
+// is skipped by offsets. A counting sort, so equal targets keep ascending k.
+std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index, int64_t n);
 
 }  // namespace tokred

@@ -7,9 +7,10 @@
 //
 // merge family: a plan kernel writes dest (the output token of every input token, as on the CPU);
 // build_segments_cuda groups each row's tokens by destination in ascending order (CSR); every
-// output element then reduces its members in that fixed order, without atomics. Index values are
-// bounds-checked: a bad one trips CUDA_KERNEL_ASSERT and is skipped, nothing is written out of
-// bounds.
+// output element then reduces its members in that fixed order, without atomics. merge_plan
+// returns that plan; the *_by_plan ops take it back and check it with plan_check_kernel. Index
+// values are bounds-checked: a bad one trips CUDA_KERNEL_ASSERT and is skipped, nothing is read
+// or written out of bounds.
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,6 +22,7 @@
 #include "common/dispatch.h"
 #include "common/merge.h"
 #include "common/merge_args.h"
+#include "cuda/launch.cuh"
 #include "cuda/segment.h"
 
 namespace tokred {
@@ -29,11 +31,8 @@ namespace {
 constexpr int kRows = 128;   // A tokens per chunk: one per thread
 constexpr int kTileJ = 32;   // B tokens per tile
 constexpr int kTileK = 16;   // channels per tile
-constexpr int kThreads = 256;
-
-int64_t blocks_for(int64_t total) {
-  return std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 16);
-}
+using cuda::blocks_for;
+using cuda::kThreads;
 
 template <typename acc_t>
 size_t match_smem_bytes(int64_t n) {
@@ -221,9 +220,9 @@ __global__ void plan_complete_kernel(const int64_t* __restrict__ dest, int64_t t
 }
 
 struct PlanCuda {
-  at::Tensor dest, order, offsets;  // [B, n], [B, n], [B, nout + 1]
-  TomeDims d;
-  int64_t B;
+  at::Tensor dest, order, offsets;  // [B, n], [B, n] (the members), [B, nout + 1]
+  int64_t B, n, nout;
+  bool merging() const { return nout < n; }  // r > 0 (r = 0 is upstream's do_nothing)
 };
 
 // segments=false skips the CSR grouping (gathers need dest only).
@@ -231,16 +230,17 @@ PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at
                     int64_t n, bool distill, bool segments = true) {
   const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
   const int64_t B = src.size(0), r = src.size(1);
-  PlanCuda p{at::Tensor(), at::Tensor(), at::Tensor(), tome_dims(n, r, distill), B};
+  const TomeDims d = tome_dims(n, r, distill);
+  PlanCuda p{at::Tensor(), at::Tensor(), at::Tensor(), B, n, d.nout};
   if (r == 0) {  // no merge: the identity, as upstream's do_nothing
     p.dest = at::arange(n, unm.options()).expand({B, n}).contiguous();
   } else {
     // Tokens start at -1: plan_complete_kernel then rejects a plan that left one without output.
     p.dest = at::full({B, n}, -1, unm.options());
-    const int64_t total = B * (p.d.u + p.d.r + p.d.nb);
+    const int64_t total = B * (d.u + d.r + d.nb);
     if (total > 0) {
       plan_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), B, p.d,
+          unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), B, d,
           p.dest.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -250,7 +250,44 @@ PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
-  if (segments) std::tie(p.order, p.offsets) = build_segments_cuda(p.dest, p.d.nout);
+  if (segments) std::tie(p.order, p.offsets) = build_segments_cuda(p.dest, p.nout);
+  return p;
+}
+
+// Every output of a plan given as tensors must pass tome_plan_fault (common/merge.h); the
+// kernels that read the plan also guard each index, so a bad plan trips the assert and nothing
+// is read or written out of bounds.
+__global__ void plan_check_kernel(const int64_t* __restrict__ dest,
+                                  const int64_t* __restrict__ offsets,
+                                  const int64_t* __restrict__ members, int64_t B, int64_t n,
+                                  int64_t nout) {
+  TOKRED_GRID_STRIDE(i, B * nout) {
+    const int64_t b = i / nout, o = i % nout;
+    const PlanFault fault =
+        tome_plan_fault(offsets + b * (nout + 1), members + b * n, dest + b * n, o, n, nout);
+    // One assert per fault, worded as plan_fault_message (common/merge_args.cpp) words it.
+    CUDA_KERNEL_ASSERT(fault != PlanFault::kOffsets &&
+                       "tokred: (dest, offsets, members) is not a merge plan: 'offsets' must start at 0, end at N and rise strictly");
+    CUDA_KERNEL_ASSERT(fault != PlanFault::kMemberRange &&
+                       "tokred: (dest, offsets, members) is not a merge plan: 'members' must hold token positions in [0, N)");
+    CUDA_KERNEL_ASSERT(fault != PlanFault::kMemberOrder &&
+                       "tokred: (dest, offsets, members) is not a merge plan: 'members' must ascend within each output");
+    CUDA_KERNEL_ASSERT(fault != PlanFault::kDest &&
+                       "tokred: (dest, offsets, members) is not a merge plan: 'dest' must map each member to the output that lists it");
+  }
+}
+
+PlanCuda checked_plan(const at::Tensor& dest, const at::Tensor& offsets,
+                      const at::Tensor& members) {
+  PlanCuda p{as_int64(dest), as_int64(members), as_int64(offsets), dest.size(0), dest.size(1),
+             offsets.size(1) - 1};
+  if (p.B * p.nout > 0) {
+    plan_check_kernel<<<blocks_for(p.B * p.nout), kThreads, 0,
+                        c10::cuda::getCurrentCUDAStream()>>>(
+        p.dest.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.order.data_ptr<int64_t>(),
+        p.B, p.n, p.nout);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return p;
 }
 
@@ -268,7 +305,8 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * nout * lanes;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % lanes, bo = i / lanes, b = bo / nout, o = bo % nout;
-    const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
+    const int64_t begin = std::max<int64_t>(offsets[b * (nout + 1) + o], 0);
+    const int64_t end = std::min<int64_t>(offsets[b * (nout + 1) + o + 1], n);
     CUDA_KERNEL_ASSERT(begin < end && "tokred::merge: an output token has no member");
     acc_t acc = 0, wsum = 0;
     bool lone_copy = false;
@@ -296,10 +334,10 @@ template <typename scalar_t>
 __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                               const scalar_t* __restrict__ size, const int64_t* __restrict__ dest,
                               const int64_t* __restrict__ order,
-                              const int64_t* __restrict__ offsets, int64_t B, TomeDims d,
-                              int64_t C, MergeMode mode, scalar_t* __restrict__ grad_x) {
+                              const int64_t* __restrict__ offsets, int64_t B, int64_t n,
+                              int64_t nout, int64_t C, MergeMode mode,
+                              scalar_t* __restrict__ grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = d.n, nout = d.nout;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = i % C, bt = i / C, b = bt / n;
@@ -309,7 +347,12 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
       grad_x[i] = scalar_t(0);
       continue;
     }
-    const int64_t begin = offsets[b * (nout + 1) + o], end = offsets[b * (nout + 1) + o + 1];
+    const int64_t begin = std::max<int64_t>(offsets[b * (nout + 1) + o], 0);
+    const int64_t end = std::min<int64_t>(offsets[b * (nout + 1) + o + 1], n);
+    if (begin >= end) {  // not a plan: plan_check_kernel asserts
+      grad_x[i] = scalar_t(0);
+      continue;
+    }
     const acc_t g = static_cast<acc_t>(grad[(b * nout + o) * C + c]);
     const acc_t w_self = size ? static_cast<acc_t>(size[bt]) : acc_t(1);
     if (end - begin == 1 && tome_lone_grad_passes(mode, w_self)) {
@@ -320,6 +363,7 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
     int64_t ties = 0;
     for (int64_t m = begin; m < end; ++m) {
       const int64_t s = order[b * n + m];
+      if (s < 0 || s >= n) continue;  // not a plan: plan_check_kernel asserts
       wsum += size ? static_cast<acc_t>(size[b * n + s]) : acc_t(1);
       if (mode == MergeMode::kAmax) {
         tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + s) * C + c]), acc_t(1),
@@ -328,12 +372,15 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
     }
     if (mode == MergeMode::kAmax) {
       for (int64_t m = begin; m < end; ++m) {
-        ties += static_cast<acc_t>(x[(b * n + order[b * n + m]) * C + c]) == mx ? 1 : 0;
+        const int64_t s = order[b * n + m];
+        if (s < 0 || s >= n) continue;
+        ties += static_cast<acc_t>(x[(b * n + s) * C + c]) == mx ? 1 : 0;
       }
     }
     const acc_t v = x ? static_cast<acc_t>(x[i]) : acc_t(0);
     const acc_t coef =
-        tome_grad_coef(mode, v, w_self, mx, wsum, end - begin, ties, tome_is_dst_out(o, d));
+        tome_grad_coef(mode, v, w_self, mx, wsum, end - begin, ties,
+                       tome_output_is_destination(end - begin, order[b * n + begin]));
     grad_x[i] = static_cast<scalar_t>(coef * g);
   }
 }
@@ -355,16 +402,16 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
                                                const std::optional<at::Tensor>& size_in,
                                                const PlanCuda& p, MergeMode mode) {
   const at::Tensor x = x_in.contiguous();
-  const int64_t C = x.size(2), total = p.B * p.d.nout * std::max<int64_t>(C, 1);
-  at::Tensor out = at::empty({p.B, p.d.nout, C}, x.options());
-  at::Tensor size_out = at::empty({p.B, p.d.nout, 1}, x.options());
+  const int64_t C = x.size(2), total = p.B * p.nout * std::max<int64_t>(C, 1);
+  at::Tensor out = at::empty({p.B, p.nout, C}, x.options());
+  at::Tensor size_out = at::empty({p.B, p.nout, 1}, x.options());
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
   if (total == 0) return {out, size_out};  // no output token: C == 0 still sums the sizes
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_merge_cuda", [&] {
     reduce_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), size.defined() ? size.data_ptr<scalar_t>() : nullptr,
-        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.d.n, p.d.nout, C,
-        mode, out.data_ptr<scalar_t>(), size_out.data_ptr<scalar_t>());
+        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.n, p.nout, C, mode,
+        out.data_ptr<scalar_t>(), size_out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, size_out};
@@ -372,16 +419,111 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
 
 at::Tensor gather_plan(const at::Tensor& x_in, const PlanCuda& p) {
   const at::Tensor x = x_in.contiguous();
-  const int64_t C = x.size(2), total = p.B * p.d.n * C;
-  at::Tensor out = at::empty({p.B, p.d.n, C}, x.options());
+  const int64_t C = x.size(2), total = p.B * p.n * C;
+  at::Tensor out = at::empty({p.B, p.n, C}, x.options());
   if (total == 0) return out;
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_unmerge_cuda", [&] {
     gather_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.data_ptr<scalar_t>(), p.dest.data_ptr<int64_t>(), p.B, p.d.n, p.d.nout, C,
+        x.data_ptr<scalar_t>(), p.dest.data_ptr<int64_t>(), p.B, p.n, p.nout, C,
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+// The merge backward over a plan: sum mode and r = 0 (the identity) gather the gradient.
+at::Tensor merge_backward_over(const at::Tensor& grad_in, const at::Tensor& x_in,
+                               const std::optional<at::Tensor>& size_in, const PlanCuda& p,
+                               MergeMode mode) {
+  if (mode == MergeMode::kSum || !p.merging()) return gather_plan(grad_in, p);
+  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  const int64_t C = x.size(2), total = p.B * p.n * C;
+  at::Tensor grad_x = at::empty({p.B, p.n, C}, grad.options());
+  if (total == 0) return grad_x;
+  TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_merge_backward_cuda", [&] {
+    spread_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+        size.defined() ? size.data_ptr<scalar_t>() : nullptr, p.dest.data_ptr<int64_t>(),
+        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.n, p.nout, C, mode,
+        grad_x.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_x;
+}
+
+__global__ void source_kernel(const int64_t* __restrict__ source, const int64_t* __restrict__ dest,
+                              int64_t B, int64_t N0, int64_t n, int64_t* __restrict__ out) {
+  TOKRED_GRID_STRIDE(i, B * N0) {
+    const int64_t t = source[i];
+    CUDA_KERNEL_ASSERT(t >= 0 && t < n && "tokred::merge_source: source out of range");
+    out[i] = (t >= 0 && t < n) ? dest[(i / N0) * n + t] : int64_t(-1);
+  }
+}
+
+// Source tracking: the plan's dest, or dest composed with an earlier source map.
+at::Tensor source_over(const std::optional<at::Tensor>& source_in, const PlanCuda& p) {
+  if (!source_in.has_value()) return p.dest.clone();
+  const at::Tensor source = as_int64(*source_in);
+  const int64_t B = source.size(0), N0 = source.size(1);  // B is the plan's (checked)
+  at::Tensor out = at::empty({B, N0}, source.options());
+  if (B * N0 == 0) return out;
+  source_kernel<<<blocks_for(B * N0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      source.data_ptr<int64_t>(), p.dest.data_ptr<int64_t>(), B, N0, p.n,
+      out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// ---- ops with a plan as a value (merge_plan) and the ops that build one per call
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_cuda(const at::Tensor& unm,
+                                                               const at::Tensor& src,
+                                                               const at::Tensor& dst, int64_t n,
+                                                               bool distill) {
+  check_merge_plan(unm, src, dst, n, distill);
+  const c10::cuda::OptionalCUDAGuard guard(unm.device());
+  const PlanCuda p = build_plan(unm, src, dst, n, distill);
+  return {p.dest, p.offsets, p.order};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_by_plan_cuda(const at::Tensor& x,
+                                                      const std::optional<at::Tensor>& size,
+                                                      const at::Tensor& dest,
+                                                      const at::Tensor& offsets,
+                                                      const at::Tensor& members,
+                                                      c10::string_view mode) {
+  const char* op = "merge_by_plan";
+  check_merge_by_plan(x, size, dest, offsets, members, mode, op);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  return reduce_plan(x, size, checked_plan(dest, offsets, members), parse_merge_mode(mode, op));
+}
+
+at::Tensor merge_by_plan_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                       const std::optional<at::Tensor>& size,
+                                       const at::Tensor& dest, const at::Tensor& offsets,
+                                       const at::Tensor& members, c10::string_view mode) {
+  const char* op = "_merge_by_plan_backward";
+  const int64_t nout = check_merge_by_plan(x, size, dest, offsets, members, mode, op).expect_int();
+  check_merge_backward_grad(grad, x, x.size(1) - nout, op);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  return merge_backward_over(grad, x, size, checked_plan(dest, offsets, members),
+                             parse_merge_mode(mode, op));
+}
+
+at::Tensor unmerge_by_plan_cuda(const at::Tensor& x, const at::Tensor& dest,
+                                const at::Tensor& offsets, const at::Tensor& members) {
+  check_unmerge_by_plan(x, dest, offsets, members);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  return gather_plan(x, checked_plan(dest, offsets, members));
+}
+
+at::Tensor merge_source_by_plan_cuda(const std::optional<at::Tensor>& source,
+                                     const at::Tensor& dest, const at::Tensor& offsets,
+                                     const at::Tensor& members) {
+  check_merge_source_by_plan(source, dest, offsets, members);
+  const c10::cuda::OptionalCUDAGuard guard(dest.device());
+  return source_over(source, checked_plan(dest, offsets, members));
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& x,
@@ -396,32 +538,18 @@ std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& x,
   return reduce_plan(x, size, p, parse_merge_mode(mode, op));
 }
 
-at::Tensor merge_backward_cuda(const at::Tensor& grad_in, const at::Tensor& x_in,
-                               const std::optional<at::Tensor>& size_in, const at::Tensor& unm,
+at::Tensor merge_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                               const std::optional<at::Tensor>& size, const at::Tensor& unm,
                                const at::Tensor& src, const at::Tensor& dst,
                                c10::string_view mode_s, bool distill) {
   const char* op = "_merge_backward";
-  const int64_t r = check_merge(x_in, size_in, unm, src, dst, mode_s, distill, op).expect_int();
-  check_merge_backward_grad(grad_in, x_in, r, op);
-  const c10::cuda::OptionalCUDAGuard guard(x_in.device());
+  const int64_t r = check_merge(x, size, unm, src, dst, mode_s, distill, op).expect_int();
+  check_merge_backward_grad(grad, x, r, op);
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
   const MergeMode mode = parse_merge_mode(mode_s, op);
-  const bool identity = mode == MergeMode::kSum || r == 0;  // r = 0: no merge
-  const PlanCuda p = build_plan(unm, src, dst, x_in.size(1), distill, /*segments=*/!identity);
-  if (identity) return gather_plan(grad_in, p);
-  const at::Tensor grad = grad_in.contiguous(), x = x_in.contiguous();
-  const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
-  const int64_t C = x.size(2), total = p.B * p.d.n * C;
-  at::Tensor grad_x = at::empty({p.B, p.d.n, C}, grad.options());
-  if (total == 0) return grad_x;
-  TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_merge_backward_cuda", [&] {
-    spread_kernel<scalar_t><<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-        size.defined() ? size.data_ptr<scalar_t>() : nullptr, p.dest.data_ptr<int64_t>(),
-        p.order.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.B, p.d, C, mode,
-        grad_x.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return grad_x;
+  const bool gathers = mode == MergeMode::kSum || r == 0;  // needs dest only
+  const PlanCuda p = build_plan(unm, src, dst, x.size(1), distill, /*segments=*/!gathers);
+  return merge_backward_over(grad, x, size, p, mode);
 }
 
 at::Tensor unmerge_cuda(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
@@ -439,31 +567,12 @@ at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& unm,
   return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
 }
 
-__global__ void source_kernel(const int64_t* __restrict__ source, const int64_t* __restrict__ dest,
-                              int64_t B, int64_t N0, int64_t n, int64_t* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * N0;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = source[i];
-    CUDA_KERNEL_ASSERT(t >= 0 && t < n && "tokred::merge_source: source out of range");
-    out[i] = (t >= 0 && t < n) ? dest[(i / N0) * n + t] : int64_t(-1);
-  }
-}
-
-at::Tensor merge_source_cuda(const std::optional<at::Tensor>& source_in, const at::Tensor& unm,
+at::Tensor merge_source_cuda(const std::optional<at::Tensor>& source, const at::Tensor& unm,
                              const at::Tensor& src, const at::Tensor& dst, int64_t n,
                              bool distill) {
-  check_merge_source(source_in, unm, src, dst, n, distill);
+  check_merge_source(source, unm, src, dst, n, distill);
   const c10::cuda::OptionalCUDAGuard guard(unm.device());
-  at::Tensor dest = build_plan(unm, src, dst, n, distill, /*segments=*/false).dest;
-  if (!source_in.has_value()) return dest;
-  const at::Tensor source = as_int64(*source_in);
-  const int64_t B = source.size(0), N0 = source.size(1);  // B is the plan's (check_merge_source)
-  at::Tensor out = at::empty({B, N0}, source.options());
-  if (B * N0 == 0) return out;
-  source_kernel<<<blocks_for(B * N0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      source.data_ptr<int64_t>(), dest.data_ptr<int64_t>(), B, N0, n, out.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return source_over(source, build_plan(unm, src, dst, n, distill, /*segments=*/false));
 }
 
 }  // namespace
@@ -475,6 +584,11 @@ TORCH_LIBRARY_IMPL(tokred, CUDA, m) {
   m.impl("unmerge", TORCH_FN(unmerge_cuda));
   m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_cuda));
   m.impl("merge_source", TORCH_FN(merge_source_cuda));
+  m.impl("merge_plan", TORCH_FN(merge_plan_cuda));
+  m.impl("merge_by_plan", TORCH_FN(merge_by_plan_cuda));
+  m.impl("_merge_by_plan_backward", TORCH_FN(merge_by_plan_backward_cuda));
+  m.impl("unmerge_by_plan", TORCH_FN(unmerge_by_plan_cuda));
+  m.impl("merge_source_by_plan", TORCH_FN(merge_source_by_plan_cuda));
 }
 
 }  // namespace tokred

@@ -59,6 +59,55 @@ at::Tensor merge_source_meta(const std::optional<at::Tensor>& source, const at::
   return at::empty_symint({unm.sym_size(0), n}, unm.options().dtype(at::kLong));
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_meta(const at::Tensor& unm,
+                                                               const at::Tensor& src,
+                                                               const at::Tensor& dst, c10::SymInt n,
+                                                               bool distill) {
+  const c10::SymInt r = check_merge_plan(unm, src, dst, n, distill);
+  const c10::SymInt B = unm.sym_size(0);
+  const auto opts = unm.options().dtype(at::kLong);
+  return {at::empty_symint({B, n}, opts), at::empty_symint({B, n - r + 1}, opts),
+          at::empty_symint({B, n}, opts)};
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_by_plan_meta(const at::Tensor& x,
+                                                      const std::optional<at::Tensor>& size,
+                                                      const at::Tensor& dest,
+                                                      const at::Tensor& offsets,
+                                                      const at::Tensor& members,
+                                                      c10::string_view mode) {
+  const c10::SymInt nout =
+      check_merge_by_plan(x, size, dest, offsets, members, mode, "merge_by_plan");
+  return {at::empty_symint({x.sym_size(0), nout, x.sym_size(2)}, x.options()),
+          at::empty_symint({x.sym_size(0), nout, c10::SymInt(1)}, x.options())};
+}
+
+at::Tensor merge_by_plan_backward_meta(const at::Tensor& grad, const at::Tensor& x,
+                                       const std::optional<at::Tensor>& size,
+                                       const at::Tensor& dest, const at::Tensor& offsets,
+                                       const at::Tensor& members, c10::string_view mode) {
+  const char* op = "_merge_by_plan_backward";
+  const c10::SymInt nout = check_merge_by_plan(x, size, dest, offsets, members, mode, op);
+  check_merge_backward_grad(grad, x, x.sym_size(1) - nout, op);
+  return at::empty_symint(x.sym_sizes(), grad.options());
+}
+
+at::Tensor unmerge_by_plan_meta(const at::Tensor& x, const at::Tensor& dest,
+                                const at::Tensor& offsets, const at::Tensor& members) {
+  check_unmerge_by_plan(x, dest, offsets, members);
+  return at::empty_symint({x.sym_size(0), dest.sym_size(1), x.sym_size(2)}, x.options());
+}
+
+at::Tensor merge_source_by_plan_meta(const std::optional<at::Tensor>& source,
+                                     const at::Tensor& dest, const at::Tensor& offsets,
+                                     const at::Tensor& members) {
+  check_merge_source_by_plan(source, dest, offsets, members);
+  if (source.has_value()) {
+    return at::empty_symint(source->sym_sizes(), source->options().dtype(at::kLong));
+  }
+  return at::empty_symint(dest.sym_sizes(), dest.options().dtype(at::kLong));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tokred, Meta, m) {
@@ -68,6 +117,11 @@ TORCH_LIBRARY_IMPL(tokred, Meta, m) {
   m.impl("unmerge", TORCH_FN(unmerge_meta));
   m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_meta));
   m.impl("merge_source", TORCH_FN(merge_source_meta));
+  m.impl("merge_plan", TORCH_FN(merge_plan_meta));
+  m.impl("merge_by_plan", TORCH_FN(merge_by_plan_meta));
+  m.impl("_merge_by_plan_backward", TORCH_FN(merge_by_plan_backward_meta));
+  m.impl("unmerge_by_plan", TORCH_FN(unmerge_by_plan_meta));
+  m.impl("merge_source_by_plan", TORCH_FN(merge_source_by_plan_meta));
 }
 
 }  // namespace tokred

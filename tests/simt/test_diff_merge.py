@@ -116,6 +116,63 @@ def test_merge_source(cls, dist):
         compare("merge_source", source.int(), *idx, n, dist)
 
 
+# --------------------------------------------------------------------------- the plan as a value
+
+@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+def test_merge_plan(cls, dist):
+    g = torch.Generator().manual_seed(15)
+    for n, r in CASES:
+        idx = _match(3, n, r, cls, dist, g, torch.int32 if n % 2 else torch.int64)
+        compare("merge_plan", *idx, n, dist)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cls,dist", [(True, False), (False, True)], ids=["cls", "dist"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ops_by_plan(mode, cls, dist, dtype):
+    # The CPU's plan feeds both backends: the kernels must agree on plans they did not build.
+    g = torch.Generator().manual_seed(16)
+    for n, r in CASES:
+        plan = torch.ops.tokred.merge_plan(*_match(3, n, r, cls, dist, g), n, dist)
+        int32_plan = tuple(t.int() for t in plan)
+        x = _tokens(3, n, 12, dtype, g, ties=True)
+        for size in (None, random_sizes(3, n, dtype, generator=g)):
+            out, _ = compare("merge_by_plan", x, size, *plan, mode, scale=4)
+            grad = torch.randn(out.shape, generator=g).to(dtype)
+            compare("_merge_by_plan_backward", grad, x, size, *int32_plan, mode, scale=4)
+        compare("unmerge_by_plan", out, *plan, exact=(0,))
+        source = torch.randint(0, n, (3, 2 * n), generator=g)
+        compare("merge_source_by_plan", source, *int32_plan)
+        compare("merge_source_by_plan", None, *plan)
+
+
+def test_bad_plans_raise_clear_errors():
+    g = torch.Generator().manual_seed(17)
+    n = 10
+    dest, offsets, members = torch.ops.tokred.merge_plan(*_match(1, n, 3, True, False, g), n, False)
+    x = torch.randn(1, n, 4)
+
+    def edited(t, i, v):
+        t = t.clone()
+        t[0, i] = v
+        return t
+
+    for plan, what in [((edited(dest, 0, 2), offsets, members), "'dest' must map"),
+                       ((dest, edited(offsets, 0, 1), members), "'offsets' must start at 0"),
+                       ((dest, edited(offsets, 2, 1), members), "'offsets'"),
+                       ((dest, edited(offsets, 3, 99), members), "'offsets'"),
+                       ((dest, offsets, edited(members, 5, n)), r"'members' must hold token positions"),
+                       ((dest, offsets, edited(members, 0, -1)), r"'members' must hold token positions"),
+                       ((dest, offsets, members.flip(1)), "not a merge plan")]:
+        assert_both_raise("merge_by_plan", x, None, *plan, "wavg", match=what)
+        assert_both_raise("_merge_by_plan_backward", torch.randn(1, n - 3, 4), x, None, *plan, "amax",
+                          match=what)
+        assert_both_raise("unmerge_by_plan", torch.randn(1, n - 3, 4), *plan, match=what)
+        assert_both_raise("merge_source_by_plan", None, *plan, match=what)
+    assert_both_raise("merge_source_by_plan", torch.tensor([[0, n]]), dest, offsets, members,
+                      match=r"source")
+
+
 # --------------------------------------------------------------------------- device-side checks
 
 def test_bad_indices_raise_clear_errors():
@@ -163,6 +220,16 @@ def test_empty_shapes():
     empty = torch.ops.tokred.bipartite_match(torch.randn(0, 6, 3), 2, True, False)
     compare("merge", torch.randn(0, 6, 4), None, *empty, "wavg", False)
     compare("merge_source", None, *empty, 6, False)
+    for b, tokens in [(0, 6), (2, 0), (2, 1)]:
+        plan = torch.ops.tokred.merge_plan(
+            *torch.ops.tokred.bipartite_match(torch.randn(b, tokens, 3), 2, True, False), tokens, False)
+        compare("merge_plan", *torch.ops.tokred.bipartite_match(torch.randn(b, tokens, 3), 2, True, False),
+                tokens, False)
+        compare("merge_by_plan", torch.randn(b, tokens, 4), None, *plan, "wavg")
+        compare("unmerge_by_plan", torch.randn(b, plan[1].shape[1] - 1, 4), *plan)
+        compare("merge_source_by_plan", None, *plan)
+    compare("merge_by_plan", torch.randn(2, 6, 0), torch.rand(2, 6, 1), *torch.ops.tokred.merge_plan(*idx, 6, False),
+            "mean")
 
 
 @pytest.mark.parametrize("mode", MODES)
