@@ -11,6 +11,8 @@ count, EViT's keep rate (its count depends on the tokens present then), ToMe's r
 ``reduce`` turns it into an integer count once, with the rules of :mod:`tokred_ext.rules`, and
 passes that count to ``tokred_ext.functional``, which owns the "keep everything" check.
 
+:func:`policy_from_spec` is the one parser of the command line's policy strings (``tome:13``).
+
 The policies hold no parameters. They call only ``tokred_ext.functional`` and ``tokred_ext.rules``.
 """
 import abc
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 from .. import functional
 from ..rules import RSchedule, evit_keep_count, parse_r, tome_clamp_r, topk_keep_count
 
-__all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "ReductionState", "update_source"]
+__all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "ReductionState", "update_source",
+           "policy_from_spec", "POLICY_NAMES"]
 
 Rates = Union[float, Sequence[float]]
 Amount = Union[int, float]  # a plan entry: TopK's count, EViT's rate, ToMe's r
@@ -249,3 +252,33 @@ class ReductionState:
             self.sources.append(self.source)
         return x
 
+
+POLICY_NAMES = ("none", "topk", "evit", "tome")
+
+
+def policy_from_spec(spec: str, keep_rate: float = 0.7, r: int = 13,
+                     trace_source: bool = False) -> Optional[ReductionPolicy]:
+    """The policy a command-line spec names: ``none`` (None), ``topk``, ``evit`` or ``tome``,
+    optionally with a value after a colon: ``topk:0.5`` and ``evit:0.7`` (keep rate),
+    ``tome:13`` (tokens merged per layer). Without a value, ``keep_rate`` or ``r`` is used.
+    A bad spec is a ValueError that names it.
+    """
+    name, _, value = spec.partition(":")
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+    if name == "none":
+        return None
+    if name == "tome":
+        try:
+            rr = int(value) if value else r
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: r must be a whole number of tokens, got {value!r}") from None
+        if rr < 0:
+            raise ValueError(f"policy {spec!r}: r must be >= 0")
+        return ToMe(rr, trace_source=trace_source)
+    try:
+        kr = float(value) if value else keep_rate
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: {value!r} is not a number") from None
+    cls = TopK if name == "topk" else EViT
+    return cls(kr, trace_source=trace_source)
