@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from tokred_ext import bench, cli
+from tokred_ext import cli
 from tokred_ext import visualize as vis
+from tokred_ext.nn import policy_from_spec
 
 
 
@@ -45,7 +46,7 @@ def test_console_script(tmp_path):
 
 
 def test_bench_tiny(capsys, tmp_path):
-    policies = "none,topk,evit" + (",tome" if bench.tome_available() else "")
+    policies = "none,topk,evit,tome"
     path = tmp_path / "rows.json"
     rc, out, err = run(capsys, "bench", "--models", "deit_tiny", "--policies", policies,
                        "--batch-size", "1", "--iters", "1", "--warmup", "0", "--device", "cpu",
@@ -138,8 +139,6 @@ def test_info_into_a_closed_pipe(tmp_path):
 
 
 def test_bench_says_what_a_large_tome_r_merged(capsys):
-    if not bench.tome_available():
-        pytest.skip("functional.tome_merge not available yet")
     rc, out, err = run(capsys, "bench", "--models", "deit_tiny", "--policies", "tome:500", "--impls",
                        "tokred", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--no-progress")
     assert rc == 0, err
@@ -188,8 +187,6 @@ def _check_png(path, panels, method, num_prefix=1, patch=16, size=224):
 @pytest.mark.parametrize("method,args", [("evit", ["--keep-rate", "0.5"]), ("topk", []),
                                          ("tome", ["--r", "16"])])
 def test_visualize_png_matches_source_maps(capsys, tmp_path, method, args):
-    if method == "tome" and not bench.tome_available():
-        pytest.skip("functional.tome_merge not available yet")
     out = tmp_path / f"{method}.png"
     rc, stdout, err = run(capsys, "visualize", "-o", str(out), "--method", method,
                           "--model", "deit_tiny", *args)
@@ -197,7 +194,9 @@ def test_visualize_png_matches_source_maps(capsys, tmp_path, method, args):
     assert "wrote" in stdout
     kr = float(args[1]) if method != "tome" and args else None
     r = int(args[1]) if method == "tome" else None
-    _, panels = vis.trace(vis.load_image(vis.DEFAULT_IMAGE, 224), method, "deit_tiny", r, kr)
+    given = {k: v for k, v in (("keep_rate", kr), ("r", r)) if v is not None}
+    policy = policy_from_spec(method, trace_source=True, **given)
+    _, panels = vis.trace(vis.load_image(vis.DEFAULT_IMAGE, 224), policy, "deit_tiny")
     _check_png(out, panels, method)
     if method == "topk":
         pruned = sum(int((s[1:] < 0).sum()) for _, _, s in panels)
@@ -205,3 +204,19 @@ def test_visualize_png_matches_source_maps(capsys, tmp_path, method, args):
     if method == "evit":
         fused = [int(torch.unique(s[1:], return_counts=True)[1].max()) for _, _, s in panels]
         assert fused[0] == 196 - 98 and all(f > 1 for f in fused)  # the fused token's group
+
+
+def test_policy_from_spec():
+    from tokred_ext.nn import EViT, ToMe, TopK
+    assert policy_from_spec("none") is None
+    p = policy_from_spec("tome:8", trace_source=True)
+    assert isinstance(p, ToMe) and p.r == 8 and p.trace_source
+    assert policy_from_spec("tome", r=5).r == 5
+    p = policy_from_spec("topk:0.5")
+    assert isinstance(p, TopK) and p.keep_rate == 0.5
+    p = policy_from_spec("evit", keep_rate=0.6)
+    assert isinstance(p, EViT) and p.keep_rate == 0.6
+    for bad, match in (("magic", "unknown policy"), ("tome:1.5", "whole number"), ("tome:-1", ">= 0"),
+                       ("evit:x", "not a number"), ("topk:2", "keep rate")):
+        with pytest.raises(ValueError, match=match):
+            policy_from_spec(bad)

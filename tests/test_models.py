@@ -249,3 +249,21 @@ def test_every_policy_takes_batch_zero(name, make):
         out = model(torch.randn(0, 3, 64, 64))
         ref = reference.ReferenceViT(model, make())(torch.randn(0, 3, 64, 64))
     assert out.shape == ref.shape == (0, model.head.out_features)
+
+
+@pytest.mark.parametrize("name,make", POLICIES, ids=[n for n, _ in POLICIES])
+def test_policies_pass_integer_counts_to_functional(monkeypatch, name, make):
+    # A policy turns its rate into an integer count once; functional takes that count as is.
+    seen = []
+    for fn in ("topk_prune", "evit_prune", "tome_merge"):
+        original = getattr(functional, fn)
+
+        def spy(x, scores_or_metric, amount, *args, _original=original, **kwargs):
+            seen.append(amount)
+            return _original(x, scores_or_metric, amount, *args, **kwargs)
+
+        monkeypatch.setattr(functional, fn, spy)
+    model = tiny(reduction=make())
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert seen and all(type(k) is int for k in seen), seen

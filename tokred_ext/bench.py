@@ -14,18 +14,13 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-from . import functional, reference
+from . import reference
 from .models import create_model
-from .nn import EViT, ToMe, TopK
+from .nn.policies import POLICY_NAMES, policy_from_spec
 
-__all__ = ["make_policy", "run", "format_table", "best_device", "defaults", "tome_available"]
+__all__ = ["run", "format_table", "best_device", "defaults", "POLICY_NAMES", "IMPLS"]
 
-POLICY_NAMES = ("none", "topk", "evit", "tome")
 IMPLS = ("tokred", "reference")
-
-
-def tome_available() -> bool:
-    return hasattr(functional, "tome_merge") and hasattr(functional, "parse_r")
 
 
 def best_device() -> str:
@@ -38,33 +33,6 @@ def defaults(device: str) -> Dict[str, object]:
     if device.startswith("cuda"):
         return dict(batch_size=256, dtype="float16", iters=20, warmup=5)
     return dict(batch_size=4, dtype="float32", iters=3, warmup=1)
-
-
-def make_policy(spec: str, keep_rate: float = 0.7, r: int = 13, trace_source: bool = False):
-    """``none``, ``topk``, ``evit``, ``tome``, optionally with a value: ``topk:0.5``, ``tome:8``."""
-    name, _, value = spec.partition(":")
-    if name not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
-    if name == "none":
-        return None
-    if name == "tome":
-        if not tome_available():
-            raise ValueError("policy 'tome' needs tokred_ext.functional.tome_merge, which this "
-                             "build does not have")
-        try:
-            rr = int(value) if value else r
-        except ValueError:
-            raise ValueError(f"policy {spec!r}: r must be a whole number of tokens, got {value!r}") from None
-        if rr < 0:
-            raise ValueError(f"policy {spec!r}: r must be >= 0")
-        return ToMe(rr, trace_source=trace_source)
-    try:
-        num = float(value) if value else None
-    except ValueError:
-        raise ValueError(f"policy {spec!r}: {value!r} is not a number") from None
-    kr = num if num is not None else keep_rate
-    cls = TopK if name == "topk" else EViT
-    return cls(kr, trace_source=trace_source)
 
 
 class _PeakRSS:
@@ -189,7 +157,7 @@ def run(models: Iterable[str] = ("deit_small", "deit_base"),
     torch_dtype = {"float32": torch.float32, "float16": torch.float16,
                    "bfloat16": torch.bfloat16}[dtype]
     models, policies, impls = list(models), list(policies), list(impls)
-    built = {p: make_policy(p, keep_rate, r) for p in policies}  # validates before timing
+    built = {p: policy_from_spec(p, keep_rate, r) for p in policies}  # validates before timing
     bar = _Progress(len(models) * len(policies) * len(impls) * (iters + warmup), progress)
     rows: List[Dict[str, object]] = []
     try:

@@ -104,6 +104,7 @@ def _bench(args) -> int:
 
     from . import bench
     from .models.vit import ALIASES, MODELS
+    from .nn.policies import policy_from_spec
 
     for m in args.models:
         if ALIASES.get(m, m) not in MODELS:
@@ -112,12 +113,10 @@ def _bench(args) -> int:
     for i in args.impls:
         if i not in bench.IMPLS:
             raise UsageError(f"unknown impl {i!r}; choose from {', '.join(bench.IMPLS)}")
-    policies = args.policies
-    if policies is None:
-        policies = [p for p in bench.POLICY_NAMES if p != "tome" or bench.tome_available()]
+    policies = args.policies if args.policies is not None else list(bench.POLICY_NAMES)
     for p in policies:
         try:
-            bench.make_policy(p, args.keep_rate, args.r)
+            policy_from_spec(p, args.keep_rate, args.r)
         except ValueError as e:
             raise UsageError(str(e)) from None
     if args.json and args.json != "-":
@@ -155,18 +154,20 @@ def _check_writable(path: str, option: str) -> None:
 
 
 def _note_clamped_merges(rows, default_r: int) -> None:
-    """ToMe merges at most half of a block's unprotected tokens: say so where a requested r was
-    more than a block could merge, with what each block did merge."""
+    """ToMe merges at most half of a block's unprotected tokens: say so where a block merged
+    fewer tokens than its policy's plan asked, with what each block did merge."""
+    from .nn.policies import ToMe, policy_from_spec
+
     for row in rows:
-        name, _, value = row["policy"].partition(":")
-        if name != "tome" or row["impl"] != "tokred":
+        policy = policy_from_spec(row["policy"], r=default_r)
+        if not isinstance(policy, ToMe) or row["impl"] != "tokred":
             continue
-        r = int(value) if value else default_r
         counts = [row["tokens_in"]] + row["tokens_per_block"]
         merged = [a - b for a, b in zip(counts, counts[1:])]
-        if any(m < r for m in merged):
+        asked = [r or 0 for r in policy.plan(len(merged), row["tokens_in"])]
+        if any(m < a for m, a in zip(merged, asked)):
             print(f"tokred: note: {row['policy']} on {row['model']}: a block merges at most half of "
-                  f"its unprotected tokens, so the blocks merged {merged} (r = {r} was asked)",
+                  f"its unprotected tokens, so the blocks merged {merged} (r = {policy.r} was asked)",
                   file=sys.stderr)
 
 
@@ -174,7 +175,6 @@ def _info(args) -> int:
     import torch
 
     import tokred_ext
-    from . import bench
 
     info = tokred_ext.build_info()
     lines = [f"tokred     {tokred_ext.__version__}",
@@ -194,7 +194,6 @@ def _info(args) -> int:
                      f"(torch CUDA {torch.version.cuda})")
     else:
         lines.append(f"device     cpu ({torch.get_num_threads()} threads; no CUDA device)")
-    lines.append(f"ToMe ops   {'available' if bench.tome_available() else 'not available'}")
     lines.append(f"ops ({len(info['ops'])}):")
     lines += [f"  {name}" for name in info["ops"]]
     print("\n".join(lines))
@@ -202,8 +201,8 @@ def _info(args) -> int:
 
 
 def _visualize(args) -> int:
-    from . import bench
     from .models.vit import ALIASES, MODELS
+    from .nn.policies import policy_from_spec
 
     if args.image is not None and not os.path.isfile(args.image):
         raise UsageError(f"image {args.image!r} does not exist")
@@ -215,18 +214,18 @@ def _visualize(args) -> int:
         raise UsageError("--keep-rate is for topk/evit; ToMe takes --r")
     if args.method != "tome" and args.r is not None:
         raise UsageError(f"--r is for tome; {args.method} takes --keep-rate")
-    if args.method == "tome" and not bench.tome_available():
-        raise UsageError("--method tome needs tokred_ext.functional.tome_merge, which this "
-                         "build does not have")
     _check_writable(args.output, "--output")
     from .visualize import image_format, visualize
     try:
         image_format(args.output)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    given = {name: value for name, value in (("keep_rate", args.keep_rate), ("r", args.r))
+             if value is not None}
+    policy = policy_from_spec(args.method, trace_source=True, **given)
     try:
-        img, panels = visualize(args.image, args.output, args.method, args.model, args.r,
-                                args.keep_rate, args.checkpoint, args.seed)
+        img, panels = visualize(args.image, args.output, policy, args.model, args.checkpoint,
+                                args.seed)
     except (OSError, ValueError, RuntimeError) as e:  # unreadable image, wrong checkpoint
         raise UsageError(str(e).splitlines()[0]) from None
     counts = ", ".join(f"block {b + 1}: {t}" for b, t, _ in panels)

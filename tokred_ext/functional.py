@@ -1,7 +1,9 @@
 """Token-reduction methods built from tokred ops: Top-K pruning, EViT and ToMe.
 
-Each function takes either the attention map ``[B, H, N, N]`` or the class-attention scores
-``[B, N - P]`` and applies the upstream keep-count rule.
+Each pruning function takes either the attention map ``[B, H, N, N]`` or the class-attention
+scores ``[B, N - P]``, and a keep count (int) or rate (float). The counting rules themselves
+(keep counts, ToMe's schedule and clamp) live in :mod:`tokred_ext.rules`; this module only
+imports ``ops`` and ``rules``.
 """
 from typing import Optional, Tuple
 
@@ -9,9 +11,15 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import class_attention, evit_keep_count, parse_r, topk_keep_count
+from .rules import evit_keep_count, parse_r, topk_keep_count
 
 __all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune", "tome_merge", "parse_r"]
+
+
+def class_attention(attn: Tensor, num_protected: int = 1) -> Tensor:
+    """EViT/Top-K scores ``[B, N - P]``: the class token's attention to the other tokens, mean
+    over heads."""
+    return attn[:, :, 0, num_protected:].mean(dim=1)
 
 
 def scores_from(attn_or_scores: Tensor, num_protected: int = 1) -> Tensor:

@@ -68,19 +68,26 @@ def prune_tokens(x: Tensor, scores: Tensor, k: int, fuse: bool = False, num_prot
 
 # --------------------------------------------------------------------------- methods
 
+# The counting rules below are the oracle's own copies, written plainly; production's live in
+# tokred_ext/rules.py and functional.py. Nothing here imports tokred_ext.
+
 def class_attention(attn: Tensor, num_protected: int = 1) -> Tensor:
     """EViT/Top-K scores: the class token's attention to the other tokens, mean over heads."""
-    return attn[:, :, 0, num_protected:].mean(dim=1)
+    return attn.mean(dim=1)[:, 0, num_protected:]
 
 
 def evit_keep_count(keep_rate: float, n_scored: int) -> int:
     """EViT's rule: ceil(keep_rate * (N - 1)), relative to the current token count."""
-    return math.ceil(keep_rate * n_scored)
+    exact = keep_rate * n_scored
+    count = int(exact)
+    if count < exact:
+        count += 1
+    return count
 
 
 def topk_keep_count(keep_rate: float, n_initial: int) -> int:
     """Haurum et al.'s Top-K rule: int(keep_rate * N0), relative to the initial patch count."""
-    return int(keep_rate * n_initial)
+    return math.floor(keep_rate * n_initial)
 
 
 # --------------------------------------------------------------------------- merging: ToMe
@@ -88,27 +95,41 @@ def topk_keep_count(keep_rate: float, n_initial: int) -> int:
 # One change: the A tokens are ranked with a stable argsort, so ties go to the lower index.
 
 def parse_r(num_layers: int, r: Union[int, List[int], Tuple[int, float]]) -> List[int]:
-    """Upstream ToMe's schedule: tokens merged in each of ``num_layers`` layers.
+    """Upstream ToMe's parse_r: tokens merged in each of ``num_layers`` layers.
 
-    An int is constant; a list is padded with zeros to ``num_layers``; ``(r, inflection)`` runs
-    linearly from ``int(r * (1 - inflection))`` to ``2 r - that`` (inflection -1: decreasing,
-    0: constant, 1: increasing), each value truncated with ``int``.
+    An int is constant; a list is padded with zeros; ``(r, inflection)`` is a line from
+    ``int(r * (1 - inflection))`` to ``2 r`` minus that, each value truncated with ``int``.
     """
     if isinstance(r, list):
-        return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
-    inflection = 0.0
+        schedule = list(r)
+        while len(schedule) < num_layers:
+            schedule.append(0)
+        return schedule
+    inflect = 0.0
     if isinstance(r, tuple):
-        r, inflection = r
-    first = int(r * (1.0 - inflection))
-    last = 2 * r - first
-    step = (last - first) / (num_layers - 1) if num_layers > 1 else 0.0
-    return [int(first + step * i) for i in range(num_layers)]
+        r, inflect = r
+    min_val = int(r * (1.0 - inflect))
+    max_val = 2 * r - min_val
+    step = 0.0
+    if num_layers > 1:
+        step = (max_val - min_val) / (num_layers - 1)
+    schedule = []
+    for i in range(num_layers):
+        schedule.append(int(min_val + step * i))
+    return schedule
 
 
 def tome_clamp_r(r: int, n: int, class_token: bool = True, distill_token: bool = False) -> int:
     """Upstream's clamp: at most half of the unprotected tokens merge; r <= 0 means no merge."""
-    protected = int(class_token) + int(distill_token)
-    return max(0, min(r, (n - protected) // 2))
+    protected = 0
+    if class_token:
+        protected += 1
+    if distill_token:
+        protected += 1
+    limit = (n - protected) // 2
+    if r > limit:
+        r = limit
+    return r if r > 0 else 0
 
 
 def bipartite_match(metric: Tensor, r: int, class_token: bool = True,

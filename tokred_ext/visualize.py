@@ -1,6 +1,7 @@
 """Draws which patches a policy merged or pruned, layer by layer, over the image.
 
-The model runs with ``trace_source=True``; each panel shows, after one block, every patch's
+The model runs with a policy object built with ``trace_source=True`` (the command line builds
+it with ``tokred_ext.nn.policy_from_spec``); each panel shows, after one block, every patch's
 group (the token now holding it): a patch still alone keeps its pixels, every group of two or
 more patches (ToMe merges, EViT's fused token) is filled with one colour (the group's mean,
 made unique within the panel) and outlined, and pruned patches are dark. Works with random
@@ -12,8 +13,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .bench import make_policy
 from .models import create_model
+from .nn import ReductionPolicy, ToMe
 
 __all__ = ["DEFAULT_IMAGE", "PRUNED", "LABEL_HEIGHT", "load_image", "trace", "patch_groups",
            "render", "visualize"]
@@ -80,14 +81,18 @@ def _load_checkpoint(model: torch.nn.Module, path: str, model_name: str) -> None
     model.load_state_dict(state)
 
 
-def trace(pixels: Tensor, method: str, model_name: str = "deit_small",
-          r: Optional[int] = None, keep_rate: Optional[float] = None,
+def _check_traced(policy: ReductionPolicy) -> None:
+    if not isinstance(policy, ReductionPolicy) or not policy.trace_source:
+        raise ValueError("visualize needs a tokred_ext.nn policy built with trace_source=True, "
+                         f"got {policy!r}")
+
+
+def trace(pixels: Tensor, policy: ReductionPolicy, model_name: str = "deit_small",
           checkpoint: Optional[str] = None, seed: int = 0):
-    """Runs the model on ``pixels`` ``[S, S, 3]``; returns ``(model, panels)`` with ``panels`` a
-    list of ``(block, tokens, source [N0])`` after the blocks worth showing."""
-    spec = method if (r is None and keep_rate is None) else \
-        f"{method}:{r if method == 'tome' else keep_rate}"
-    policy = make_policy(spec, trace_source=True)
+    """Runs the model with ``policy`` (built with ``trace_source=True``) on ``pixels``
+    ``[S, S, 3]``; returns ``(model, panels)`` with ``panels`` a list of
+    ``(block, tokens, source [N0])`` after the blocks worth showing."""
+    _check_traced(policy)
     torch.manual_seed(seed)
     model = create_model(model_name).eval()
     if checkpoint is not None:
@@ -97,7 +102,7 @@ def trace(pixels: Tensor, method: str, model_name: str = "deit_small",
     with torch.no_grad():
         model((x - _MEAN) / _STD)
     depth = len(model.blocks)
-    if method == "tome":
+    if isinstance(policy, ToMe):
         blocks = sorted({max(0, depth * q // 4 - 1) for q in (1, 2, 3, 4)})
     else:
         blocks = list(policy.locs)
@@ -164,17 +169,17 @@ def render(pixels: Tensor, panels: List[Tuple[int, int, Tensor]], num_prefix: in
     return out
 
 
-def visualize(image: Optional[str], output: str, method: str, model_name: str = "deit_small",
-              r: Optional[int] = None, keep_rate: Optional[float] = None,
-              checkpoint: Optional[str] = None, seed: int = 0):
-    """Writes the visualisation in the format of ``output``'s suffix (PNG, JPEG, WebP, ...);
-    returns ``(image, panels)``."""
+def visualize(image: Optional[str], output: str, policy: ReductionPolicy,
+              model_name: str = "deit_small", checkpoint: Optional[str] = None, seed: int = 0):
+    """Writes the visualisation of ``policy`` (built with ``trace_source=True``) in the format
+    of ``output``'s suffix (PNG, JPEG, WebP, ...); returns ``(image, panels)``."""
+    _check_traced(policy)
     model_probe = create_model(model_name)  # validates the name; gives the geometry
     size, patch = model_probe.patch_embed.img_size, model_probe.patch_embed.patch_size
     del model_probe
     pixels = load_image(image or DEFAULT_IMAGE, size)
-    model, panels = trace(pixels, method, model_name, r, keep_rate, checkpoint, seed)
-    img = render(pixels, panels, model.num_prefix_tokens, patch, method)
+    model, panels = trace(pixels, policy, model_name, checkpoint, seed)
+    img = render(pixels, panels, model.num_prefix_tokens, patch, policy.name)
     fmt = image_format(output)
     (img.convert("RGB") if fmt == "JPEG" else img).save(output, format=fmt)
     return img, panels

@@ -13,25 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..nn.block import DropPath
 from ..nn.routing import BiLevelRoutingAttention
 
 __all__ = ["BiFormer", "Block", "Attention", "AttentionLePE", "biformer_tiny", "biformer_small",
            "biformer_base", "set_backend"]
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval mode)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = drop_prob
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
 
 
 class DWConv(nn.Module):

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nn import Block, PatchEmbed, ReductionPolicy
+from ..nn import Block, PatchEmbed, ReductionPolicy, ReductionState
 
 __all__ = ["VisionTransformer", "MODELS", "create_model"]
 
@@ -90,27 +90,13 @@ class VisionTransformer(nn.Module):
 
     def _forward_tokens(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         x = self._embed(x)
-        policy = self.reduction
-        depth = len(self.blocks)
-        plan = policy.plan(depth, self.num_patches) if policy is not None else [None] * depth
-        b, n0 = x.shape[0], x.shape[1]
-        size: Optional[Tensor] = None
-        source: Optional[Tensor] = None
-        if policy is not None and policy.needs_metric:
-            size = torch.ones(b, n0, 1, dtype=x.dtype, device=x.device)
-        trace = policy is not None and policy.trace_source
-        if trace:
-            source = torch.arange(n0, device=x.device).expand(b, n0).contiguous()
-        counts: List[int] = []
-        sources: List[Tensor] = []
-        for blk, amount in zip(self.blocks, plan):
-            x, size, source = blk(x, amount, policy, size, source, self.num_prefix_tokens)
-            counts.append(x.shape[1])
-            if trace:
-                sources.append(source)
-        self.token_counts = counts
-        self.sources = sources
-        return self.norm(x), size
+        state = ReductionState(self.reduction, len(self.blocks), self.num_patches,
+                               self.num_prefix_tokens)
+        for i, blk in enumerate(self.blocks):
+            x = state.step(i, x, blk)
+        self.token_counts = state.token_counts
+        self.sources = state.sources
+        return self.norm(x), state.size
 
     def forward_head(self, x: Tensor, pre_logits: bool = False,
                      size: Optional[Tensor] = None) -> Tensor:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .attention import Attention, attention_forward
 from .policies import ReductionPolicy
 
-__all__ = ["Block", "LayerScale", "Mlp", "PatchEmbed", "block_forward"]
+__all__ = ["Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed", "block_forward"]
 
 
 class LayerScale(nn.Module):
@@ -106,15 +106,18 @@ class Block(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (training only)."""
+    """Stochastic depth per sample (identity in eval mode); also BiFormer's."""
 
-    def __init__(self, p: float):
+    def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        self.p = p
+        self.drop_prob = drop_prob
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.p == 0.0:
+        if not self.training or self.drop_prob == 0.0:
             return x
-        keep = 1.0 - self.p
+        keep = 1.0 - self.drop_prob
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep

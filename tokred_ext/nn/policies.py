@@ -1,24 +1,34 @@
 """Token-reduction policies: where in the network to reduce, by how much, and with which method.
 
 A policy is handed to a model (``VisionTransformer(reduction=...)``) or to
-``tokred_ext.patch.timm``. For every forward pass the model asks it for a per-layer ``plan``
-(one entry per block, ``None`` where the block does not reduce); each block then calls
-``reduce`` after its attention residual and before its MLP, as EViT, Haurum et al. and ToMe do.
+``tokred_ext.patch.timm``. For every forward pass a :class:`ReductionState` (the one driver of the
+reduction loop, used by both) asks the policy for a per-layer ``plan`` (one entry per block,
+``None`` where the block does not reduce); each block then calls ``reduce`` after its attention
+residual and before its MLP, as EViT, Haurum et al. and ToMe do.
 
-The policies hold no parameters. They call only ``tokred_ext.functional``.
+A plan entry is the policy's own per-block setting, which only the policy reads: TopK's token
+count, EViT's keep rate (its count depends on the tokens present then), ToMe's requested ``r``.
+``reduce`` turns it into an integer count once, with the rules of :mod:`tokred_ext.rules`, and
+passes that count to ``tokred_ext.functional``, which owns the "keep everything" check.
+
+:func:`policy_from_spec` is the one parser of the command line's policy strings (``tome:13``).
+
+The policies hold no parameters. They call only ``tokred_ext.functional`` and ``tokred_ext.rules``.
 """
 import abc
-import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional
+from ..rules import RSchedule, evit_keep_count, parse_r, tome_clamp_r, topk_keep_count
 
-__all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "update_source"]
+__all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "ReductionState", "update_source",
+           "policy_from_spec", "POLICY_NAMES"]
 
 Rates = Union[float, Sequence[float]]
+Amount = Union[int, float]  # a plan entry: TopK's count, EViT's rate, ToMe's r
 
 
 def update_source(source: Tensor, index: Tensor, num_protected: int, n_old: int,
@@ -67,11 +77,11 @@ class ReductionPolicy(nn.Module, abc.ABC):
         return False
 
     @abc.abstractmethod
-    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
-        """The amount to reduce after each of ``depth`` blocks (None: no reduction there)."""
+    def plan(self, depth: int, num_patches: int) -> List[Optional[Amount]]:
+        """This policy's setting for each of ``depth`` blocks (None: no reduction there)."""
 
     @abc.abstractmethod
-    def reduce(self, x: Tensor, amount: float, scores: Optional[Tensor],
+    def reduce(self, x: Tensor, amount: Amount, scores: Optional[Tensor],
                metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
                num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """One reduction step: the reduced tokens, their sizes and the source map."""
@@ -106,22 +116,19 @@ class TopK(ReductionPolicy):
             _check_rate(r, "TopK")
         self.keep_rate = keep_rate
 
-    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+    def plan(self, depth: int, num_patches: int) -> List[Optional[int]]:
+        """Tokens to keep after each location, counted from the initial patches."""
         self._check_locs(depth)
-        out: List[Optional[float]] = [None] * depth
+        out: List[Optional[int]] = [None] * depth
         for loc, rate in zip(self.locs, self.rates):
-            out[loc] = float(int(rate * num_patches))  # upstream: int(kr_i * 196)
+            out[loc] = topk_keep_count(rate, num_patches)
         return out
 
     def reduce(self, x, amount, scores, metric, size, source, num_prefix):
-        n_old = x.shape[1]
-        k = int(amount)
-        if k >= n_old - num_prefix:
-            return x, size, source
-        x, index = functional.topk_prune(x, scores, k, num_protected=num_prefix)
-        if source is not None:
-            source = update_source(source, index, num_prefix, n_old, fused=False)
-        return x, size, source
+        out, index = functional.topk_prune(x, scores, amount, num_protected=num_prefix)
+        if source is not None and out is not x:
+            source = update_source(source, index, num_prefix, x.shape[1], fused=False)
+        return out, size, source
 
     def extra_repr(self) -> str:
         return f"keep_rate={self.keep_rate}, locs={self.locs}"
@@ -149,6 +156,7 @@ class EViT(ReductionPolicy):
         self.fuse = fuse
 
     def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+        """The keep rate at each location: the count depends on the tokens present then."""
         self._check_locs(depth)
         out: List[Optional[float]] = [None] * depth
         for loc, rate in zip(self.locs, self.rates):
@@ -156,14 +164,11 @@ class EViT(ReductionPolicy):
         return out
 
     def reduce(self, x, amount, scores, metric, size, source, num_prefix):
-        n_old = x.shape[1]
-        k = math.ceil(amount * (n_old - num_prefix))
-        if k >= n_old - num_prefix:
-            return x, size, source
-        x, index = functional.evit_prune(x, scores, k, num_protected=num_prefix, fuse=self.fuse)
-        if source is not None:
-            source = update_source(source, index, num_prefix, n_old, fused=self.fuse)
-        return x, size, source
+        k = evit_keep_count(amount, x.shape[1] - num_prefix)
+        out, index = functional.evit_prune(x, scores, k, num_protected=num_prefix, fuse=self.fuse)
+        if source is not None and out is not x:
+            source = update_source(source, index, num_prefix, x.shape[1], fused=self.fuse)
+        return out, size, source
 
     def extra_repr(self) -> str:
         return f"keep_rate={self.keep_rate}, locs={self.locs}, fuse={self.fuse}"
@@ -181,7 +186,7 @@ class ToMe(ReductionPolicy):
     name = "tome"
     needs_metric = True
 
-    def __init__(self, r: Union[int, Sequence[int], Tuple[int, float]] = 13,
+    def __init__(self, r: RSchedule = 13,
                  prop_attn: bool = True, trace_source: bool = False):
         super().__init__(trace_source)
         self.r = r
@@ -190,12 +195,90 @@ class ToMe(ReductionPolicy):
     def uses_size(self) -> bool:
         return self.prop_attn
 
-    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
-        return [float(r) if r > 0 else None for r in functional.parse_r(depth, self.r)]
+    def plan(self, depth: int, num_patches: int) -> List[Optional[int]]:
+        """The requested ``r`` of each block (``parse_r``); ``reduce`` clamps it."""
+        return [r if r > 0 else None for r in parse_r(depth, self.r)]
 
     def reduce(self, x, amount, scores, metric, size, source, num_prefix):
-        return functional.tome_merge(x, metric, int(amount), size=size, class_token=True,
+        r = tome_clamp_r(amount, x.shape[1], num_prefix)
+        if r == 0:  # as upstream's blocks: no merge, the tokens pass unchanged
+            return x, size, source
+        return functional.tome_merge(x, metric, r, size=size, class_token=True,
                                      distill_token=num_prefix > 1, source=source)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
+
+
+BlockFn = Callable[[Tensor, Optional[Amount], Optional[ReductionPolicy], Optional[Tensor],
+                    Optional[Tensor], int], Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]
+
+
+class ReductionState:
+    """Drives the reduction loop through one forward pass: the policy's per-block plan, the
+    tokens' sizes (ToMe) and source map (``trace_source``), and the tokens left after each block.
+
+    tokred's ``VisionTransformer`` and the timm patch both build one per forward pass and call
+    :meth:`step` for every block in order; ``policy`` None runs the blocks unreduced.
+    """
+
+    def __init__(self, policy: Optional[ReductionPolicy], depth: int, num_patches: int,
+                 num_prefix: int):
+        self.policy = policy
+        self.num_prefix = num_prefix
+        self.plan = policy.plan(depth, num_patches) if policy is not None else [None] * depth
+        self.trace = policy is not None and policy.trace_source
+        self.size: Optional[Tensor] = None
+        self.source: Optional[Tensor] = None
+        self.token_counts: List[int] = []
+        self.sources: List[Tensor] = []
+
+    def _start(self, x: Tensor) -> None:
+        b, n = x.shape[0], x.shape[1]
+        merges = self.policy is not None and self.policy.needs_metric
+        self.size = x.new_ones(b, n, 1) if merges else None
+        self.source = torch.arange(n, device=x.device).expand(b, n).contiguous() if self.trace else None
+        self.token_counts, self.sources = [], []
+
+    def step(self, layer: int, x: Tensor, block: BlockFn) -> Tensor:
+        """Runs block ``layer`` (layer 0 starts the pass) as
+        ``block(x, amount, policy, size, source, num_prefix) -> (x, size, source)``."""
+        if layer == 0:
+            self._start(x)
+        x, self.size, self.source = block(x, self.plan[layer], self.policy, self.size,
+                                          self.source, self.num_prefix)
+        self.token_counts.append(x.shape[1])
+        if self.trace:
+            self.sources.append(self.source)
+        return x
+
+
+POLICY_NAMES = ("none", "topk", "evit", "tome")
+
+
+def policy_from_spec(spec: str, keep_rate: float = 0.7, r: int = 13,
+                     trace_source: bool = False) -> Optional[ReductionPolicy]:
+    """The policy a command-line spec names: ``none`` (None), ``topk``, ``evit`` or ``tome``,
+    optionally with a value after a colon: ``topk:0.5`` and ``evit:0.7`` (keep rate),
+    ``tome:13`` (tokens merged per layer). Without a value, ``keep_rate`` or ``r`` is used.
+    A bad spec is a ValueError that names it.
+    """
+    name, _, value = spec.partition(":")
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+    if name == "none":
+        return None
+    if name == "tome":
+        try:
+            rr = int(value) if value else r
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: r must be a whole number of tokens, got {value!r}") from None
+        if rr < 0:
+            raise ValueError(f"policy {spec!r}: r must be >= 0")
+        return ToMe(rr, trace_source=trace_source)
+    try:
+        kr = float(value) if value else keep_rate
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: {value!r} is not a number") from None
+    cls = TopK if name == "topk" else EViT
+    return cls(kr, trace_source=trace_source)

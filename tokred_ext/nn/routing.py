@@ -9,8 +9,9 @@ Two backends compute the same function:
 * ``"tokred"`` (default): routing by ``tokred::topk`` (ties to the lower index) and attention by
   ``tokred::routed_attention`` -- no gathered K/V buffer, deterministic backward.
   With ``soft_routing`` the weighted K/V are gathered by ``tokred::routed_gather`` first.
-* ``"reference"``: upstream's algorithm in pure PyTorch (gather + matmul, ``tokred_ext.reference``),
-  for tests and benchmarks.
+* ``"reference"``: upstream's algorithm in pure PyTorch (``torch.topk``, a gathered K/V buffer,
+  matmuls), for tests and benchmarks. It is written here, not taken from ``tokred_ext.reference``
+  (the test oracle, which production code does not import).
 """
 from typing import Optional, Tuple
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops, reference
+from .. import ops
 
 __all__ = ["BiLevelRoutingAttention", "TopkRouting", "KVGather", "QKVLinear", "BACKENDS"]
 
@@ -47,7 +48,8 @@ class TopkRouting(nn.Module):
     def forward(self, query: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
         if not self.diff_routing:
             query, key = query.detach(), key.detach()
-        logit = reference.routing_logits(self.emb(query), self.emb(key), self.scale)
+        # Upstream's region-to-region logits: (q_win * scale) @ k_win^T.
+        logit = (self.emb(query) * self.scale) @ self.emb(key).transpose(-2, -1)
         if self.backend == "reference":
             top_logit, r_idx = torch.topk(logit, k=self.topk, dim=-1)
         else:
@@ -73,8 +75,18 @@ class KVGather(nn.Module):
     def forward(self, r_idx: Tensor, r_weight: Tensor, kv: Tensor) -> Tensor:
         weight = r_weight if self.mul_weight == "soft" else None
         if self.backend == "reference":
-            return reference.routed_gather(kv, r_idx, weight)
+            return _gather_windows(kv, r_idx, weight)
         return ops.routed_gather(kv, r_idx, weight)
+
+
+def _gather_windows(kv: Tensor, r_idx: Tensor, r_weight: Optional[Tensor]) -> Tensor:
+    """Upstream's KVGather in plain PyTorch: ``out[b, i, t] = kv[b, r_idx[b, i, t]]``
+    ``[n, P, topk, w2, c]``, scaled by ``r_weight`` when given."""
+    batch = torch.arange(kv.shape[0], device=kv.device).view(-1, 1, 1)
+    out = kv[batch, r_idx.long()]
+    if r_weight is not None:
+        out = (r_weight[..., None, None] * out).to(kv.dtype)
+    return out
 
 
 class QKVLinear(nn.Module):
@@ -233,18 +245,14 @@ class BiLevelRoutingAttention(nn.Module):
         r_weight, r_idx = self.router(q_win, k_win)
 
         attn_weight: Optional[Tensor] = None
-        if ret_attn_mask or self.kv_gather.mul_weight != "none":
-            kv_sel = self.kv_gather(r_idx=r_idx, r_weight=r_weight, kv=kv_pix)
-            out, attn_weight = _attend_gathered(q_pix, kv_sel, self.qk_dim, self.num_heads,
-                                                self.scale)
-        elif self.backend == "tokred":
+        if self.backend == "tokred" and not ret_attn_mask and self.kv_gather.mul_weight == "none":
             out, _ = ops.routed_attention(q_pix, kv_pix[..., : self.qk_dim],
                                           kv_pix[..., self.qk_dim:], r_idx, self.num_heads,
                                           self.scale)
-        else:
-            out, _ = reference.routed_attention(q_pix, kv_pix[..., : self.qk_dim],
-                                                kv_pix[..., self.qk_dim:], r_idx,
-                                                self.num_heads, self.scale)
+        else:  # upstream's gather + matmul: the reference backend, soft routing, attn weights
+            kv_sel = self.kv_gather(r_idx=r_idx, r_weight=r_weight, kv=kv_pix)
+            out, attn_weight = _attend_gathered(q_pix, kv_sel, self.qk_dim, self.num_heads,
+                                                self.scale)
 
         # n (j i) (h w) c -> n (j h) (i w) c
         out = out.reshape(N, p, p, h, w, C).permute(0, 1, 3, 2, 4, 5).reshape(N, H, W, C)

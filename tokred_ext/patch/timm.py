@@ -5,13 +5,26 @@ whose ``forward`` runs tokred's block (``tokred_ext.nn.block_forward``) on timm'
 the weights stay where they are and ``state_dict`` is unchanged. Class and distillation tokens,
 LayerScale (``ls1``/``ls2``), q/k norm and timm's scale norm are all honoured.
 """
+from functools import partial
 from typing import Optional
 
 from torch import Tensor, nn
 
-from ..nn import ReductionPolicy, block_forward
+from ..nn import ReductionPolicy, ReductionState, block_forward
 
 __all__ = ["apply", "remove"]
+
+
+class _Patch:
+    """What the patched model shares with its blocks: the policy, and the driver of the forward
+    pass under way (a new :class:`~tokred_ext.nn.ReductionState`, started by block 0)."""
+
+    def __init__(self, policy: ReductionPolicy, model: nn.Module):
+        self.policy = policy
+        self.num_prefix = _num_prefix(model)
+        self.depth = len(model.blocks)
+        self.num_patches = model.patch_embed.num_patches
+        self.run: Optional[ReductionState] = None
 
 
 class _TokredBlock:
@@ -21,39 +34,25 @@ class _TokredBlock:
         if attn_mask is not None or is_causal:
             raise ValueError("tokred's patched blocks do not take attention masks (attn_mask, "
                              "is_causal): token reduction changes the sequence the mask refers to")
-        st = self._tokred_state
-        policy = st["policy"]
+        patch = self._tokred_patch
         if self._tokred_layer == 0:
-            b, n = x.shape[0], x.shape[1]
-            st["size"] = (x.new_ones(b, n, 1) if policy.needs_metric else None)
-            st["source"] = (_arange_source(x) if policy.trace_source else None)
-        amount = st["plan"][self._tokred_layer]
-        x, st["size"], st["source"] = block_forward(self, x, amount, policy, st["size"],
-                                                    st["source"], st["num_prefix"])
-        st["counts"].append(x.shape[1])
-        if policy.trace_source:
-            st["sources"].append(st["source"])
-        return x
+            patch.run = ReductionState(patch.policy, patch.depth, patch.num_patches,
+                                       patch.num_prefix)
+        if patch.run is None:
+            raise RuntimeError("a block patched by tokred_ext.patch.timm runs after block 0 of "
+                               "its model's forward, not on its own")
+        return patch.run.step(self._tokred_layer, x, partial(block_forward, self))
 
 
 class _TokredModel:
-    """Mixed in front of timm's VisionTransformer class: resets the per-forward state."""
+    """Mixed in front of timm's VisionTransformer class: publishes the pass's token counts."""
 
     def forward(self, *args, **kwargs):
-        st = self._tokred_state
-        st["plan"] = st["policy"].plan(len(self.blocks), self.patch_embed.num_patches)
-        st["counts"], st["sources"] = [], []
         out = super().forward(*args, **kwargs)
-        self.token_counts = st["counts"]
-        self.sources = st["sources"]
+        run = self._tokred_patch.run
+        self.token_counts = run.token_counts if run is not None else []
+        self.sources = run.sources if run is not None else []
         return out
-
-
-def _arange_source(x: Tensor) -> Tensor:
-    import torch
-
-    b, n = x.shape[0], x.shape[1]
-    return torch.arange(n, device=x.device).expand(b, n).contiguous()
 
 
 def _subclass(obj: nn.Module, mixin: type) -> None:
@@ -106,9 +105,8 @@ def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
             raise ValueError(f"not a timm VisionTransformer: the model has no '{attr}'")
     for i, blk in enumerate(model.blocks):
         _check_block(i, blk)
-    state = {"policy": policy, "num_prefix": _num_prefix(model), "plan": None, "size": None,
-             "source": None, "counts": [], "sources": []}
-    model._tokred_state = state
+    patch = _Patch(policy, model)
+    model._tokred_patch = patch
     _subclass(model, _TokredModel)
     for i, blk in enumerate(model.blocks):
         for name in ("ls1", "ls2"):
@@ -116,7 +114,7 @@ def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
                 setattr(blk, name, nn.Identity())
         if not hasattr(blk, "drop_path1"):    # timm < 0.6.12 has one drop_path
             blk.drop_path1 = blk.drop_path2 = blk.drop_path
-        blk._tokred_state = state
+        blk._tokred_patch = patch
         blk._tokred_layer = i
         _subclass(blk, _TokredBlock)
     model.token_counts, model.sources = [], []
