@@ -80,13 +80,11 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
 
     Upstream's ``bipartite_soft_matching`` followed by ``merge_wavg`` (and ``merge_source`` when
     tracing sources): ``x`` ``[B, N, C]``, ``metric`` ``[B, N, D]`` (ToMe uses the keys averaged
-    over heads), ``size`` ``[B, N, 1]`` (None: every token has size 1). ``r`` is clamped to
-    ``(N - protected) // 2``. The merge plan is built once and serves the merge, its backward
-    and the source map. Returns the merged tokens ``[B, N - r, C]``, their sizes
-    ``[B, N - r, 1]`` and, when ``source`` (``[B, N0]`` int64, the current token of every
-    original patch) is given, the updated map (None otherwise, as upstream skips
-    ``merge_source`` unless tracing). :func:`tokred_ext.ops.source_onehot` turns a map into
-    upstream's ``[B, N - r, N0]`` matrix.
+    over heads), ``size`` ``[B, N, 1]`` (None: every token has size 1). The merge plan is built
+    once and serves the merge, its backward and the source map. Returns the merged tokens
+    ``[B, N - r, C]``, their sizes ``[B, N - r, 1]`` and, when ``source`` (``[B, N0]`` int64) is
+    given, the updated map (None otherwise, as upstream skips ``merge_source`` unless tracing).
+    Semantics of the ops it runs (the clamp of ``r``, the source map): docs/merge.md.
     """
     unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, class_token, distill_token)
     plan = ops.merge_plan(unm_idx, src_idx, dst_idx, x.shape[1], distill_token)

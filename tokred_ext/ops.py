@@ -1,13 +1,8 @@
 """Typed wrappers of ``torch.ops.tokred.*`` and their autograd formulas.
 
-Conventions shared by every op:
-
-* Results are deterministic and bitwise repeatable. Ties go to the lower index. ``torch.topk`` and
-  ``torch.argsort`` leave tie order unspecified, so they can disagree with tokred on ties.
-* Floating dtypes float32, float16, bfloat16 and float64; accumulation in float32 or wider.
-* Index inputs may be int64 or int32; index outputs are int64.
-* Backward passes are ops of their own (``tokred::_<name>_backward``), computed as deterministic
-  segmented sums, never with atomics.
+Every op is deterministic (ties go to the lower index), takes float32/float16/bfloat16/float64
+data and int64 or int32 indices, and returns int64 indices. The semantics of each op live in one
+place, its family's page: docs/select.md, docs/merge.md and docs/routing.md.
 """
 from typing import NamedTuple, Optional, Tuple
 
@@ -21,52 +16,36 @@ _ops = torch.ops.tokred
 
 def topk(scores: Tensor, k: int, largest: bool = True,
          lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Segmented top-k over the last dimension.
+    """Segmented top-k over the last dim: ``scores [..., N] -> (values, indices) [..., k]``.
 
-    Every leading index is one row (segment) of ``N = scores.shape[-1]`` entries. Returns
-    ``(values, indices)`` of shape ``[..., k]``, sorted by score (descending if ``largest``).
-    Ties go to the lower index and NaN ranks above +inf, as in ``torch.topk``; unlike
-    ``torch.topk`` the order of tied entries is fixed.
-
-    ``lengths`` (int, shape ``scores.shape[:-1]``) makes rows ragged: row ``r`` considers only its
-    first ``lengths[r]`` entries, and slots past a short row's length hold index -1 and value
-    -inf (+inf when ``largest=False``). Requires ``0 <= k <= N``. ``values`` is differentiable
-    with respect to ``scores``; ``indices`` is not.
+    Ties go to the lower index; ``lengths`` makes rows ragged (padding: index -1).
+    Semantics: docs/select.md#semantics (topk).
     """
     return _ops.topk(scores, k, largest, lengths)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """Gathers tokens: ``out[b, j] = x[b, index[b, j]]``.
+    """Gathers tokens: ``x [B, N, C], index [B, K] -> [B, K, C]``; index -1 gives a zero row.
 
-    ``x`` is ``[B, N, C]`` with any strides, ``index`` is ``[B, K]`` (int64 or int32) with values
-    in ``[0, N)``, or -1 for padding (a zero row). Returns ``[B, K, C]``. The gradient with
-    respect to ``x`` sums duplicate indices in a fixed order.
+    Semantics: docs/select.md#semantics (gather_tokens).
     """
     return _ops.gather_tokens(x, index)
 
 
 def complement(index: Tensor, n: int) -> Tensor:
-    """The indices in ``[0, n)`` missing from each row of ``index`` ``[B, K]``, ascending.
+    """The indices in ``[0, n)`` missing from each row: ``index [B, K] -> [B, n - K]`` int64.
 
-    Returns int64 ``[B, n - K]``. Duplicate or out-of-range indices are an error.
+    Semantics: docs/select.md#semantics (complement).
     """
     return _ops.complement(index, n)
 
 
 def prune_tokens(x: Tensor, scores: Tensor, k: int, fuse: bool = False, num_protected: int = 1,
                  keep_order: bool = False) -> Tuple[Tensor, Tensor]:
-    """Keeps the ``k`` best-scored tokens; with ``fuse``, adds EViT's fused token.
+    """Keeps the ``P = num_protected`` and the ``k`` best-scored tokens; ``fuse`` adds EViT's token.
 
-    ``x`` is ``[B, P + N, C]`` whose first ``P = num_protected`` tokens (class, distillation) are
-    always kept; ``scores`` ``[B, N]`` rank the other ``N`` tokens. Returns
-    ``out = [protected | k kept | fused if fuse]`` of shape ``[B, P + k + fuse, C]`` and
-    ``index`` ``[B, k]``, the kept positions among the ``N`` scored tokens in the order of ``out``.
-
-    Kept tokens come in descending score order (ties: lower index first), or in ascending
-    position order with ``keep_order``. The fused token is ``sum(scores[i] * x[P + i])`` over the
-    dropped tokens, unnormalised, exactly as EViT. ``fuse=False`` is Top-K pruning. Gradients
-    flow to ``x`` and, through the fused token, to ``scores``.
+    ``x [B, P + N, C], scores [B, N] -> (out [B, P + k + fuse, C], index [B, k])``.
+    Semantics: docs/select.md#semantics (prune_tokens).
     """
     return _ops.prune_tokens(x, scores, k, fuse, num_protected, keep_order)
 
@@ -118,35 +97,20 @@ torch.library.register_autograd("tokred::prune_tokens", _prune_backward,
 
 def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
                     distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """ToMe's bipartite soft matching on ``metric`` ``[B, N, D]``.
+    """ToMe's bipartite soft matching: ``metric [B, N, D] -> (unm_idx, src_idx, dst_idx)``.
 
-    Set A is the even positions of the sequence, set B the odd ones. Each A token's partner is
-    its most cosine-similar B token (the first maximum); the ``r`` A tokens with the most similar
-    partners merge. The class token's row (A[0]) and the distillation token's column (B[0]) are
-    excluded, and ``r`` is clamped to ``(N - protected) // 2`` as upstream; ``r <= 0`` (after
-    clamping) is no merge. A tokens are ranked by descending similarity with ties to the lower
-    index (upstream's ``argsort`` leaves ties unspecified).
-
-    Returns int64 ``unm_idx`` ``[B, ceil(N/2) - r]`` (unmerged A tokens: ascending with a class
-    token, else by rank; ascending when ``r == 0``), ``src_idx`` ``[B, r]`` (merged A tokens, by
-    rank) and ``dst_idx`` ``[B, r]`` (their B partners). Not differentiable.
+    ``unm_idx [B, ceil(N/2) - r]``, ``src_idx [B, r]``, ``dst_idx [B, r]``; ``r`` is clamped.
+    Semantics: docs/merge.md#semantics (matching, tie rule).
     """
     return _ops.bipartite_match(metric, r, class_token, distill_token)
 
 
 def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
           mode: str = "wavg", distill_token: bool = False) -> Tuple[Tensor, Tensor]:
-    """Merges ``x`` ``[B, N, C]`` by a match: ``[B, N - r, C]`` laid out ``[unmerged A | B]``.
+    """Merges by a match: ``x [B, N, C] -> (out [B, N - r, C], size_out [B, N - r, 1])``.
 
-    With ``distill_token`` the layout is upstream's ``[unm[0], B[0], unm[1:], B[1:]]``. Each B
-    token reduces itself and its sources (``include_self`` as upstream): ``mode`` ``"sum"``,
-    ``"mean"``, ``"amax"``, or ``"wavg"``, the ``size``-weighted average of upstream
-    ``merge_wavg`` (``size`` ``[B, N, 1]`` in x's dtype; None means ones). Returns the merged
-    tokens and the summed sizes ``[B, N - r, 1]`` (in every mode). ``r == 0`` returns copies.
-    Sums run in ascending token order in float32 or wider, never with atomics. Differentiable
-    with respect to ``x``; ``size`` carries no gradient. Builds the merge plan on every call (and
-    again in the backward): where one match feeds several ops, build it once with
-    :func:`merge_plan` and use :func:`merge_by_plan`.
+    ``mode``: ``"sum"``, ``"mean"``, ``"amax"`` or ``"wavg"``; to reuse a match, :func:`merge_plan`.
+    Semantics: docs/merge.md#semantics (merge).
     """
     return _ops.merge(x, size, unm_idx, src_idx, dst_idx, mode, distill_token)
 
@@ -155,21 +119,17 @@ def unmerge(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int
             distill_token: bool = False) -> Tensor:
     """The inverse layout of :func:`merge`: ``[B, n - r, C] -> [B, n, C]``.
 
-    Every token goes back to its original position and every merged source receives a copy of
-    its destination (ToMe for Stable Diffusion, dense outputs). Differentiable with respect to
-    ``x``.
+    Merged sources receive a copy of their destination.
+    Semantics: docs/merge.md#semantics (unmerge).
     """
     return _ops.unmerge(x, unm_idx, src_idx, dst_idx, n, distill_token)
 
 
 def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
                  n: int, distill_token: bool = False) -> Tensor:
-    """Source tracking: updates the map from original patches to current tokens.
+    """Source tracking: the map ``source [B, N0]`` (None: identity of ``n``) after the merge, int64.
 
-    ``source`` ``[B, N0]`` (int) holds, for every original patch, the position of the token that
-    contains it among the current ``n`` tokens; None stands for the identity ``[B, n]``. Returns
-    the int64 map after the merge, positions in ``[0, n - r)``. Use :func:`source_onehot` for
-    upstream's ``[B, N, N0]`` layout.
+    Semantics: docs/merge.md#semantics (source tracking).
     """
     return _ops.merge_source(source, unm_idx, src_idx, dst_idx, n, distill_token)
 
@@ -178,16 +138,17 @@ def source_onehot(source: Tensor, n: int, dtype: torch.dtype = torch.float32) ->
     """Upstream ToMe's ``source`` matrix ``[B, n, N0]`` from a source map ``[B, N0]``.
 
     ``out[b, i, p] = 1`` if original patch ``p`` is in current token ``i``.
+    Semantics: docs/merge.md#semantics (source tracking).
     """
     return torch.nn.functional.one_hot(source.long(), n).transpose(1, 2).to(dtype)
 
 
 class MergePlan(NamedTuple):
-    """A ToMe merge plan, built once per step by :func:`merge_plan` (CSR, one row per batch).
+    """A ToMe merge plan from :func:`merge_plan`.
 
-    ``dest`` ``[B, N]``: the output token of every input token. ``offsets`` ``[B, N - r + 1]``
-    and ``members`` ``[B, N]``: output ``o`` reduces ``members[b, offsets[b, o]:offsets[b, o + 1]]``,
-    ascending. Ops that take a plan check that it is one (any other tensors are an error).
+    ``dest [B, N]``, ``offsets [B, N - r + 1]``, ``members [B, N]`` (CSR, one row per batch).
+
+    Semantics: docs/merge.md#semantics (the plan as a value).
     """
     dest: Tensor
     offsets: Tensor
@@ -196,11 +157,9 @@ class MergePlan(NamedTuple):
 
 def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
                distill_token: bool = False) -> MergePlan:
-    """The merge plan of a match of ``n`` tokens (from :func:`bipartite_match`).
+    """The merge plan of a match of ``n`` tokens, built once per step for the ``*_by_plan`` ops.
 
-    Build it once per ToMe step and pass it to :func:`merge_by_plan`, :func:`unmerge_by_plan`
-    and :func:`merge_source_by_plan`: the indices are validated and grouped once, and the
-    backward passes reuse the plan. Not differentiable.
+    Semantics: docs/merge.md#semantics (the plan as a value).
     """
     dest, offsets, members = _ops.merge_plan(unm_idx, src_idx, dst_idx, n, distill_token)
     return MergePlan(dest, offsets, members)
@@ -208,17 +167,26 @@ def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
 
 def merge_by_plan(x: Tensor, size: Optional[Tensor], plan: MergePlan,
                   mode: str = "wavg") -> Tuple[Tensor, Tensor]:
-    """:func:`merge` with a plan from :func:`merge_plan`: ``[B, N, C] -> [B, N - r, C]``."""
+    """:func:`merge` with a plan from :func:`merge_plan`: ``[B, N, C] -> [B, N - r, C]``.
+
+    Semantics: docs/merge.md#semantics (the plan as a value).
+    """
     return _ops.merge_by_plan(x, size, plan.dest, plan.offsets, plan.members, mode)
 
 
 def unmerge_by_plan(x: Tensor, plan: MergePlan) -> Tensor:
-    """:func:`unmerge` with a plan from :func:`merge_plan`: ``[B, N - r, C] -> [B, N, C]``."""
+    """:func:`unmerge` with a plan from :func:`merge_plan`: ``[B, N - r, C] -> [B, N, C]``.
+
+    Semantics: docs/merge.md#semantics (the plan as a value).
+    """
     return _ops.unmerge_by_plan(x, plan.dest, plan.offsets, plan.members)
 
 
 def merge_source_by_plan(source: Optional[Tensor], plan: MergePlan) -> Tensor:
-    """:func:`merge_source` with a plan from :func:`merge_plan` (None: a copy of ``plan.dest``)."""
+    """:func:`merge_source` with a plan from :func:`merge_plan` (None: a copy of ``plan.dest``).
+
+    Semantics: docs/merge.md#semantics (the plan as a value).
+    """
     return _ops.merge_source_by_plan(source, plan.dest, plan.offsets, plan.members)
 
 
@@ -284,13 +252,10 @@ torch.library.register_autograd("tokred::unmerge_by_plan", _unmerge_by_plan_back
 # --------------------------------------------------------------------------- routing
 
 def routed_gather(kv: Tensor, r_idx: Tensor, r_weight: Optional[Tensor] = None) -> Tensor:
-    """BiFormer's K/V gather: ``out[b, i, t] = kv[b, r_idx[b, i, t]]`` (times ``r_weight``).
+    """BiFormer's K/V gather: ``kv [n, P, w2, c], r_idx [n, P, topk] -> [n, P, topk, w2, c]``.
 
-    ``kv`` is ``[n, P, w2, c]`` (P regions of w2 tokens), ``r_idx`` ``[n, P, topk]`` (int64 or
-    int32, values in ``[0, P)``), ``r_weight`` optional ``[n, P, topk]`` (upstream's
-    ``mul_weight='soft'``). Returns ``[n, P, topk, w2, c]`` in kv's dtype. Gradients flow to
-    ``kv`` and ``r_weight`` as deterministic segmented sums (no atomics). This materialises
-    topk copies of kv, as upstream does; :func:`routed_attention` avoids it.
+    ``out[b, i, t] = kv[b, r_idx[b, i, t]]``, times ``r_weight`` when given.
+    Semantics: docs/routing.md#routed_gather.
     """
     return _ops.routed_gather(kv, r_idx, r_weight)
 
@@ -299,16 +264,9 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor, num_heads: 
                      scale: float) -> Tuple[Tensor, Tensor]:
     """Fused bi-level routing attention (BiFormer), forward and backward.
 
-    ``q`` ``[n, P, wq, cqk]``, ``k`` ``[n, P, wk, cqk]``, ``v`` ``[n, P, wk, cv]``, ``r_idx``
-    ``[n, P, topk]``. Query window ``i`` attends, per head (heads are contiguous channel chunks
-    of size ``cqk / num_heads`` and ``cv / num_heads``), to the ``topk * wk`` keys of windows
-    ``r_idx[b, i, :]`` in routing order: ``softmax(scale * q k^T) v``, exactly upstream's
-    gather + matmul result, without the gathered K/V buffer or the attention matrix.
-
-    Returns ``(out [n, P, wq, cv], lse [n, P, num_heads, wq])``; ``lse`` (float32, float64 for
-    float64 inputs) is the log-sum-exp of the scaled scores and is not differentiable.
-    Gradients flow to q, k and v; dk and dv are deterministic reductions over the query windows
-    that routed to each key window.
+    ``q [n, P, wq, cqk], k [n, P, wk, cqk], v [n, P, wk, cv], r_idx [n, P, topk]`` ->
+    ``(out [n, P, wq, cv], lse [n, P, num_heads, wq])``.
+    Semantics: docs/routing.md#routed_attention.
     """
     return _ops.routed_attention(q, k, v, r_idx, num_heads, scale)
 
