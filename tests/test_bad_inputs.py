@@ -114,9 +114,13 @@ def _edit(arg, index, value):
 
 
 def V(regex=""):
-    """A check on values (index ranges, duplicates), which the Meta kernels cannot make."""
+    """A check on values (index ranges, duplicates), which the Meta kernels cannot make. The CUDA
+    kernels check values with device asserts, whose text is fixed: it names the bound (`[0, P)`)
+    where the CPU's message gives its value (`[0, 3)`)."""
     return ("values", regex)
 
+
+REGIONS = r"\[0, (3|P)\)"  # r_idx's range: the CPU gives P = 3, a device assert names the bound
 
 # (op, argument, what is wrong, mutation, what the message must also match: a regex, or V(regex))
 BAD = [
@@ -238,13 +242,15 @@ BAD = [
     ("merge_source_by_plan", "dest", "a member's output wrong", _edit("dest", (0, 0), 1), V()),
     ("merge_source_by_plan", "offsets", "not from 0", _edit("offsets", (1, 0), 1), V()),
     ("merge_source_by_plan", "members", "out of order", _swap_members_of_a_merged_output, V()),
-    ("routed_gather", "r_idx", "out of range", _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])), V(r"\[0, 3\)")),
-    ("routed_gather", "r_idx", "negative", _set("r_idx", torch.tensor([[[0, -1], [1, 2], [2, 0]]])), V(r"\[0, 3\)")),
+    ("routed_gather", "r_idx", "out of range", _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])), V(REGIONS)),
+    ("routed_gather", "r_idx", "negative", _set("r_idx", torch.tensor([[[0, -1], [1, 2], [2, 0]]])), V(REGIONS)),
     ("routed_gather", "r_idx", "another batch", _set("r_idx", lambda t: t.repeat(2, 1, 1)), "batch size"),
     ("routed_gather", "r_weight", "another shape", _set("r_weight", lambda t: t[..., :1]), "shape"),
     ("routed_gather", "r_weight", "on another device", _meta_one("r_weight"), "same device"),
     ("_routed_gather_backward", "grad", "another shape", _set("grad", lambda t: t[:, :, :1]), "shape"),
     ("_routed_gather_backward", "kv", "another dtype", _set("kv", lambda t: t.double()), "dtype"),
+    ("_routed_gather_backward", "r_idx", "negative", _set("r_idx", torch.tensor([[[0, -1], [1, 2], [2, 0]]])),
+     V(REGIONS)),
     ("routed_gather", "kv", "3-D", _set("kv", lambda t: t[0]), "4-D"),
     ("routed_attention", "q", "an integer dtype", _set("q", lambda t: t.long()), "float32"),
     ("routed_attention", "num_heads", "zero", _set("num_heads", 0), ">= 1"),
@@ -252,8 +258,10 @@ BAD = [
     ("routed_attention", "k", "another dtype", _set("k", lambda t: t.double()), "dtype"),
     ("routed_attention", "v", "other windows", _set("v", lambda t: t[:, :, :1]), "match k"),
     ("routed_attention", "r_idx", "out of range", _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])),
-     V(r"\[0, 3\)")),
+     V(REGIONS)),
     ("routed_attention", "q", "on another device", _meta_one("q"), "same device"),
+    ("_routed_attention_backward", "r_idx", "out of range",
+     _set("r_idx", torch.tensor([[[0, 3], [1, 2], [2, 0]]])), V(REGIONS)),
     ("_routed_attention_backward", "lse", "another dtype", _set("lse", lambda t: t.double()), "lse"),
     ("_routed_attention_backward", "out", "another shape", _set("out", lambda t: t[..., :4]), "shape"),
     ("_routed_attention_backward", "lse", "on another device", _meta_one("lse"), "same device"),

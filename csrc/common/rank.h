@@ -1,4 +1,7 @@
-// The tie rule and the per-row rank, written once for the CPU and the CUDA kernels.
+// tokred's selection order, in two forms kept in one place: comes_before / rank_in_row, the
+// counting rank of the CUDA kernels (select.cu, merge.cu), and order_key, the integer sort key of
+// the CPU kernels (cpu/select.cpp). They encode the same order (tests/simt compares the backends
+// on ties, NaN and +-0); change them together.
 //
 // tokred's order is total: by value (NaN ranks above +inf, as in torch.topk), and between equal
 // values the lower index comes first. So every selection is bitwise deterministic, unlike

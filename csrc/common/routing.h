@@ -1,5 +1,10 @@
-// BiFormer routed attention: the index math and the online-softmax steps, written once for the
-// CPU and the CUDA kernels. Only the parallel decomposition differs between backends.
+// BiFormer routed attention: what the CPU and the CUDA kernels share. Both use Dims, the index
+// math (window_row, split_routed_key; routed_key_row on CUDA), region_in_range and the online
+// softmax's state (OnlineSoftmax: rescale, lse, inv_sum; nan_max). They differ in the exp: the
+// CUDA kernels call acc_exp (expf / exp) through OnlineSoftmax::weight and prob_from_lse, the CPU
+// kernels a vectorised polynomial (vec::vexp in cpu/vec.h) on whole tiles, so CPU and CUDA agree
+// within a tolerance, not bitwise. prob_from_lse and score_grad are the CUDA kernels' scalar form;
+// cpu/routing.cpp's probs_grads_row is the same formula on vectors.
 //
 // Layout (all contiguous): q [n, P, wq, cqk], k [n, P, wk, cqk], v [n, P, wk, cv],
 // r_idx [n, P, T] (T = topk). Query window (b, i) attends to the T·wk keys of the windows
@@ -15,6 +20,13 @@
 
 namespace tokred {
 namespace routing {
+
+// Sizes of one routed_attention call (dims_of in common/routing_args.h fills it): n images of P
+// windows, WQ query rows and WK key rows per window, T routed windows per query window, H heads;
+// CQ = H·DQ channels of q and k, CV = H·DV of v. Passed by value to the CUDA kernels.
+struct Dims {
+  int64_t n, P, WQ, WK, T, H, CQ, CV, DQ, DV;
+};
 
 // Row index (in units of rows of length c) of row r of window j in batch b.
 TOKRED_HD int64_t window_row(int64_t b, int64_t j, int64_t r, int64_t P, int64_t w) {
@@ -100,6 +112,14 @@ template <typename acc_t>
 TOKRED_HD acc_t nan_max(acc_t a, acc_t b) {
   return (b > a || b != b) ? b : a;
 }
+
+// nan_max as a function object, for reductions that take the combine op (cuda::warp_allreduce).
+struct NanMax {
+  template <typename acc_t>
+  TOKRED_HD acc_t operator()(acc_t a, acc_t b) const {
+    return nan_max(a, b);
+  }
+};
 
 // Backward: the probability of a score given the row's saved log-sum-exp.
 template <typename acc_t>

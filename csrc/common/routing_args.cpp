@@ -27,6 +27,22 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* o
 
 }  // namespace
 
+routing::Dims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& r_idx,
+                      int64_t num_heads) {
+  routing::Dims d;
+  d.n = q.size(0);
+  d.P = q.size(1);
+  d.WQ = q.size(2);
+  d.WK = v.size(2);
+  d.T = r_idx.size(2);
+  d.H = num_heads;
+  d.CQ = q.size(3);
+  d.CV = v.size(3);
+  d.DQ = d.CQ / num_heads;
+  d.DV = d.CV / num_heads;
+  return d;
+}
+
 at::ScalarType routing_lse_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -125,23 +141,6 @@ void check_routed_attention_backward(const at::Tensor& grad_out, const at::Tenso
                lse.sym_sizes());
   TOKRED_CHECK(lse.scalar_type() == routing_lse_dtype(q.scalar_type()), op, "lse", "must be ",
                routing_lse_dtype(q.scalar_type()), ", got ", lse.scalar_type());
-}
-
-void check_routing_index_values(const at::Tensor& r_idx, int64_t P, const char* op) {
-  if (r_idx.numel() == 0) return;
-  if (r_idx.device().is_cpu()) {
-    const at::Tensor idx = as_int64(r_idx);
-    const int64_t* p = idx.data_ptr<int64_t>();
-    const int64_t T = idx.size(2), n = idx.numel();
-    for (int64_t e = 0; e < n; ++e) {
-      TOKRED_CHECK(p[e] >= 0 && p[e] < P, op, "r_idx", "must hold region indices in [0, ", P,
-                   "), got ", p[e], " at [", e / (idx.size(1) * T), ", ", (e / T) % idx.size(1),
-                   ", ", e % T, "]");
-    }
-    return;
-  }
-  const bool ok = at::logical_and(r_idx >= 0, r_idx < P).all().item<bool>();
-  TOKRED_CHECK(ok, op, "r_idx", "must hold region indices in [0, ", P, "), got values outside");
 }
 
 }  // namespace tokred

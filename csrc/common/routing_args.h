@@ -1,11 +1,15 @@
 // Validation and output shapes of the BiFormer routing ops, shared by the CPU, CUDA and Meta
-// kernels so every backend rejects the same inputs with the same message.
+// kernels so every backend rejects the same inputs with the same message. The values of r_idx
+// are each backend's own check: the CPU kernels TORCH_CHECK them (naming the first bad entry),
+// the CUDA kernels assert them on the device without a host sync, Meta sees no values.
 #pragma once
 
 #include <optional>
 #include <vector>
 
 #include <ATen/ATen.h>
+
+#include "common/routing.h"
 
 namespace tokred {
 
@@ -26,11 +30,12 @@ void check_routed_attention_backward(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& r_idx, const at::Tensor& out,
                                      const at::Tensor& lse, const c10::SymInt& num_heads);
 
+// The sizes of a routed_attention call with q [n, P, wq, cqk], v [n, P, wk, cv], r_idx [n, P, T]
+// (already checked by check_routed_attention).
+routing::Dims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& r_idx,
+                      int64_t num_heads);
+
 // The dtype of lse: float64 for float64 inputs, float32 otherwise.
 at::ScalarType routing_lse_dtype(at::ScalarType t);
-
-// Host-side check that every r_idx entry lies in [0, P) (CPU tensors read directly; others are
-// reduced on their device and synchronised). Names the first bad entry on CPU.
-void check_routing_index_values(const at::Tensor& r_idx, int64_t P, const char* op);
 
 }  // namespace tokred

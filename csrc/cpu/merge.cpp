@@ -142,7 +142,7 @@ Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Te
       for (int64_t j = 0; j < d.nb; ++j) de[2 * j + 1] = tome_dst_out(j, d);
     }
   });
-  auto [members, offsets] = build_segments_cpu(dest, d.nout);
+  auto [members, offsets] = build_segments_cpu(dest, d.nout, op, "unm_idx");
   return Plan{dest, offsets, members, B, n, d.nout};
 }
 

@@ -7,7 +7,8 @@
 // task is a whole (batch, head): for each query window and key tile it recomputes P and dS once,
 // adds into the window's dq and into the task's dk / dv accumulators in ascending (query window,
 // slot, row) order. No atomics and no shared accumulators, so results are bitwise repeatable for
-// any thread count.
+// any thread count. The vector code is cpu/vec.h; routed_gather's backward sums each window's
+// gradient over the segment module's plan (cpu/segment.h). r_idx values are TORCH_CHECKed.
 #include <algorithm>
 #include <vector>
 
@@ -18,37 +19,24 @@
 #include "common/dispatch.h"
 #include "common/routing.h"
 #include "common/routing_args.h"
+#include "cpu/segment.h"
+#include "cpu/vec.h"
 
 namespace tokred {
 namespace {
 
+using routing::Dims;
 using routing::OnlineSoftmax;
+using namespace vec;  // the SIMD toolkit (cpu/vec.h)
 
-
-// For each batch b and key window j, the (query window i, slot t) pairs with r_idx[b, i, t] == j
-// in ascending (i, t): entries[b][offsets[b][j] .. offsets[b][j + 1]) hold i * T + t.
-struct RoutingPlan {
-  std::vector<int64_t> offsets;  // [n, P + 1]
-  std::vector<int64_t> entries;  // [n, P * T]
-};
-
-RoutingPlan build_plan(const int64_t* idx, int64_t n, int64_t P, int64_t T) {
-  RoutingPlan plan;
-  plan.offsets.assign(n * (P + 1), 0);
-  plan.entries.resize(n * P * T);
-  at::parallel_for(0, n, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> cursor;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t* row = idx + b * P * T;
-      int64_t* off = plan.offsets.data() + b * (P + 1);
-      for (int64_t e = 0; e < P * T; ++e) off[row[e] + 1] += 1;
-      for (int64_t j = 0; j < P; ++j) off[j + 1] += off[j];
-      cursor.assign(off, off + P);
-      int64_t* ent = plan.entries.data() + b * P * T;
-      for (int64_t e = 0; e < P * T; ++e) ent[cursor[row[e]]++] = e;
-    }
-  });
-  return plan;
+// Every r_idx entry in [0, P), or a TORCH_CHECK naming the first bad entry and its position.
+void check_routing_index_values(const at::Tensor& idx, int64_t P, const char* op) {
+  const int64_t* p = idx.data_ptr<int64_t>();
+  const int64_t R = idx.size(1), T = idx.size(2), total = idx.numel();
+  for (int64_t e = 0; e < total; ++e) {
+    TOKRED_CHECK(routing::region_in_range(p[e], P), op, "r_idx", "must hold region indices in [0, ",
+                 P, "), got ", p[e], " at [", e / (R * T), ", ", (e / T) % R, ", ", e % T, "]");
+  }
 }
 
 // ------------------------------------------------------------------------ routed_gather
@@ -110,7 +98,11 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cpu(
   }
   const int64_t row = W * C;
   const int64_t* ip = idx.data_ptr<int64_t>();
-  const RoutingPlan plan = build_plan(ip, n, P, T);
+  // For each batch b and window j, the flattened entries e = i·T + t with r_idx[b, i, t] == j in
+  // ascending order: order[b, offsets[b, j] .. offsets[b, j + 1]) (the segment module's plan).
+  const auto plan = build_segments_cpu(idx.view({n, P * T}), P, op, "r_idx");
+  const int64_t* order = std::get<0>(plan).data_ptr<int64_t>();
+  const int64_t* offsets = std::get<1>(plan).data_ptr<int64_t>();
   const at::Tensor weight = weighted ? r_weight_in->to(at::kDouble).contiguous() : at::Tensor();
   const double* wp = weighted ? weight.data_ptr<double>() : nullptr;
   TOKRED_DISPATCH_FLOATS(kv.scalar_type(), "tokred_routed_gather_backward_cpu", [&] {
@@ -124,9 +116,9 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cpu(
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / P, j = r % P;
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        const int64_t* off = plan.offsets.data() + b * (P + 1);
+        const int64_t* off = offsets + b * (P + 1);
         for (int64_t s = off[j]; s < off[j + 1]; ++s) {
-          const int64_t e = b * P * T + plan.entries[b * P * T + s];
+          const int64_t e = b * P * T + order[b * P * T + s];
           const scalar_t* ge = g + e * row;
           const acc_t w = wp ? static_cast<acc_t>(wp[e]) : acc_t(1);
           for (int64_t c = 0; c < row; ++c) acc[c] += w * static_cast<acc_t>(ge[c]);
@@ -158,26 +150,6 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cpu(
 
 // ------------------------------------------------------------------------ routed_attention
 
-// Sizes of one routed_attention call.
-struct Dims {
-  int64_t n, P, WQ, WK, T, H, CQ, CV, DQ, DV;
-};
-
-Dims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& idx, int64_t H) {
-  Dims d;
-  d.n = q.size(0);
-  d.P = q.size(1);
-  d.WQ = q.size(2);
-  d.CQ = q.size(3);
-  d.WK = v.size(2);
-  d.CV = v.size(3);
-  d.T = idx.size(2);
-  d.H = H;
-  d.DQ = d.CQ / H;
-  d.DV = d.CV / H;
-  return d;
-}
-
 // A read-only [n, P, w, c] tensor whose last dim is contiguous; other strides are arbitrary, so
 // slices of a fused projection (the module's q, k, v) are read in place, without a copy.
 template <typename T>
@@ -196,193 +168,11 @@ Rows<T> rows_of(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// ---------------------------------------------------------------------- vector kernels
+// ---------------------------------------------------------------------- softmax tiles
 //
-// The inner loops work on fixed-width vectors (GCC / Clang vector extensions) with element-wise
-// multiplies and adds only, never fused: every lane does the scalar operations in the scalar
-// order, so each target clone and every thread count gives the same bits.
+// The vector code (cpu/vec.h) works in the scalar order on every target clone and thread count.
 
-#if !defined(__GNUC__)
-#error "tokred's CPU routing kernels use GCC / Clang vector extensions"
-#endif
-
-#define TOKRED_INLINE inline __attribute__((always_inline))
-// Vectors are passed by value only between always-inline helpers, never across an ABI boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-// No a * b + c fused into an FMA (the AVX-512 clones, or targets with FMA in the baseline).
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#else
-#pragma GCC optimize("fp-contract=off")
-#endif
-
-// x86-64 GCC builds clone the kernels for AVX-512 and AVX2 (picked at load time) and use 32-byte
-// vectors, whose lane count decides the order of the softmax's row sums; elsewhere the vectors
-// are the baseline's 16 bytes. (The x86 baseline clone lowers 32-byte vectors poorly; it only
-// runs on CPUs without AVX2.)
-#if defined(__x86_64__) && !defined(__clang__)
-#define TOKRED_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define TOKRED_VEC_BYTES 32
-#else
-#define TOKRED_SIMD_CLONES
-#define TOKRED_VEC_BYTES 16
-#endif
-
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(TOKRED_VEC_BYTES)));
-  typedef float unaligned __attribute__((vector_size(TOKRED_VEC_BYTES), aligned(4), may_alias));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(TOKRED_VEC_BYTES)));
-  typedef double unaligned __attribute__((vector_size(TOKRED_VEC_BYTES), aligned(8), may_alias));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-using VecU = typename VecOf<T>::unaligned;  // for loads and stores at any element address
-
-template <typename T>
-constexpr int64_t kLanes = int64_t(TOKRED_VEC_BYTES / sizeof(T));
-
-constexpr int64_t kRows = 4;    // query rows per score block
 constexpr int64_t kTile = 128;  // routed keys per tile (a multiple of both lane counts)
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-
-template <typename T>
-TOKRED_INLINE Vec<T> vload(const T* p) {
-  return *reinterpret_cast<const VecU<T>*>(p);
-}
-
-template <typename T>
-TOKRED_INLINE void vstore(T* p, const Vec<T>& v) {
-  *reinterpret_cast<VecU<T>*>(p) = v;
-}
-
-template <typename T>
-TOKRED_INLINE Vec<T> vsplat(T s) {
-  Vec<T> v;
-  for (int64_t l = 0; l < kLanes<T>; ++l) v[l] = s;
-  return v;
-}
-
-// Sum of the lanes as a fixed pairwise tree.
-template <typename T>
-TOKRED_INLINE T vsum(Vec<T> v) {
-  for (int64_t w = kLanes<T> / 2; w >= 1; w /= 2) {
-    for (int64_t l = 0; l < w; ++l) v[l] += v[l + w];
-  }
-  return v[0];
-}
-
-template <typename T>
-TOKRED_INLINE T vmax(const Vec<T>& v) {
-  T m = v[0];
-  for (int64_t l = 1; l < kLanes<T>; ++l) m = routing::nan_max(m, v[l]);
-  return m;
-}
-
-// exp for the softmax arguments (x <= 0 in practice): Cody-Waite reduction x = n ln2 + r and
-// Cephes' degree-6 polynomial (about 1 ulp), times 2^n written into the exponent bits. Plain
-// arithmetic, so it vectorises and is the same on every build; x < -87.3 (and -inf) gives 0,
-// NaN stays NaN. glibc's expf is a scalar call and its bits depend on the CPU it picks.
-TOKRED_INLINE Vec<float> vexp(Vec<float> x) {
-  typedef int32_t VI __attribute__((vector_size(TOKRED_VEC_BYTES)));
-  const Vec<float> hi = vsplat(88.3762626647949f), lo = vsplat(-87.3365447504f);
-  const Vec<float> xc = x > hi ? hi : x;
-  const Vec<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round
-  Vec<float> r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  Vec<float> p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const Vec<float> y = (p * (r * r) + r) + 1.0f;
-  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-  return x < lo ? vsplat(0.0f) : y * (Vec<float>)e;
-}
-
-// Doubles keep libm's exp (the float64 tests compare at 1e-10).
-TOKRED_INLINE Vec<double> vexp(Vec<double> x) {
-  for (int64_t l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
-  return x;
-}
-
-// out[r][x] = scale · Σ_c a[r][c] · bT[c][x] for kRows rows of a (stride lda), x in
-// [x0, x0 + NV·lanes), c ascending. NV vectors per row: 4·NV accumulators stay in registers.
-template <typename T, int NV>
-TOKRED_INLINE void dot_rows_block(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
-                                  T scale, T* out, int64_t ldo) {
-  using V = Vec<T>;
-  V s[kRows][NV] = {};
-  for (int64_t c = 0; c < C; ++c) {
-    V bv[NV];
-    for (int u = 0; u < NV; ++u) bv[u] = vload(bT + c * ldb + u * kLanes<T>);
-    for (int r = 0; r < kRows; ++r) {
-      const T ar = a[r * lda + c];
-      for (int u = 0; u < NV; ++u) s[r][u] += bv[u] * ar;
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int u = 0; u < NV; ++u) vstore(out + r * ldo + u * kLanes<T>, s[r][u] * scale);
-  }
-}
-
-// dot_rows_block over x < nx (a multiple of the lane count).
-template <typename T>
-TOKRED_INLINE void dot_rows_impl(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
-                                 int64_t nx, T scale, T* out, int64_t ldo) {
-  int64_t x = 0;
-  for (; x + 2 * kLanes<T> <= nx; x += 2 * kLanes<T>)
-    dot_rows_block<T, 2>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
-  for (; x < nx; x += kLanes<T>) dot_rows_block<T, 1>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
-}
-
-// o[r][c] += Σ_{x < X} w[r·wr + x·wx] · brow[x][c] for R rows of o (stride ldo) and c in
-// [c0, c0 + NV·lanes), x ascending.
-template <typename T, int R, int NV>
-TOKRED_INLINE void axpy_rows_block(const T* w, int64_t wr, int64_t wx, const T* const* brow,
-                                   int64_t X, int64_t c0, T* o, int64_t ldo) {
-  using V = Vec<T>;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < NV; ++u) acc[r][u] = vload(o + r * ldo + c0 + u * kLanes<T>);
-  }
-  for (int64_t x = 0; x < X; ++x) {
-    V bv[NV];
-    for (int u = 0; u < NV; ++u) bv[u] = vload(brow[x] + c0 + u * kLanes<T>);
-    for (int r = 0; r < R; ++r) {
-      const T wv = w[r * wr + x * wx];
-      for (int u = 0; u < NV; ++u) acc[r][u] += bv[u] * wv;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int u = 0; u < NV; ++u) vstore(o + r * ldo + c0 + u * kLanes<T>, acc[r][u]);
-  }
-}
-
-// axpy_rows_block over all c < C (the last C mod lanes columns in scalar code, same order).
-template <typename T, int R>
-TOKRED_INLINE void axpy_rows_impl(const T* w, int64_t wr, int64_t wx, const T* const* brow,
-                                  int64_t X, int64_t C, T* o, int64_t ldo) {
-  int64_t c = 0;
-  for (; c + 2 * kLanes<T> <= C; c += 2 * kLanes<T>)
-    axpy_rows_block<T, R, 2>(w, wr, wx, brow, X, c, o, ldo);
-  for (; c + kLanes<T> <= C; c += kLanes<T>) axpy_rows_block<T, R, 1>(w, wr, wx, brow, X, c, o, ldo);
-  for (; c < C; ++c) {
-    for (int r = 0; r < R; ++r) {
-      T acc = o[r * ldo + c];
-      for (int64_t x = 0; x < X; ++x) acc += brow[x][c] * w[r * wr + x * wx];
-      o[r * ldo + c] = acc;
-    }
-  }
-}
 
 // Forward: turns one row of scores s[0, kt) of a tile into exp(s - m) under the row's new running
 // max (the padding [kt, ktp) becomes 0), adds their sum (lanes, then a fixed tree) to the state
@@ -431,23 +221,7 @@ TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T
 
 // Target-cloned entry points (one per accumulator type: GCC cannot clone templates).
 #define TOKRED_ROUTING_KERNELS(T)                                                               \
-  TOKRED_SIMD_CLONES void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT,             \
-                                   int64_t ldb, int64_t nx, T scale, T* out, int64_t ldo) {     \
-    dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                                  \
-  }                                                                                             \
-  TOKRED_SIMD_CLONES void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow,   \
-                                    int64_t X, int64_t C, int64_t rows, T* o, int64_t ldo) {    \
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {                                              \
-      const T* wb = w + r0 * wr;                                                                \
-      T* ob = o + r0 * ldo;                                                                     \
-      switch (std::min(kRows, rows - r0)) {                                                     \
-        case 1: axpy_rows_impl<T, 1>(wb, wr, wx, brow, X, C, ob, ldo); break;                   \
-        case 2: axpy_rows_impl<T, 2>(wb, wr, wx, brow, X, C, ob, ldo); break;                   \
-        case 3: axpy_rows_impl<T, 3>(wb, wr, wx, brow, X, C, ob, ldo); break;                   \
-        default: axpy_rows_impl<T, 4>(wb, wr, wx, brow, X, C, ob, ldo); break;                  \
-      }                                                                                         \
-    }                                                                                           \
-  }                                                                                             \
+  TOKRED_VEC_ROW_KERNELS(T)                                                                     \
   TOKRED_SIMD_CLONES T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {  \
     return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                            \
   }                                                                                             \

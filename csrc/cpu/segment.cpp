@@ -41,38 +41,38 @@ at::Tensor scatter_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& inde
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index_in, int64_t n) {
+std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index_in, int64_t n,
+                                                      const char* op, const char* arg) {
   const at::Tensor index = as_int64(index_in);
   const int64_t B = index.size(0), K = index.size(1);
   at::Tensor order = at::empty({B, K}, index.options());
   at::Tensor offsets = at::empty({B, n + 1}, index.options());
   const int64_t* idx = index.data_ptr<int64_t>();
   int64_t* ord = order.data_ptr<int64_t>();
-  int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t* offp = offsets.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> cursor(n);
+    std::vector<int64_t> next(n);  // per target: its count, then its next slot in order
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t* row = idx + b * K;
-      int64_t* of = off + b * (n + 1);
-      // Count each target, then offsets[i] = padding + #{k : 0 <= index_k < i}.
-      std::fill(cursor.begin(), cursor.end(), int64_t(0));
+      int64_t* off = offp + b * (n + 1);
+      std::fill(next.begin(), next.end(), int64_t(0));
       int64_t padding = 0;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = row[k];
-        TORCH_CHECK(i >= -1 && i < n, "tokred: segment index ", i, " out of [-1, ", n, ")");
-        if (i < 0) {
-          ++padding;
-        } else {
-          ++cursor[i];
-        }
+        TORCH_CHECK(i >= -1 && i < n, "tokred::", op, ": argument '", arg, "' holds ", i, " at [",
+                    b, ", ", k, "], expected values in [-1, ", n, ")");
+        ++(i < 0 ? padding : next[i]);
       }
-      of[0] = padding;
-      for (int64_t i = 0; i < n; ++i) of[i + 1] = of[i] + cursor[i];
-      for (int64_t i = 0; i < n; ++i) cursor[i] = of[i];
-      int64_t next_padding = 0;
+      off[0] = padding;  // offsets[i] = #{k : index_k < i}
+      for (int64_t i = 0; i < n; ++i) {
+        off[i + 1] = off[i] + next[i];
+        next[i] = off[i];
+      }
+      int64_t* ob = ord + b * K;
+      int64_t pad_slot = 0;
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = row[k];
-        ord[b * K + (i < 0 ? next_padding++ : cursor[i]++)] = k;
+        ob[i < 0 ? pad_slot++ : next[i]++] = k;
       }
     }
   });

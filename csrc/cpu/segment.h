@@ -1,8 +1,6 @@
 // Mᵀ on the CPU: the deterministic segmented sum that every backward (and ToMe's merge) uses.
 #pragma once
 
-#include <tuple>
-
 #include <ATen/ATen.h>
 
 namespace tokred {
@@ -13,9 +11,12 @@ namespace tokred {
 at::Tensor scatter_sum_rows_cpu(const at::Tensor& src, const at::Tensor& index, int64_t n,
                                 const char* op, const char* arg);
 
-// The CSR plan alone, as build_segments_cuda: order [B, K] lists each row's k sorted by
-// (index, k); offsets [B, n + 1] delimits the run of each target i. Padding (-1) sorts first and
-// is skipped by offsets. A counting sort, so equal targets keep ascending k.
-std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index, int64_t n);
+// The CSR plan alone, as build_segments_cuda (cuda/segment.h) builds it: order [B, K] lists each
+// row's k sorted by (index, k); offsets [B, n + 1] delimits the run of each target i, so target i
+// sums order[b, offsets[b, i] .. offsets[b, i + 1]). Padding (-1) sorts first and is skipped by
+// offsets. A counting sort, O(K + n) per row, rows in parallel. Entries outside [-1, n) fail a
+// TORCH_CHECK that names op and arg.
+std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index, int64_t n,
+                                                      const char* op, const char* arg);
 
 }  // namespace tokred

@@ -203,11 +203,16 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
           kept.assign(N, 0);
           for (int64_t j = 0; j < k; ++j) kept[order[j]] = 1;
           acc.assign(C, acc_t(0));
+          acc_t* __restrict__ a = acc.data();
           for (int64_t i = 0; i < N; ++i) {
             if (kept[i]) continue;
             const acc_t w = static_cast<acc_t>(sp[b * N + i]);
-            const x_t* xi = xb + (P + i) * s1;
-            for (int64_t c = 0; c < C; ++c) acc[c] += w * static_cast<acc_t>(xi[c * s2]);
+            const x_t* __restrict__ xi = xb + (P + i) * s1;
+            if (s2 == 1) {  // unit stride: a loop the compiler vectorises
+              for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(xi[c]);
+            } else {
+              for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(xi[c * s2]);
+            }
           }
           x_t* fused = ob + (P + k) * C;
           for (int64_t c = 0; c < C; ++c) fused[c] = static_cast<x_t>(acc[c]);

@@ -1,6 +1,7 @@
-// Launch helpers shared by tokred's CUDA kernels: 1-D grids with grid-stride loops, so any
-// element count works with a bounded grid. Kernels include only c10/cuda headers (stream, guard,
-// launch check), not ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers.
+// The launch and warp toolkit of tokred's CUDA kernels: 1-D grids with grid-stride loops (any
+// element count works with a bounded grid), warp-per-row loops, row copies, and warp reductions in
+// a fixed order (bitwise repeatable). Kernels include only c10/cuda headers (stream, guard, launch
+// check), not ATen/cuda/CUDAContext.h, which needs the cuBLAS/cuSPARSE headers.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,8 @@ namespace tokred {
 namespace cuda {
 
 constexpr int kThreads = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline int blocks_for(int64_t total, int threads = kThreads) {
   const int64_t blocks = (total + threads - 1) / threads;
@@ -53,6 +56,28 @@ __device__ __forceinline__ void warp_copy_row(T* __restrict__ dst, const T* __re
   } else {
     for (int64_t c = lane; c < C; c += kWarp) dst[c] = src ? src[c * src_stride] : T(0);
   }
+}
+
+// Sum over the warp in a fixed tree (__shfl_down_sync at offsets 16, 8, 4, 2, 1): lane 0 holds the
+// sum, the other lanes partial sums. Every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ T warp_reduce_sum(T x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// warp_reduce_sum with lane 0's bits broadcast, so every lane goes on with the same value.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+  return __shfl_sync(0xffffffffu, warp_reduce_sum(x), 0);
+}
+
+// op over the warp with an xor butterfly; every lane gets the result. op must be associative and
+// commutative in value (max, min, routing::NanMax, which propagates NaN).
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_allreduce(T x, Op op) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
 }
 
 }  // namespace cuda

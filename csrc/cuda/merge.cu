@@ -61,14 +61,14 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
   const scalar_t* m = metric + b * n * D;
 
   // 1. inverse norms, one warp per token
-  const int lane = tid % C10_WARP_SIZE, warp = tid / C10_WARP_SIZE;
-  for (int64_t t = warp; t < n; t += kRows / C10_WARP_SIZE) {
+  const int lane = tid % cuda::kWarp, warp = tid / cuda::kWarp;
+  for (int64_t t = warp; t < n; t += kRows / cuda::kWarp) {
     acc_t ss = 0;
-    for (int64_t k = lane; k < D; k += C10_WARP_SIZE) {
+    for (int64_t k = lane; k < D; k += cuda::kWarp) {
       const acc_t v = static_cast<acc_t>(m[t * D + k]);
       ss += v * v;
     }
-    for (int off = C10_WARP_SIZE / 2; off > 0; off /= 2) ss += __shfl_down_sync(0xffffffffu, ss, off);
+    ss = cuda::warp_reduce_sum(ss);
     if (lane == 0) inv[t] = acc_t(1) / ::sqrt(ss);
   }
   __syncthreads();
@@ -185,8 +185,7 @@ __global__ void plan_kernel(const int64_t* __restrict__ unm, const int64_t* __re
                             const int64_t* __restrict__ dst, int64_t B, TomeDims d,
                             int64_t* __restrict__ dest) {
   const int64_t per_row = d.u + d.r + d.nb;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * per_row;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  TOKRED_GRID_STRIDE(i, B * per_row) {
     const int64_t b = i / per_row, e = i % per_row;
     int64_t t, o;
     if (e < d.u) {  // unmerged A token
@@ -213,8 +212,7 @@ __global__ void plan_kernel(const int64_t* __restrict__ unm, const int64_t* __re
 // listed twice leaves another at -1; the CPU plan rejects that, and so must every CUDA consumer
 // of the plan (merge_source would otherwise return the -1 as a token id).
 __global__ void plan_complete_kernel(const int64_t* __restrict__ dest, int64_t total) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  TOKRED_GRID_STRIDE(i, total) {
     CUDA_KERNEL_ASSERT(dest[i] >= 0 && "tokred: unm_idx or src_idx lists an A token twice");
   }
 }
@@ -302,8 +300,7 @@ __global__ void reduce_kernel(const scalar_t* __restrict__ x, const scalar_t* __
   using acc_t = at::opmath_type<scalar_t>;
   // With C == 0 one thread per output token still sums its size.
   const int64_t lanes = C > 0 ? C : 1;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * nout * lanes;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  TOKRED_GRID_STRIDE(i, B * nout * lanes) {
     const int64_t c = i % lanes, bo = i / lanes, b = bo / nout, o = bo % nout;
     const int64_t begin = std::max<int64_t>(offsets[b * (nout + 1) + o], 0);
     const int64_t end = std::min<int64_t>(offsets[b * (nout + 1) + o + 1], n);
@@ -338,8 +335,7 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
                               int64_t nout, int64_t C, MergeMode mode,
                               scalar_t* __restrict__ grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  TOKRED_GRID_STRIDE(i, B * n * C) {
     const int64_t c = i % C, bt = i / C, b = bt / n;
     const int64_t o = dest[bt];
     CUDA_KERNEL_ASSERT(o >= 0 && o < nout && "tokred::_merge_backward: token without output");
@@ -390,8 +386,7 @@ template <typename scalar_t>
 __global__ void gather_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ dest,
                               int64_t B, int64_t n, int64_t nout, int64_t C,
                               scalar_t* __restrict__ out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  TOKRED_GRID_STRIDE(i, B * n * C) {
     const int64_t bt = i / C, o = dest[bt];
     CUDA_KERNEL_ASSERT(o >= 0 && o < nout && "tokred::unmerge: token without output");
     out[i] = (o >= 0 && o < nout) ? x[((bt / n) * nout + o) * C + i % C] : scalar_t(0);

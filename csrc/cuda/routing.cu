@@ -6,8 +6,13 @@
 // output accumulator); the softmax is online (common/routing.h, the same steps as the CPU
 // kernel). The backward recomputes scores: dq per (batch, query window, head) like the forward;
 // dk, dv per (batch, key window, head) by walking, in a fixed order, the (query window, slot)
-// pairs routed to that window (a CSR plan built without atomics). Reductions across lanes use a
-// fixed butterfly and broadcast lane 0's value, so every result is bitwise repeatable.
+// pairs routed to that window (the CSR plan of the segment module, cuda/segment.h, built without
+// atomics). Warp reductions come from cuda/launch.cuh: fixed trees, with lane 0's value broadcast,
+// so every result is bitwise repeatable.
+//
+// r_idx is checked on the device, never with a host sync: every kernel that reads an entry asserts
+// it lies in [0, P) (CUDA_KERNEL_ASSERT, raised at the next synchronisation) and reads nothing
+// for a bad one; the backward ops assert all of r_idx before they build a plan from it.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -17,15 +22,24 @@
 #include "common/dispatch.h"
 #include "common/routing.h"
 #include "common/routing_args.h"
+#include "cuda/launch.cuh"
+#include "cuda/segment.h"
 
 namespace tokred {
 namespace {
 
+using routing::Dims;
+using cuda::ceil_div;
+using cuda::kWarp;
 using routing::OnlineSoftmax;
 
-constexpr int kWarp = 32;
+// An r_idx entry must name a window of its batch; a bad one fails the launch (device assert).
+#define TOKRED_ASSERT_REGION(j, P)                   \
+  CUDA_KERNEL_ASSERT(routing::region_in_range(j, P) && \
+                     "tokred: argument 'r_idx' must hold region indices in [0, P)")
+
 constexpr int kWarps = 4;
-constexpr int kThreads = kWarp * kWarps;
+constexpr int kAttnThreads = kWarp * kWarps;  // the attention kernels' blocks
 constexpr int kRowsPerWarp = 2;
 constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
 constexpr int kKeyTile = kWarp;
@@ -49,39 +63,6 @@ __device__ __forceinline__ void lane_accumulate(acc_t (&acc)[kMaxPerLane], acc_t
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-unsigned grid_1d(int64_t work, int threads) {
-  return static_cast<unsigned>(std::min<int64_t>(ceil_div(work, threads), 65535 * 16));
-}
-
-// Max over the warp; NaN propagates (any NaN lane makes every lane NaN).
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_max(acc_t x) {
-  for (int o = kWarp / 2; o > 0; o /= 2) x = routing::nan_max(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-// Sum over the warp in a fixed tree; every lane gets lane 0's bits.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t x) {
-  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync(0xffffffffu, x, o);
-  return __shfl_sync(0xffffffffu, x, 0);
-}
-
-__device__ __forceinline__ int64_t clamp_region(int64_t j, int64_t P) {
-  return j < 0 ? 0 : (j >= P ? P - 1 : j);  // values are validated on the host; never read OOB
-}
-
-struct Dims {
-  int64_t n, P, WQ, WK, T, H, CQ, CV, DQ, DV;
-};
-
-Dims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& idx, int64_t H) {
-  return {q.size(0), q.size(1), q.size(2), v.size(2), idx.size(2), H,
-          q.size(3), v.size(3), q.size(3) / H, v.size(3) / H};
-}
-
 void check_cuda_head_dims(const Dims& d, const char* op) {
   TORCH_CHECK(d.DQ <= kMaxHeadDim && d.DV <= kMaxHeadDim, "tokred::", op,
               ": argument 'num_heads' gives head dims (", d.DQ, ", ", d.DV,
@@ -98,62 +79,24 @@ void allow_smem(Kernel kernel, size_t smem) {
   }
 }
 
-// ------------------------------------------------------------------------ CSR plan
+// ------------------------------------------------------------------------ plans
 
-// counts[b, j] = #{e : idx[b, e] == j}, one thread per (b, j).
-__global__ void plan_count_kernel(const int64_t* idx, int64_t n, int64_t P, int64_t T,
-                                  int64_t* offsets) {
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n * P;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = t / P, j = t % P;
-    const int64_t* row = idx + b * P * T;
-    int64_t c = 0;
-    for (int64_t e = 0; e < P * T; ++e) c += row[e] == j;
-    offsets[b * (P + 1) + j + 1] = c;
-  }
+// Asserts every r_idx entry before a backward builds its segments from r_idx (the segment module
+// would take -1 for padding and report other values under its own callers' names).
+__global__ void check_regions_kernel(const int64_t* idx, int64_t total, int64_t P) {
+  TOKRED_GRID_STRIDE(e, total) { TOKRED_ASSERT_REGION(idx[e], P); }
 }
 
-__global__ void plan_scan_kernel(int64_t n, int64_t P, int64_t* offsets) {
-  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < n;
-       b += int64_t(gridDim.x) * blockDim.x) {
-    int64_t* off = offsets + b * (P + 1);
-    off[0] = 0;
-    for (int64_t j = 0; j < P; ++j) off[j + 1] += off[j];
-  }
-}
-
-// entries[b, offsets[b, j] ..] = the e with idx[b, e] == j, ascending.
-__global__ void plan_fill_kernel(const int64_t* idx, int64_t n, int64_t P, int64_t T,
-                                 const int64_t* offsets, int64_t* entries) {
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < n * P;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = t / P, j = t % P;
-    const int64_t* row = idx + b * P * T;
-    int64_t cur = offsets[b * (P + 1) + j];
-    for (int64_t e = 0; e < P * T; ++e) {
-      if (row[e] == j) entries[b * P * T + cur++] = e;
-    }
-  }
-}
-
-std::pair<at::Tensor, at::Tensor> build_plan(const at::Tensor& idx, int64_t n, int64_t P,
-                                             int64_t T) {
-  at::Tensor offsets = at::zeros({n, P + 1}, idx.options());
-  at::Tensor entries = at::empty({n, P * T}, idx.options());
-  if (n * P == 0) return {offsets, entries};
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  plan_count_kernel<<<grid_1d(n * P, 128), 128, 0, stream>>>(idx.data_ptr<int64_t>(), n, P, T,
-                                                             offsets.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  plan_scan_kernel<<<grid_1d(n, 128), 128, 0, stream>>>(n, P, offsets.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (T > 0) {
-    plan_fill_kernel<<<grid_1d(n * P, 128), 128, 0, stream>>>(
-        idx.data_ptr<int64_t>(), n, P, T, offsets.data_ptr<int64_t>(),
-        entries.data_ptr<int64_t>());
+// For each batch b and window j, the entries e = i·T + t of r_idx[b] (flattened) with
+// r_idx[b, i, t] == j, ascending: order[b, offsets[b, j] .. offsets[b, j + 1]).
+std::tuple<at::Tensor, at::Tensor> build_plan(const at::Tensor& idx, int64_t P) {
+  const int64_t total = idx.numel();
+  if (total > 0) {
+    check_regions_kernel<<<cuda::blocks_for(total), cuda::kThreads, 0,
+                           c10::cuda::getCurrentCUDAStream()>>>(idx.data_ptr<int64_t>(), total, P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return {offsets, entries};
+  return build_segments_cuda(idx.view({idx.size(0), idx.size(1) * idx.size(2)}), P);
 }
 
 // ------------------------------------------------------------------------ routed_gather
@@ -162,27 +105,25 @@ template <typename scalar_t, typename acc_t>
 __global__ void routed_gather_kernel(const scalar_t* kv, const int64_t* idx, const acc_t* w,
                                      int64_t P, int64_t T, int64_t row, int64_t total,
                                      scalar_t* out) {
-  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;
-       o += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t e = o / row, c = o % row, b = e / (P * T);
-    const int64_t j = clamp_region(idx[e], P);
-    const scalar_t x = kv[(b * P + j) * row + c];
+  TOKRED_GRID_STRIDE(o, total) {
+    const int64_t e = o / row, c = o % row, b = e / (P * T), j = idx[e];
+    TOKRED_ASSERT_REGION(j, P);
+    const scalar_t x = routing::region_in_range(j, P) ? kv[(b * P + j) * row + c] : scalar_t(0);
     out[o] = w == nullptr ? x : static_cast<scalar_t>(w[e] * static_cast<acc_t>(x));
   }
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void routed_gather_grad_kv_kernel(const scalar_t* grad, const int64_t* offsets,
-                                             const int64_t* entries, const acc_t* w, int64_t P,
+__global__ void routed_gather_grad_kv_kernel(const scalar_t* grad, const int64_t* order,
+                                             const int64_t* offsets, const acc_t* w, int64_t P,
                                              int64_t T, int64_t row, int64_t total,
                                              scalar_t* grad_kv) {
-  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;
-       o += int64_t(gridDim.x) * blockDim.x) {
+  TOKRED_GRID_STRIDE(o, total) {
     const int64_t bj = o / row, c = o % row, b = bj / P, j = bj % P;
     const int64_t* off = offsets + b * (P + 1);
     acc_t acc = 0;
     for (int64_t s = off[j]; s < off[j + 1]; ++s) {
-      const int64_t e = b * P * T + entries[b * P * T + s];
+      const int64_t e = b * P * T + order[b * P * T + s];
       const acc_t g = static_cast<acc_t>(grad[e * row + c]);
       acc += w == nullptr ? g : w[e] * g;
     }
@@ -197,11 +138,13 @@ __global__ void routed_gather_grad_w_kernel(const scalar_t* grad, const scalar_t
                                             int64_t row, w_t* grad_w) {
   __shared__ acc_t part[256];
   const int64_t e = blockIdx.x;
-  const int64_t b = e / (P * T), j = clamp_region(idx[e], P);
+  const int64_t b = e / (P * T), j = idx[e];
+  TOKRED_ASSERT_REGION(j, P);
   const scalar_t* g = grad + e * row;
   const scalar_t* x = kv + (b * P + j) * row;
+  const int64_t len = routing::region_in_range(j, P) ? row : 0;  // reads nothing for a bad j
   acc_t acc = 0;
-  for (int64_t c = threadIdx.x; c < row; c += blockDim.x)
+  for (int64_t c = threadIdx.x; c < len; c += blockDim.x)
     acc += static_cast<acc_t>(g[c]) * static_cast<acc_t>(x[c]);
   part[threadIdx.x] = acc;
   __syncthreads();
@@ -214,13 +157,11 @@ __global__ void routed_gather_grad_w_kernel(const scalar_t* grad, const scalar_t
 
 at::Tensor routed_gather_cuda(const at::Tensor& kv_in, const at::Tensor& r_idx_in,
                               const std::optional<at::Tensor>& r_weight) {
-  const char* op = "routed_gather";
   check_routed_gather(kv_in, r_idx_in, r_weight);
   const c10::cuda::OptionalCUDAGuard guard(kv_in.device());
   const at::Tensor kv = kv_in.contiguous();
   const at::Tensor idx = as_int64(r_idx_in);
   const int64_t n = kv.size(0), P = kv.size(1), W = kv.size(2), C = kv.size(3), T = idx.size(2);
-  check_routing_index_values(idx, P, op);
   at::Tensor out = at::empty({n, P, T, W, C}, kv.options());
   if (out.numel() == 0) return out;
   const int64_t row = W * C;
@@ -230,7 +171,7 @@ at::Tensor routed_gather_cuda(const at::Tensor& kv_in, const at::Tensor& r_idx_i
                              ? r_weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
                              : at::Tensor();
     routed_gather_kernel<scalar_t, acc_t>
-        <<<grid_1d(out.numel(), 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        <<<cuda::blocks_for(out.numel()), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             kv.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
             w.defined() ? w.data_ptr<acc_t>() : nullptr, P, T, row, out.numel(),
             out.data_ptr<scalar_t>());
@@ -242,21 +183,19 @@ at::Tensor routed_gather_cuda(const at::Tensor& kv_in, const at::Tensor& r_idx_i
 std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& kv_in, const at::Tensor& r_idx_in,
     const std::optional<at::Tensor>& r_weight) {
-  const char* op = "_routed_gather_backward";
   check_routed_gather_backward(grad_in, kv_in, r_idx_in, r_weight);
   const c10::cuda::OptionalCUDAGuard guard(kv_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor kv = kv_in.contiguous();
   const at::Tensor idx = as_int64(r_idx_in);
   const int64_t n = kv.size(0), P = kv.size(1), W = kv.size(2), C = kv.size(3), T = idx.size(2);
-  check_routing_index_values(idx, P, op);
   const bool weighted = r_weight.has_value();
   at::Tensor grad_kv = at::empty_like(kv);
   at::Tensor grad_w = weighted ? at::zeros(r_weight->sizes(), r_weight->options())
                                : at::empty({0}, kv.options());
   if (kv.numel() == 0) return {grad_kv, grad_w};
   const int64_t row = W * C;
-  const auto plan = build_plan(idx, n, P, T);
+  const auto plan = build_plan(idx, P);
   auto stream = c10::cuda::getCurrentCUDAStream();
   TOKRED_DISPATCH_FLOATS(kv.scalar_type(), "tokred_routed_gather_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -264,8 +203,10 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cuda(
     const at::Tensor w =
         weighted ? r_weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
                  : at::Tensor();
-    routed_gather_grad_kv_kernel<kv_t, acc_t><<<grid_1d(kv.numel(), 256), 256, 0, stream>>>(
-        grad.data_ptr<kv_t>(), plan.first.data_ptr<int64_t>(), plan.second.data_ptr<int64_t>(),
+    routed_gather_grad_kv_kernel<kv_t, acc_t>
+        <<<cuda::blocks_for(kv.numel()), cuda::kThreads, 0, stream>>>(
+        grad.data_ptr<kv_t>(), std::get<0>(plan).data_ptr<int64_t>(),
+        std::get<1>(plan).data_ptr<int64_t>(),
         weighted ? w.data_ptr<acc_t>() : nullptr, P, T, row, kv.numel(),
         grad_kv.data_ptr<kv_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -283,6 +224,15 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cuda(
 
 // ------------------------------------------------------------------------ routed_attention
 
+// Row in k / v of routed key kk of a query window of batch b (routing row ridx), or -1 for an
+// r_idx entry outside [0, P) (asserted; the caller loads zeros).
+__device__ __forceinline__ int64_t key_row(const int64_t* ridx, const Dims& d, int64_t b,
+                                           int64_t kk) {
+  const int64_t j = ridx[kk / d.WK];
+  TOKRED_ASSERT_REGION(j, d.P);
+  return routing::region_in_range(j, d.P) ? routing::routed_key_row(b, j, kk, d.P, d.WK) : -1;
+}
+
 // Loads routed keys [kk0, kk0 + kt) of query window (b, i), head h into shared memory:
 // Ks [kKeyTile][DQ + 1] (padded against bank conflicts), Vs [kKeyTile][DV + 1].
 template <typename scalar_t, typename acc_t>
@@ -290,16 +240,12 @@ __device__ void load_key_tile(const scalar_t* k, const scalar_t* v, const int64_
                               const Dims& d, int64_t b, int64_t h, int64_t kk0, int64_t kt,
                               acc_t* Ks, acc_t* Vs) {
   for (int64_t t = threadIdx.x; t < kt * d.DQ; t += blockDim.x) {
-    const int64_t x = t / d.DQ, c = t % d.DQ, kk = kk0 + x;
-    const int64_t row =
-        routing::routed_key_row(b, clamp_region(ridx[kk / d.WK], d.P), kk, d.P, d.WK);
-    Ks[x * (d.DQ + 1) + c] = static_cast<acc_t>(k[row * d.CQ + h * d.DQ + c]);
+    const int64_t x = t / d.DQ, c = t % d.DQ, row = key_row(ridx, d, b, kk0 + x);
+    Ks[x * (d.DQ + 1) + c] = row >= 0 ? static_cast<acc_t>(k[row * d.CQ + h * d.DQ + c]) : acc_t(0);
   }
   for (int64_t t = threadIdx.x; t < kt * d.DV; t += blockDim.x) {
-    const int64_t x = t / d.DV, c = t % d.DV, kk = kk0 + x;
-    const int64_t row =
-        routing::routed_key_row(b, clamp_region(ridx[kk / d.WK], d.P), kk, d.P, d.WK);
-    Vs[x * (d.DV + 1) + c] = static_cast<acc_t>(v[row * d.CV + h * d.DV + c]);
+    const int64_t x = t / d.DV, c = t % d.DV, row = key_row(ridx, d, b, kk0 + x);
+    Vs[x * (d.DV + 1) + c] = row >= 0 ? static_cast<acc_t>(v[row * d.CV + h * d.DV + c]) : acc_t(0);
   }
 }
 
@@ -312,7 +258,7 @@ __device__ __forceinline__ acc_t dot_smem(const acc_t* a, const acc_t* b, int64_
 
 // grid: x = (b, i, h) task, y = block of kRowsPerBlock query rows.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kAttnThreads)
     routed_attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                 const int64_t* idx, Dims d, acc_t scale, scalar_t* out,
                                 acc_t* lse) {
@@ -351,9 +297,9 @@ __global__ void __launch_bounds__(kThreads)
       if (r0 + lr >= d.WQ) break;  // warp-uniform
       const acc_t s = lane < kt ? scale * dot_smem(Qs + lr * d.DQ, Ks + lane * (d.DQ + 1), d.DQ)
                                 : routing::neg_inf<acc_t>();
-      const acc_t alpha = st[rr].rescale(warp_max(s));
+      const acc_t alpha = st[rr].rescale(cuda::warp_allreduce(s, routing::NanMax{}));
       const acc_t p = lane < kt ? st[rr].weight(s) : acc_t(0);
-      st[rr].l += warp_sum(p);
+      st[rr].l += cuda::warp_sum(p);
       P_w[lane] = p;
       __syncwarp();
       lane_accumulate(acc[rr], alpha, P_w, Vs, kt, d.DV + 1, d.DV, lane);
@@ -377,7 +323,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // dq and D = rowsum(dO · O); same decomposition as the forward.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kAttnThreads)
     routed_attention_dq_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                const int64_t* idx, const scalar_t* go, const scalar_t* o,
                                const acc_t* lse, Dims d, acc_t scale, scalar_t* dq, acc_t* Dout) {
@@ -411,7 +357,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t c = lane; c < d.DV; c += kWarp)
         part += Gs[lr * d.DV + c] * static_cast<acc_t>(o[(bi * d.WQ + r) * d.CV + h * d.DV + c]);
     }
-    Drow[rr] = warp_sum(part);
+    Drow[rr] = cuda::warp_sum(part);
     lrow[rr] = r < d.WQ ? lse[task * d.WQ + r] : acc_t(0);
     if (r < d.WQ && lane == 0) Dout[task * d.WQ + r] = Drow[rr];
     #pragma unroll
@@ -456,10 +402,10 @@ __global__ void __launch_bounds__(kThreads)
 // dk, dv: grid x = (b, j, h) task, y = block of kRowsPerBlock key rows of window j. Query rows
 // of the windows routed to j stream through shared memory in tiles of kKeyTile (lane = query).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kAttnThreads)
     routed_attention_dkv_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                 const scalar_t* go, const acc_t* lse, const acc_t* Dbuf,
-                                const int64_t* offsets, const int64_t* entries, Dims d,
+                                const int64_t* order, const int64_t* offsets, Dims d,
                                 acc_t scale, scalar_t* dk, scalar_t* dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* Qs = reinterpret_cast<acc_t*>(smem_raw);      // [kKeyTile][DQ + 1]
@@ -491,7 +437,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* S_w = P_w + kKeyTile;
   const int64_t* off = offsets + b * (d.P + 1);
   for (int64_t s = off[j]; s < off[j + 1]; ++s) {
-    const int64_t i = entries[b * d.P * d.T + s] / d.T;
+    const int64_t i = order[b * d.P * d.T + s] / d.T;
     const int64_t bi = b * d.P + i;
     for (int64_t y0 = 0; y0 < d.WQ; y0 += kKeyTile) {
       const int64_t yt = d.WQ - y0 < kKeyTile ? d.WQ - y0 : kKeyTile;
@@ -569,12 +515,11 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
                                                          const at::Tensor& r_idx_in,
                                                          int64_t num_heads, double scale) {
   const char* op = "routed_attention";
-  check_routed_attention(q_in, k_in, v_in, r_idx_in, num_heads);
+  check_routed_attention(q_in, k_in, v_in, r_idx_in, num_heads, op);
   const c10::cuda::OptionalCUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor idx = as_int64(r_idx_in);
   const Dims d = dims_of(q, v, idx, num_heads);
-  check_routing_index_values(idx, d.P, op);
   check_cuda_head_dims(d, op);
   at::Tensor out = at::empty({d.n, d.P, d.WQ, d.CV}, q.options());
   at::Tensor lse =
@@ -588,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
     const size_t smem = fwd_smem<acc_t>(d);
     auto kernel = routed_attention_fwd_kernel<scalar_t, acc_t>;
     allow_smem(kernel, smem);
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    kernel<<<grid, kAttnThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         idx.data_ptr<int64_t>(), d, static_cast<acc_t>(scale), out.data_ptr<scalar_t>(),
         lse.data_ptr<acc_t>());
@@ -608,13 +553,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
   const at::Tensor go = grad_in.contiguous(), o = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor idx = as_int64(r_idx_in);
   const Dims d = dims_of(q, v, idx, num_heads);
-  check_routing_index_values(idx, d.P, op);
   check_cuda_head_dims(d, op);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const int64_t tasks = d.n * d.P * d.H;
   if (tasks == 0) return {dq, dk, dv};
   at::Tensor Dbuf = at::empty_like(lse);
-  const auto plan = build_plan(idx, d.n, d.P, d.T);
+  const auto plan = build_plan(idx, d.P);
   auto stream = c10::cuda::getCurrentCUDAStream();
   TOKRED_DISPATCH_FLOATS(q.scalar_type(), "tokred_routed_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -624,7 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
       allow_smem(kernel, smem);
       const dim3 grid(static_cast<unsigned>(tasks),
                       static_cast<unsigned>(ceil_div(d.WQ, kRowsPerBlock)));
-      kernel<<<grid, kThreads, smem, stream>>>(
+      kernel<<<grid, kAttnThreads, smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           idx.data_ptr<int64_t>(), go.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
           lse.data_ptr<acc_t>(), d, static_cast<acc_t>(scale), dq.data_ptr<scalar_t>(),
@@ -637,10 +581,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
       allow_smem(kernel, smem);
       const dim3 grid(static_cast<unsigned>(tasks),
                       static_cast<unsigned>(ceil_div(d.WK, kRowsPerBlock)));
-      kernel<<<grid, kThreads, smem, stream>>>(
+      kernel<<<grid, kAttnThreads, smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           go.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), Dbuf.data_ptr<acc_t>(),
-          plan.first.data_ptr<int64_t>(), plan.second.data_ptr<int64_t>(), d,
+          std::get<0>(plan).data_ptr<int64_t>(), std::get<1>(plan).data_ptr<int64_t>(), d,
           static_cast<acc_t>(scale), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

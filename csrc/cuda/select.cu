@@ -53,6 +53,13 @@ __global__ void topk_rank_kernel(const scalar_t* __restrict__ scores,
   }
 }
 
+// The sort path's check of lengths (the rank kernel asserts them itself): in-kernel, no host sync.
+__global__ void check_lengths_kernel(const int64_t* __restrict__ lengths, int64_t rows, int64_t n) {
+  TOKRED_GRID_STRIDE(r, rows) {
+    CUDA_KERNEL_ASSERT(lengths[r] >= 0 && lengths[r] <= n && "tokred::topk: lengths out of [0, n]");
+  }
+}
+
 // Rows longer than kMaxRankRow: a stable sort keeps the lower index first among equal values.
 // Padding past a row's length sorts last: -inf when largest (stability keeps real -inf first),
 // NaN when smallest (NaN ranks above +inf).
@@ -62,9 +69,14 @@ std::tuple<at::Tensor, at::Tensor> topk_by_sort(const at::Tensor& scores, int64_
   const int64_t n = scores.size(-1);
   at::Tensor len;
   if (lengths.defined()) {
-    len = lengths.unsqueeze(-1);
-    at::_assert_async(len.ge(0).logical_and(len.le(n)).all(),
-                      "tokred::topk: argument 'lengths' must hold values in [0, n]");
+    const int64_t rows = lengths.numel();
+    if (rows > 0) {
+      check_lengths_kernel<<<cuda::blocks_for(rows), cuda::kThreads, 0,
+                             c10::cuda::getCurrentCUDAStream()>>>(lengths.data_ptr<int64_t>(), rows,
+                                                                  n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    len = lengths.unsqueeze(-1);  // a bad length only masks the wrong entries: nothing is out of bounds
     const at::Tensor pos = at::arange(n, lengths.options());
     s = s.masked_fill(pos.ge(len), largest ? -std::numeric_limits<double>::infinity()
                                            : std::numeric_limits<double>::quiet_NaN());
@@ -398,19 +410,17 @@ __global__ void prune_grad_scores_kernel(const g_t* __restrict__ grad, const g_t
                                          int64_t s0, int64_t s1, int64_t s2, bool fuse,
                                          score_t* __restrict__ grad_scores) {
   using acc_t = at::opmath_type<g_t>;
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32; w < B * N;
-       w += warps) {
+  const int lane = threadIdx.x % cuda::kWarp;
+  TOKRED_WARP_STRIDE(w, B * N) {
     const int64_t b = w / N, i = w % N;
     acc_t dot = acc_t(0);
     if (fuse && pos[w] < 0) {
       const g_t* gf = grad + (b * rows_out + P + k) * C;
       const g_t* xi = x + b * s0 + (P + i) * s1;
-      for (int64_t c = lane; c < C; c += 32) {
+      for (int64_t c = lane; c < C; c += cuda::kWarp) {
         dot += static_cast<acc_t>(gf[c]) * static_cast<acc_t>(xi[c * s2]);
       }
-      for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
+      dot = cuda::warp_reduce_sum(dot);  // the condition is uniform over the warp (one w per warp)
     }
     if (lane == 0) grad_scores[w] = static_cast<score_t>(dot);
   }
@@ -443,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cuda(
       }
       if (N > 0) {
         prune_grad_scores_kernel<g_t, scalar_t>
-            <<<cuda::blocks_for(B * N * 32), cuda::kThreads, 0, stream>>>(
+            <<<cuda::blocks_for(B * N * cuda::kWarp), cuda::kThreads, 0, stream>>>(
                 grad.data_ptr<g_t>(), x.data_ptr<g_t>(), pos.data_ptr<int64_t>(), B, P, N, k, C,
                 rows_out, x.stride(0), x.stride(1), x.stride(2), fuse,
                 grad_s.data_ptr<scalar_t>());

@@ -30,8 +30,8 @@ MUTANTS = [
      "      P_w[lane] = p;\n      __syncwarp();",
      "      P_w[lane] = p;\n      if (!{on}) __syncwarp();"),
     ("select.cu", "a shuffle reduction that half of the warp skips (EViT's score gradient)",
-     "for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync",
-     "if (!{on} || lane < 16) for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync"),
+     "      dot = cuda::warp_reduce_sum(dot);",
+     "      if (!{on} || lane < 16) dot = cuda::warp_reduce_sum(dot);"),
     ("select.cu", "dynamic shared memory one element short (topk's row)",
      "const size_t smem = static_cast<size_t>(n) * sizeof(acc_t);",
      "const size_t smem = (static_cast<size_t>(n) - ({on} ? 1 : 0)) * sizeof(acc_t);"),
@@ -45,12 +45,11 @@ MUTANTS = [
     ("launch.cuh", "off-by-one in the shared grid-stride bound (i <= total)",
      "       i < (total); i += static_cast<int64_t>(blockDim.x) * gridDim.x)",
      "       i < (total) + ({on} ? 1 : 0); i += static_cast<int64_t>(blockDim.x) * gridDim.x)"),
-    ("merge.cu", "off-by-one in a kernel's own grid-stride bound (unmerge's gather)",
-     "for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C;\n"
-     "       i += int64_t(gridDim.x) * blockDim.x) {\n    const int64_t bt = i / C, o = dest[bt];",
-     "for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < B * n * C + ({on} ? 1 : 0);\n"
-     "       i += int64_t(gridDim.x) * blockDim.x) {\n    const int64_t bt = i / C, o = dest[bt];"),
-    ("routing.cu", "a shuffle reduction with the wrong lane offset (warp_sum starts at 8, not 16)",
+    ("merge.cu", "a plan check that covers only the first batch row (merge_by_plan trusts the rest)",
+     "  TOKRED_GRID_STRIDE(i, B * nout) {\n    const int64_t b = i / nout, o = i % nout;\n    const PlanFault",
+     "  TOKRED_GRID_STRIDE(i, {on} ? nout : B * nout) {\n    const int64_t b = i / nout, o = i % nout;\n"
+     "    const PlanFault"),
+    ("launch.cuh", "a shuffle reduction with the wrong lane offset (warp_sum starts at 8, not 16)",
      "for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync",
      "for (int o = {on} ? kWarp / 4 : kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync"),
 ]

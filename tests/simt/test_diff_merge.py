@@ -149,12 +149,12 @@ def test_ops_by_plan(mode, cls, dist, dtype):
 def test_bad_plans_raise_clear_errors():
     g = torch.Generator().manual_seed(17)
     n = 10
-    dest, offsets, members = torch.ops.tokred.merge_plan(*_match(1, n, 3, True, False, g), n, False)
-    x = torch.randn(1, n, 4)
+    dest, offsets, members = torch.ops.tokred.merge_plan(*_match(2, n, 3, True, False, g), n, False)
+    x = torch.randn(2, n, 4)
 
-    def edited(t, i, v):
+    def edited(t, i, v):  # in the second batch row: every row is checked, not only the first
         t = t.clone()
-        t[0, i] = v
+        t[1, i] = v
         return t
 
     for plan, what in [((edited(dest, 0, 2), offsets, members), "'dest' must map"),
@@ -165,11 +165,11 @@ def test_bad_plans_raise_clear_errors():
                        ((dest, offsets, edited(members, 0, -1)), r"'members' must hold token positions"),
                        ((dest, offsets, members.flip(1)), "not a merge plan")]:
         assert_both_raise("merge_by_plan", x, None, *plan, "wavg", match=what)
-        assert_both_raise("_merge_by_plan_backward", torch.randn(1, n - 3, 4), x, None, *plan, "amax",
+        assert_both_raise("_merge_by_plan_backward", torch.randn(2, n - 3, 4), x, None, *plan, "amax",
                           match=what)
-        assert_both_raise("unmerge_by_plan", torch.randn(1, n - 3, 4), *plan, match=what)
+        assert_both_raise("unmerge_by_plan", torch.randn(2, n - 3, 4), *plan, match=what)
         assert_both_raise("merge_source_by_plan", None, *plan, match=what)
-    assert_both_raise("merge_source_by_plan", torch.tensor([[0, n]]), dest, offsets, members,
+    assert_both_raise("merge_source_by_plan", torch.tensor([[0, 1], [0, n]]), dest, offsets, members,
                       match=r"source")
 
 

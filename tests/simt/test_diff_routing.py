@@ -74,14 +74,20 @@ def test_routed_attention_strided_inputs_and_int32_index():
 
 
 def test_bad_region_index_raises_clear_errors():
+    """r_idx is checked on the device (CUDA_KERNEL_ASSERT, no host sync): every op, forward and
+    backward, rejects an entry past P and a negative one (the backward's segment plan would take -1
+    for padding), naming r_idx and the range."""
     kv = torch.randn(1, 3, 2, 4)
-    bad = torch.tensor([[[0], [3], [1]]])
-    assert_both_raise("routed_gather", kv, bad, None, match=r"r_idx.*\[0, 3\)")
-    assert_both_raise("_routed_gather_backward", torch.randn(1, 3, 1, 2, 4), kv, bad, None, match=r"r_idx")
     q = torch.randn(1, 3, 2, 8)
-    assert_both_raise("routed_attention", q, q, q, bad, 2, 0.5, match=r"r_idx")
-    out, lse = torch.ops.tokred.routed_attention(q, q, q, torch.zeros_like(bad), 2, 0.5)
-    assert_both_raise("_routed_attention_backward", out, q, q, q, bad, out, lse, 2, 0.5, match=r"r_idx")
+    out, lse = torch.ops.tokred.routed_attention(q, q, q, torch.zeros(1, 3, 1, dtype=torch.long), 2, 0.5)
+    for bad in (torch.tensor([[[0], [3], [1]]]), torch.tensor([[[0], [-1], [1]]])):
+        match = r"r_idx.*\[0, P\)"
+        assert_both_raise("routed_gather", kv, bad, None, match=match)
+        assert_both_raise("routed_gather", kv, bad, torch.rand(1, 3, 1), match=match)
+        for w in (None, torch.rand(1, 3, 1)):
+            assert_both_raise("_routed_gather_backward", torch.randn(1, 3, 1, 2, 4), kv, bad, w, match=match)
+        assert_both_raise("routed_attention", q, q, q, bad, 2, 0.5, match=match)
+        assert_both_raise("_routed_attention_backward", out, q, q, q, bad, out, lse, 2, 0.5, match=match)
 
 
 def test_empty_shapes():
