@@ -11,8 +11,6 @@ from tokred_ext.models import MODELS, VisionTransformer, create_model
 from tokred_ext.nn import EViT, ToMe, TopK, attention_forward
 from tokred_ext.nn.attention import Attention
 
-HAS_TOME = hasattr(functional, "tome_merge") and hasattr(functional, "parse_r")
-needs_tome = pytest.mark.skipif(not HAS_TOME, reason="functional.tome_merge not available yet")
 
 
 def tiny(distilled=False, img_size=64, patch_size=8, depth=4, dim=64, heads=4, **kw):
@@ -39,11 +37,6 @@ def policies():
 POLICIES = policies()
 
 
-def _maybe_skip(name):
-    if name.startswith("tome") and not HAS_TOME:
-        pytest.skip("functional.tome_merge not available yet")
-
-
 # --------------------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("num_protected", [1, 2])
@@ -66,7 +59,6 @@ def test_attention_class_scores_equal_full_map(num_protected, qk_norm):
 @pytest.mark.parametrize("distilled", [False, True], ids=["cls", "distilled"])
 @pytest.mark.parametrize("name,make", POLICIES, ids=[p[0] for p in POLICIES])
 def test_model_equals_reference(name, make, distilled):
-    _maybe_skip(name)
     model = tiny(distilled)
     x = torch.randn(2, 3, 64, 64)
     model.reduction = make()
@@ -142,14 +134,12 @@ def test_evit_counts_table(kr, fuse, expected):
     assert counts[2] == 197 and counts[5] == counts[3] and counts[11] == counts[9]
 
 
-@needs_tome
 @pytest.mark.parametrize("r,depth,last", [(16, 12, 11), (13, 12, 41), (8, 24, 7)])
 def test_tome_counts_table(r, depth, last):
     counts = counts_for(ToMe(r), depth=depth)
     assert counts[0] == 197 - r and counts[-1] == last
 
 
-@needs_tome
 def test_tome_counts_schedules():
     assert counts_for(ToMe((16, -1))) == [165, 136, 110, 87, 67, 50, 36, 25, 17, 12, 10, 10]
     assert counts_for(ToMe(100)) == [99, 50, 26, 14, 8, 5, 3, 2, 2, 2, 2, 2]
@@ -205,7 +195,6 @@ def test_evit_source_map_follows_tokens(fuse):
 @pytest.mark.parametrize("name,make", POLICIES[:2] + [POLICIES[4]],
                          ids=["topk", "evit", "tome"])
 def test_compile_fullgraph(name, make):
-    _maybe_skip(name)
     torch._dynamo.reset()
     model = tiny()
     model.reduction = make()
@@ -242,7 +231,6 @@ def test_jit_script_policy_path():
 @pytest.mark.parametrize("name,make", POLICIES, ids=[p[0] for p in POLICIES])
 def test_every_policy_takes_batch_zero(name, make):
     # Regression: ToMe's size bias reshaped [0, N, 1] with -1 and failed.
-    _maybe_skip(name)
     model = tiny().eval()
     model.reduction = make()
     with torch.no_grad():

@@ -11,19 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tokred_ext.patch
-from tokred_ext import functional, reference
+from tokred_ext import reference
 from tokred_ext.models import VisionTransformer, create_model
 from tokred_ext.nn import EViT, Mlp, PatchEmbed, ToMe, TopK
 
-HAS_TOME = hasattr(functional, "tome_merge")
 POLICIES = [("topk", lambda: TopK(0.6, locs=(0, 2))), ("evit", lambda: EViT(0.6, locs=(1, 3))),
             ("tome", lambda: ToMe(6))]
 IDS = [p[0] for p in POLICIES]
-
-
-def _skip_missing(name):
-    if name == "tome" and not HAS_TOME:
-        pytest.skip("functional.tome_merge not available yet")
 
 
 def _peaked(model):
@@ -97,7 +91,6 @@ class TimmLikeViT(nn.Module):
 
 @pytest.mark.parametrize("name,make", POLICIES, ids=IDS)
 def test_patch_timm_like_equals_model_and_reference(name, make):
-    _skip_missing(name)
     timm_like = _peaked(TimmLikeViT())
     ours = VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4,
                              num_classes=10).eval()
@@ -208,7 +201,6 @@ def test_timm_weights_load_into_tokred_model(case):
 @pytest.mark.parametrize("name,make", POLICIES, ids=IDS)
 @pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
 def test_timm_patch_equals_reference(case, name, make):
-    _skip_missing(name)
     model = _timm_model(*case)
     x = torch.randn(2, 3, 224, 224)
     policy = TopK(0.7) if name == "topk" else EViT(0.7) if name == "evit" else ToMe(13)
