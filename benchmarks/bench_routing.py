@@ -6,7 +6,11 @@ ratio, and memory: on CUDA the peak allocated during the call; on the CPU the re
 gathered K/V buffer and attention matrix (computed from the shapes) against tokred's only extra
 tensor, the log-sum-exp.
 
+With --flex, each shape also times FlexAttention with a region block mask (forward only, the
+best of several block sizes): what a user would run instead on the CPU.
+
     python benchmarks/bench_routing.py [--quick] [--json out.json] [--device cpu|cuda] [--model]
+                                       [--flex]
 """
 import argparse
 import json
@@ -54,7 +58,46 @@ def _peak(fn, device):
     return torch.cuda.max_memory_allocated() - base
 
 
-def bench_shape(name, n, P, w2, topk, C, H, dtype, device, reps, quick):
+FLEX_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def flex_forward(q, k, v, r, H, scale, block_size):
+    """What a user would pick instead: torch's FlexAttention with a region block mask (tokens
+    ordered window-major, query window i sees the key windows r[b, i]), compiled, forward only
+    (it has no CPU backward). The mask is built once, outside the timed call, which favours
+    Flex: routing changes with every input. Returns the timed callable, or None where this
+    torch or block size cannot run it."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    n, P, w2, C = q.shape
+    routed = torch.zeros(n, P, P, dtype=torch.bool, device=q.device)
+    routed.scatter_(2, r, True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return routed[b, q_idx // w2, kv_idx // w2]
+
+    def heads(t):
+        return t.reshape(n, P * w2, H, t.shape[-1] // H).transpose(1, 2)
+
+    qh, kh, vh = heads(q), heads(k), heads(v)
+    try:
+        mask = create_block_mask(mask_mod, n, None, P * w2, P * w2, device=str(q.device),
+                                 BLOCK_SIZE=block_size)
+        attend = torch.compile(flex_attention, dynamic=False)
+
+        def run():
+            with torch.no_grad():
+                attend(qh, kh, vh, block_mask=mask, scale=scale)
+        run()  # compiles
+    except Exception as e:  # a block size the CPU backend refuses
+        print(f"  flex block {block_size}: not run ({type(e).__name__})", file=sys.stderr)
+        return None
+    return run
+
+
+def bench_shape(name, n, P, w2, topk, C, H, dtype, device, reps, quick, flex=False):
     if quick:
         n = max(1, n // 8)
     g = torch.Generator().manual_seed(0)
@@ -89,6 +132,17 @@ def bench_shape(name, n, P, w2, topk, C, H, dtype, device, reps, quick):
         if device == "cuda":
             row[f"{mode}_ref_peak_mib"] = _peak(make(reference.routed_attention), device) / 2**20
             row[f"{mode}_tokred_peak_mib"] = _peak(make(ops.routed_attention), device) / 2**20
+    if flex:
+        best = None
+        for block in FLEX_BLOCK_SIZES:
+            run = flex_forward(q, k, v, r, H, scale, block)
+            if run is not None:
+                t = _time(run, device, reps)
+                row[f"flex_block{block}_ms"] = 1e3 * t
+                best = t if best is None else min(best, t)
+        if best is not None:
+            row["flex_best_ms"] = 1e3 * best
+            row["fwd_vs_flex"] = best / (row["fwd_tokred_ms"] / 1e3)  # > 1: tokred is faster
     # routed_gather alone (upstream's KVGather of the concatenated K/V), forward only.
     kv = torch.cat([k, v], dim=-1)
     t_ref = _time(lambda: reference.routed_gather(kv, r), device, reps)
@@ -138,6 +192,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: float32 "
                     "on CPU; float16 and bfloat16 on CUDA)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--flex", action="store_true",
+                    help="also time FlexAttention with a region block mask (forward, best of "
+                    "several block sizes; compiles, slow the first time)")
     ap.add_argument("--model", action="store_true",
                     help="also time BiFormer-S forward+backward end to end (both backends)")
     ap.add_argument("--model-batch", type=int, default=None,
@@ -158,7 +215,7 @@ def main(argv=None):
     for dtype in dtypes:
         for shape in SHAPES:
             row = bench_shape(*shape, dtype=dtype, device=args.device, reps=reps,
-                              quick=args.quick)
+                              quick=args.quick, flex=args.flex)
             rows.append(row)
             print(f"{row['shape']:34s} {row['dtype']:8s} {row['fwd_ref_ms']:9.1f} "
                   f"{row['fwd_tokred_ms']:9.1f} {row['fwd_speedup']:5.2f} "
@@ -166,6 +223,11 @@ def main(argv=None):
                   f"{row['fwd_bwd_speedup']:5.2f} {row['ref_gathered_kv_mib']:14.1f} "
                   f"{row['tokred_extra_mib']:14.2f} {row['gather_ref_ms']:10.1f} "
                   f"{row['gather_tokred_ms']:11.1f} {row['gather_speedup']:5.2f}", flush=True)
+            if "flex_best_ms" in row:
+                blocks = ", ".join(f"{b}: {row[f'flex_block{b}_ms']:.1f}" for b in FLEX_BLOCK_SIZES
+                                   if f"flex_block{b}_ms" in row)
+                print(f"{'':34s} flex forward ms by block size ({blocks}); tokred fwd vs best "
+                      f"flex x{row['fwd_vs_flex']:.2f}", flush=True)
     if args.model:
         batch = args.model_batch or (64 if args.device == "cuda" else 4)
         for dtype in dtypes:

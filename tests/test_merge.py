@@ -497,3 +497,22 @@ def test_tome_merge_traces_sources_only_when_asked(device):
     out2, size2, source = F.tome_merge(x, metric, 4, source=start)
     assert torch.equal(out, out2) and torch.equal(size, size2)
     assert torch.equal(source, R.merge_source(None, *R.bipartite_match(metric, 4), 17))
+
+
+def test_plan_faults_are_named_on_the_cpu():
+    # The CPU names the first faulty output of the first faulty row, in order.
+    g = _gen(26)
+    plan = ops.merge_plan(*_indices("cpu", 2, 10, 3, True, False, g), 10)
+    x = torch.randn(2, 10, 4)
+
+    def bad(field, index, value):
+        t = getattr(plan, field).clone()
+        t[index] = value
+        return plan._replace(**{field: t})
+
+    for broken, message in [(bad("offsets", (1, 1), 0), r"batch row 1, output 0: 'offsets' .* rise strictly"),
+                            (bad("offsets", (0, -1), 9), r"row 0, output 6: 'offsets' must .* end at N"),
+                            (bad("members", (1, 0), 10), r"row 1, output 0: 'members' must hold"),
+                            (bad("dest", (0, 0), 1), r"row 0, output 0: 'dest' must map")]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.merge_by_plan(x, None, broken)
