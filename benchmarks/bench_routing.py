@@ -85,6 +85,7 @@ def flex_forward(q, k, v, r, H, scale, block_size):
     try:
         mask = create_block_mask(mask_mod, n, None, P * w2, P * w2, device=str(q.device),
                                  BLOCK_SIZE=block_size)
+        torch._dynamo.reset()  # one fresh compile per shape and block size, never the eager fallback
         attend = torch.compile(flex_attention, dynamic=False)
 
         def run():
