@@ -62,14 +62,9 @@ TOKRED_HD int64_t tome_dst_out(int64_t j, const TomeDims& d) {
   return (d.distill && j == 0) ? 1 : d.u + j;
 }
 
-// True if output o is a destination (a B token, which merged sources may join); false for an
-// unmerged A token.
-TOKRED_HD bool tome_is_dst_out(int64_t o, const TomeDims& d) {
-  return d.distill ? (o == 1 || o > d.u) : o >= d.u;
-}
-
-// Output o of a plan is a destination (it holds a B token, an odd position) or an unmerged A
-// token (one even position). Its members ascend, so a lone member's parity decides.
+// Output o of a plan is a destination (it holds a B token, an odd position, which merged sources
+// may join) or an unmerged A token (one even position). Read from the plan alone, so plans given
+// as tensors need no match dimensions: members ascend, so a lone member's parity decides.
 TOKRED_HD bool tome_output_is_destination(int64_t count, int64_t first_member) {
   return count > 1 || first_member % 2 == 1;
 }

@@ -334,10 +334,9 @@ at::Tensor merge_backward_over(const at::Tensor& grad, const at::Tensor& x,
   return spread_plan(grad, x, size, p, mode);
 }
 
-// Source tracking: the plan's dest (a copy: ops never return an alias of an input), or dest
-// composed with an earlier source map.
+// Source tracking: the plan's dest, or dest composed with an earlier source map.
 at::Tensor source_over(const std::optional<at::Tensor>& source_in, const Plan& p, const char* op) {
-  if (!source_in.has_value()) return p.dest.clone();
+  if (!source_in.has_value()) return p.dest;
   const at::Tensor source = as_int64(*source_in);
   const int64_t B = source.size(0), N0 = source.size(1), n = p.n;
   at::Tensor out = at::empty({B, N0}, source.options());
@@ -389,7 +388,9 @@ at::Tensor merge_source_by_plan_cpu(const std::optional<at::Tensor>& source,
                                    const at::Tensor& members) {
   const char* op = "merge_source_by_plan";
   check_merge_source_by_plan(source, dest, offsets, members);
-  return source_over(source, checked_plan(dest, offsets, members, op), op);
+  const Plan p = checked_plan(dest, offsets, members, op);
+  // Without a source map the answer is dest itself: a copy, as ops never alias an input.
+  return source.has_value() ? source_over(source, p, op) : p.dest.clone();
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x,

@@ -458,7 +458,7 @@ __global__ void source_kernel(const int64_t* __restrict__ source, const int64_t*
 
 // Source tracking: the plan's dest, or dest composed with an earlier source map.
 at::Tensor source_over(const std::optional<at::Tensor>& source_in, const PlanCuda& p) {
-  if (!source_in.has_value()) return p.dest.clone();
+  if (!source_in.has_value()) return p.dest;
   const at::Tensor source = as_int64(*source_in);
   const int64_t B = source.size(0), N0 = source.size(1);  // B is the plan's (checked)
   at::Tensor out = at::empty({B, N0}, source.options());
@@ -518,7 +518,9 @@ at::Tensor merge_source_by_plan_cuda(const std::optional<at::Tensor>& source,
                                      const at::Tensor& members) {
   check_merge_source_by_plan(source, dest, offsets, members);
   const c10::cuda::OptionalCUDAGuard guard(dest.device());
-  return source_over(source, checked_plan(dest, offsets, members));
+  const PlanCuda p = checked_plan(dest, offsets, members);
+  // Without a source map the answer is dest itself: a copy, as ops never alias an input.
+  return source.has_value() ? source_over(source, p) : p.dest.clone();
 }
 
 std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& x,
