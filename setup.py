@@ -12,6 +12,7 @@ Switches (environment):
 import glob
 import os
 import re
+import sys
 
 import torch
 from setuptools import find_packages, setup
@@ -54,7 +55,12 @@ def _extension():
     debug = _flag("TOKRED_DEBUG")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20"]
+    # at::parallel_for is a header template: compiled without torch's OpenMP flag, every CPU
+    # kernel runs on one thread. (Linux GCC/Clang; elsewhere the kernels stay serial.)
     link = []
+    if torch._C.has_openmp and sys.platform.startswith("linux"):
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     if _flag("TOKRED_SANITIZE"):
         sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                     "-fno-omit-frame-pointer", "-g"]

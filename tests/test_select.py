@@ -160,6 +160,30 @@ def test_prune_tokens_edge_sizes(device):
     assert torch.equal(out[:, :2], x) and (out[:, 2] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("C", [384, 101])  # 101: rows that start off any vector alignment
+def test_large_outputs_equal_small_ones_and_reference(device, dtype, C):
+    # Outputs of 4 MiB and more are written with non-temporal stores on the CPU (cpu/copy.h), and
+    # float rows of the fused token summed by vector clones: the bits must not change.
+    g = torch.Generator().manual_seed(9)
+    N, k = 197, 120
+    row_bytes = (k + 2) * C * torch.finfo(dtype).bits // 8
+    B = -(-(4 << 20) // row_bytes)  # the smallest batch with a streamed output
+    x = torch.randn(B, N, C, generator=g).to(dtype).to(device)
+    scores = torch.rand(B, N - 1, generator=g).to(device)
+    out, idx = ops.prune_tokens(x, scores, k, fuse=True)
+    assert out.nbytes >= 4 << 20 > out[:1].nbytes
+    for b in (0, B - 1):  # one batch row alone: a small output, ordinary stores
+        small, small_idx = ops.prune_tokens(x[b:b + 1], scores[b:b + 1], k, fuse=True)
+        assert torch.equal(small, out[b:b + 1]) and torch.equal(small_idx, idx[b:b + 1])
+    rout, ridx = ref.prune_tokens(x, scores, k, True, 1, False)
+    assert torch.equal(idx, ridx) and torch.equal(out[:, :k + 1], rout[:, :k + 1])
+    torch.testing.assert_close(out[:, k + 1:], rout[:, k + 1:], **TOL[dtype])
+    gathered = ops.gather_tokens(x, idx + 1)
+    assert torch.equal(gathered, ref.gather_tokens(x, idx + 1))
+    assert torch.equal(gathered[1:2], ops.gather_tokens(x[1:2], idx[1:2] + 1))
+
+
 # --------------------------------------------------------------------------- seeds, end to end
 
 def _heaviside(v):

@@ -7,29 +7,39 @@
 #include <string_view>
 #include <vector>
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/merge.h"
 #include "common/merge_args.h"
+#include "cpu/copy.h"
+#include "cpu/parallel.h"
 #include "cpu/segment.h"
 
 namespace tokred {
 namespace {
 
-// One batch row of the matching, given the row's cosine scores [na, nb] (excluded pairs -inf).
+// One batch row of the matching, given the row's raw dot products a·b [na, nb] and inverse norms
+// [N] (tokens interleaved: A at even positions, B at odd). Scores follow tome_score.
 template <typename acc_t>
-void match_row(const acc_t* scores, const TomeDims& d, bool class_token, int64_t* unm,
-               int64_t* src, int64_t* dst) {
+void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, bool class_token,
+               bool distill_token, int64_t* unm, int64_t* src, int64_t* dst) {
   const int64_t na = d.na, nb = d.nb;
-  std::vector<acc_t> node_max(na);
+  std::vector<acc_t> node_max(na), inv_b(nb), scores(nb);
   std::vector<int64_t> node_idx(na), rank(na);
+  for (int64_t j = 0; j < nb; ++j) inv_b[j] = inv[2 * j + 1];
   for (int64_t a = 0; a < na; ++a) {
+    const acc_t inv_a = inv[2 * a];
+    for (int64_t j = 0; j < nb; ++j) {  // apart from the scan below, so that it vectorises
+      scores[j] = tome_score(dots[a * nb + j], inv_a, inv_b[j], false);
+    }
     acc_t best = 0;
     int64_t best_j = -1;
-    for (int64_t j = 0; j < nb; ++j) tome_argmax_step(scores[a * nb + j], j, best, best_j);
+    for (int64_t j = 0; j < nb; ++j) {
+      const bool excluded = tome_excluded(a, j, class_token, distill_token);
+      tome_argmax_step(excluded ? -acc_t(INFINITY) : scores[j], j, best, best_j);
+    }
     node_max[a] = best;
     node_idx[a] = best_j;
   }
@@ -59,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
                                                                    bool distill_token) {
   const int64_t r = check_bipartite_match(metric_in, r_in, class_token, distill_token).expect_int();
   const at::Tensor metric = metric_in.contiguous();
-  const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
+  const int64_t B = metric.size(0), N = metric.size(1);
   const TomeDims d = tome_dims(N, r, distill_token);
   const auto opts = metric.options().dtype(at::kLong);
   at::Tensor unm = at::empty({B, d.u}, opts);
@@ -70,27 +80,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
     unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
     return {unm, src, dst};
   }
-  // Cosine scores through the BLAS and vectorised ATen ops, in the accumulation dtype:
-  // dot · inv_a · inv_b in tome_score's order, excluded pairs -inf (tome_excluded). Only the CUDA
-  // kernel must not materialise the [B, na, nb] scores; on the CPU this is the fast way.
+  // The dot products through the BLAS, in the accumulation dtype; match_row scales them into
+  // cosine scores (tome_score) and excludes pairs (tome_excluded). Only the CUDA kernel must not
+  // materialise the [B, na, nb] products; on the CPU this is the fast way.
   const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
-  const at::Tensor inv = at::reciprocal(at::sqrt(mf.square().sum(-1)));
-  at::Tensor scores = at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)) *
-                      inv.slice(1, 0, N, 2).unsqueeze(-1) * inv.slice(1, 1, N, 2).unsqueeze(1);
-  if (d.nb > 0) {
-    if (class_token) scores.select(1, 0).fill_(-INFINITY);
-    if (distill_token) scores.select(2, 0).fill_(-INFINITY);
-  }
-  scores = scores.contiguous();
+  const at::Tensor inv = at::reciprocal(at::sqrt(mf.square().sum(-1))).contiguous();
+  const at::Tensor dots =
+      at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)).contiguous();
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* sc = scores.data_ptr<acc_t>();
+    const acc_t* dp_all = dots.data_ptr<acc_t>();
+    const acc_t* inv_all = inv.data_ptr<acc_t>();
     int64_t* up = unm.data_ptr<int64_t>();
     int64_t* sp = src.data_ptr<int64_t>();
     int64_t* dp = dst.data_ptr<int64_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        match_row(sc + b * d.na * d.nb, d, class_token, up + b * d.u, sp + b * r, dp + b * r);
+        match_row(dp_all + b * d.na * d.nb, inv_all + b * N, d, class_token, distill_token,
+                  up + b * d.u, sp + b * r, dp + b * r);
       }
     });
   });
@@ -116,7 +123,7 @@ Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Te
   const int64_t *up = unm.data_ptr<int64_t>(), *sp = src.data_ptr<int64_t>(),
                 *dp = dst.data_ptr<int64_t>();
   int64_t* dest_p = dest.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t* de = dest_p + b * n;
       if (r == 0) {  // no merge: the identity, as upstream's do_nothing
@@ -153,7 +160,7 @@ Plan checked_plan(const at::Tensor& dest_in, const at::Tensor& offsets_in,
          dest_in.size(1), offsets_in.size(1) - 1};
   const int64_t *de = p.dest.data_ptr<int64_t>(), *of = p.offsets.data_ptr<int64_t>(),
                 *me = p.members.data_ptr<int64_t>();
-  at::parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t o = 0; o < p.nout; ++o) {
         const PlanFault fault = tome_plan_fault(of + b * (p.nout + 1), me + b * p.n,
@@ -174,11 +181,19 @@ struct OutputView {
   int64_t count() const { return end - begin; }
 };
 
-OutputView output_view(const Plan& p, int64_t i) {
-  const int64_t b = i / p.nout, o = i % p.nout;
-  const int64_t* of = p.offsets.data_ptr<int64_t>() + b * (p.nout + 1) + o;
-  return {b, of[0], of[1], p.members.data_ptr<int64_t>() + b * p.n};
-}
+// A plan's CSR arrays as raw pointers, read once per kernel rather than once per output token.
+struct PlanArrays {
+  const int64_t *offsets, *members;
+  int64_t n, nout;
+  explicit PlanArrays(const Plan& p)
+      : offsets(p.offsets.data_ptr<int64_t>()), members(p.members.data_ptr<int64_t>()), n(p.n),
+        nout(p.nout) {}
+  OutputView output(int64_t i) const {
+    const int64_t b = i / nout;
+    const int64_t* of = offsets + b * (nout + 1) + i % nout;
+    return {b, of[0], of[1], members + b * n};
+  }
+};
 
 // out [B, nout, C] and the summed sizes [B, nout, 1] (count of members when size is None).
 std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
@@ -190,6 +205,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
   at::Tensor size_out = at::empty({B, nout, 1}, x.options());
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
   if (B == 0 || nout == 0) return {out, size_out};
+  const PlanArrays plan(p);
+  const bool streaming = use_streaming_stores(out.nbytes());
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_merge_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -197,10 +214,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* so = size_out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 8192 / (C + 1));
-    at::parallel_for(0, B * nout, grain, [&](int64_t i0, int64_t i1) {
+    parallel_for(0, B * nout, grain, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> acc(C);
       for (int64_t i = i0; i < i1; ++i) {
-        const OutputView ov = output_view(p, i);
+        const OutputView ov = plan.output(i);
         const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
         acc_t wsum = 0;
         scalar_t* orow = op + i * C;
@@ -210,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
           const acc_t w = sz ? static_cast<acc_t>(sz[b * n + t]) : acc_t(1);
           wsum += w;
           if (count == 1 && tome_lone_copies(mode, w, p.merging())) {  // exact, not (w·x)/w
-            std::copy(xp + (b * n + t) * C, xp + (b * n + t + 1) * C, orow);
+            copy_bytes(orow, xp + (b * n + t) * C, C * int64_t(sizeof(scalar_t)), streaming);
             copied = true;
             break;
           }
@@ -226,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
           orow[c] = static_cast<scalar_t>(tome_finish(mode, acc[c], wsum, count));
         }
       }
+      if (streaming) finish_streaming_stores();
     });
   });
   return {out, size_out};
@@ -240,6 +258,7 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
   if (B == 0 || nout == 0) return grad_x;
   const at::Tensor x = mode == MergeMode::kAmax ? x_in.contiguous() : at::Tensor();
   const at::Tensor size = size_in.has_value() ? size_in->contiguous() : at::Tensor();
+  const PlanArrays plan(p);
   TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_merge_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.data_ptr<scalar_t>();
@@ -247,11 +266,11 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
     const scalar_t* sz = size.defined() ? size.data_ptr<scalar_t>() : nullptr;
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 8192 / (C + 1));
-    at::parallel_for(0, B * nout, grain, [&](int64_t i0, int64_t i1) {
+    parallel_for(0, B * nout, grain, [&](int64_t i0, int64_t i1) {
       std::vector<acc_t> mx(C);
       std::vector<int64_t> ties(C);
       for (int64_t i = i0; i < i1; ++i) {
-        const OutputView ov = output_view(p, i);
+        const OutputView ov = plan.output(i);
         const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
         const scalar_t* grow = gp + i * C;
         const acc_t w_lone = sz ? static_cast<acc_t>(sz[b * n + me[of[0]]]) : acc_t(1);
@@ -300,16 +319,18 @@ at::Tensor gather_plan(const at::Tensor& x_in, const Plan& p) {
   const int64_t B = p.B, n = p.n, nout = p.nout, C = x.size(2);
   at::Tensor out = at::empty({B, n, C}, x.options());
   if (B == 0 || n == 0) return out;
+  const bool streaming = use_streaming_stores(out.nbytes());
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_unmerge_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t* dest = p.dest.data_ptr<int64_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / (C + 1));
-    at::parallel_for(0, B * n, grain, [&](int64_t i0, int64_t i1) {
+    parallel_for(0, B * n, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* row = xp + ((i / n) * nout + dest[i]) * C;
-        std::copy(row, row + C, op + i * C);
+        copy_bytes(op + i * C, row, C * int64_t(sizeof(scalar_t)), streaming);
       }
+      if (streaming) finish_streaming_stores();
     });
   });
   return out;

@@ -12,13 +12,13 @@
 #include <algorithm>
 #include <vector>
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/routing.h"
 #include "common/routing_args.h"
+#include "cpu/parallel.h"
 #include "cpu/segment.h"
 #include "cpu/vec.h"
 
@@ -61,7 +61,7 @@ at::Tensor routed_gather_cpu(const at::Tensor& kv_in, const at::Tensor& r_idx_in
     const scalar_t* src = kv.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / (row + 1));
-    at::parallel_for(0, n * P * T, grain, [&](int64_t e0, int64_t e1) {
+    parallel_for(0, n * P * T, grain, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         const int64_t b = e / (P * T);
         const scalar_t* s = src + routing::window_row(b, ip[e], 0, P, W) * C;
@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cpu(
     const scalar_t* x = kv.data_ptr<scalar_t>();
     scalar_t* gx = grad_kv.data_ptr<scalar_t>();
     // grad_kv[b, j] = Σ over the pairs routed to j, in ascending (i, t), of w · grad[b, i, t].
-    at::parallel_for(0, n * P, 1, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, n * P, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> acc(row);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / P, j = r % P;
@@ -132,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cpu(
     TOKRED_DISPATCH_FLOATS(grad_w.scalar_type(), "tokred_routed_gather_backward_cpu_w", [&] {
       scalar_t* gw = grad_w.data_ptr<scalar_t>();
       using g_t = std::remove_const_t<std::remove_pointer_t<decltype(g)>>;
-      at::parallel_for(0, n * P * T, 1, [&](int64_t e0, int64_t e1) {
+      parallel_for(0, n * P * T, 1, [&](int64_t e0, int64_t e1) {
         for (int64_t e = e0; e < e1; ++e) {
           const int64_t b = e / (P * T);
           const g_t* ge = g + e * row;
@@ -360,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
     const int64_t split =
         std::min(d.P, std::max<int64_t>(1, (4 * at::get_num_threads() + units - 1) / units));
     const int64_t per = (d.P + split - 1) / split, parts = (d.P + per - 1) / per;
-    at::parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> kT(d.DQ * ldk), vrow(NK * d.DV), qf(WQp * d.DQ, acc_t(0)),
           acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
       std::vector<const acc_t*> vptr(kTile);
@@ -448,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     // feed dq of the window and the dk / dv accumulators of the batch's keys of that head. A key
     // row sums its terms in ascending (query window, slot, query row) order within one task, so
     // results do not depend on the thread count.
-    at::parallel_for(0, d.n * d.H, 1, [&](int64_t t0, int64_t t1) {
+    parallel_for(0, d.n * d.H, 1, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> kT(d.DQ * ldk), vT(d.DV * ldk), krow(NK * d.DQ), dka(NK * d.DQ),
           dva(NK * d.DV), qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), lr(WQp),
           Dr(WQp), dqa(WQp * d.DQ), kc(d.DQ * kTile, acc_t(0)), vc(d.DV * kTile, acc_t(0)),

@@ -2,10 +2,9 @@
 
 #include <vector>
 
-#include <ATen/Parallel.h>
-
 #include "common/checks.h"
 #include "common/dispatch.h"
+#include "cpu/parallel.h"
 
 namespace tokred {
 
@@ -20,7 +19,7 @@ at::Tensor scatter_sum_rows_cpu(const at::Tensor& src_in, const at::Tensor& inde
     const scalar_t* s = src.data_ptr<scalar_t>();
     const int64_t* idx = index.data_ptr<int64_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> acc;
       for (int64_t b = b0; b < b1; ++b) {
         acc.assign(n * C, acc_t(0));
@@ -50,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> build_segments_cpu(const at::Tensor& index_in
   const int64_t* idx = index.data_ptr<int64_t>();
   int64_t* ord = order.data_ptr<int64_t>();
   int64_t* offp = offsets.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> next(n);  // per target: its count, then its next slot in order
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t* row = idx + b * K;

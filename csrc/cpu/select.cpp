@@ -1,19 +1,22 @@
-// CPU kernels of the selection ops: rows run in parallel with at::parallel_for; each row is
+// CPU kernels of the selection ops: rows run in parallel (cpu/parallel.h); each row is
 // selected with nth_element and a sort of the kept prefix under tokred's total order, as
 // integer keys (common/rank.h).
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/rank.h"
 #include "common/select_args.h"
+#include "cpu/copy.h"
+#include "cpu/parallel.h"
 #include "cpu/segment.h"
+#include "cpu/vec.h"
 
 namespace tokred {
 namespace {
@@ -42,13 +45,10 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
   for (int64_t j = 0; j < m; ++j) order[j] = entries[j].index;
 }
 
+// A row of C elements at any channel stride (copy_bytes handles unit stride).
 template <typename scalar_t>
 void copy_row(scalar_t* dst, const scalar_t* src, int64_t C, int64_t stride) {
-  if (stride == 1) {
-    std::copy(src, src + C, dst);
-  } else {
-    for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
-  }
+  for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores_in, int64_t k, bool largest,
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores_in, int64_t
     const scalar_t pad = largest ? -std::numeric_limits<scalar_t>::infinity()
                                  : std::numeric_limits<scalar_t>::infinity();
     const int64_t grain = std::max<int64_t>(1, 4096 / (n + 1));
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       std::vector<Entry> entries;
       std::vector<int64_t> order;
       for (int64_t r = r0; r < r1; ++r) {
@@ -110,23 +110,27 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index_in) {
   const at::Tensor index = as_int64(index_in);
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = index.size(1);
   at::Tensor out = at::empty({B, K, C}, x.options());
+  const bool streaming = use_streaming_stores(out.nbytes());
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_gather_tokens_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t* ip = index.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
     const int64_t grain = std::max<int64_t>(1, 32768 / (C + 1));
-    at::parallel_for(0, B * K, grain, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, B * K, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / K, i = ip[r];
         TORCH_CHECK(i >= -1 && i < N, "tokred::gather_tokens: argument 'index' holds ", i, " at [",
                     b, ", ", r % K, "], expected values in [0, ", N, ") or -1 for padding");
         if (i < 0) {
           std::fill(op + r * C, op + (r + 1) * C, scalar_t(0));
+        } else if (s2 == 1) {
+          copy_bytes(op + r * C, xp + b * s0 + i * s1, C * int64_t(sizeof(scalar_t)), streaming);
         } else {
           copy_row(op + r * C, xp + b * s0 + i * s1, C, s2);
         }
       }
+      if (streaming) finish_streaming_stores();
     });
   });
   return out;
@@ -144,7 +148,7 @@ at::Tensor complement_cpu(const at::Tensor& index_in, int64_t n) {
   at::Tensor out = at::empty({B, n - K}, index.options());
   const int64_t* ip = index.data_ptr<int64_t>();
   int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<char> seen;
     for (int64_t b = b0; b < b1; ++b) {
       seen.assign(n, 0);
@@ -165,6 +169,32 @@ at::Tensor complement_cpu(const at::Tensor& index_in, int64_t n) {
   return out;
 }
 
+// EViT's fused token for float and double rows of unit stride: acc[c] += Σ_x w[x]·rows[x][c],
+// x ascending, four rows per pass over acc (vec.h). Each lane does the scalar loop's operations in
+// its order, so every clone gives the scalar loop's bits.
+#define TOKRED_FUSE_KERNEL(T)                                                                   \
+  TOKRED_SIMD_CLONES void add_weighted_rows(T* acc, const T* w, const T* const* rows,           \
+                                            int64_t X, int64_t C) {                             \
+    for (int64_t x0 = 0; x0 < X; x0 += vec::kRows) {                                           \
+      vec::axpy_rows_impl<T, 1>(w + x0, 0, 1, rows + x0, std::min(vec::kRows, X - x0), C, acc, \
+                                C);                                                             \
+    }                                                                                           \
+  }
+TOKRED_FUSE_KERNEL(float)
+TOKRED_FUSE_KERNEL(double)
+
+// acc[c] += Σ_x w[x]·rows[x][c·stride], x ascending: the cloned kernel where it applies.
+template <typename x_t, typename acc_t>
+void add_weighted_tokens(acc_t* acc, const acc_t* w, const x_t* const* rows, int64_t X,
+                         int64_t C, int64_t stride) {
+  if constexpr (std::is_same_v<x_t, acc_t>) {
+    if (stride == 1) return add_weighted_rows(acc, w, rows, X, C);
+  }
+  for (int64_t x = 0; x < X; ++x) {
+    for (int64_t c = 0; c < C; ++c) acc[c] += w[x] * static_cast<acc_t>(rows[x][c * stride]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
                                                     const at::Tensor& scores_in, int64_t k,
                                                     bool fuse, int64_t P, bool keep_order) {
@@ -174,6 +204,7 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
   const int64_t rows_out = P + k + (fuse ? 1 : 0);
   at::Tensor out = at::empty({B, rows_out, C}, x.options());
   at::Tensor index = at::empty({B, k}, x.options().dtype(at::kLong));
+  const bool streaming = use_streaming_stores(out.nbytes());
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_prune_tokens_cpu", [&] {
     using x_t = scalar_t;
     using acc_t = at::opmath_type<x_t>;
@@ -183,40 +214,47 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
       x_t* op = out.data_ptr<x_t>();
       int64_t* ip = index.data_ptr<int64_t>();
       const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      auto copy_token = [&](x_t* dst, const x_t* src) {
+        if (s2 == 1) {
+          copy_bytes(dst, src, C * int64_t(sizeof(x_t)), streaming);
+        } else {
+          copy_row(dst, src, C, s2);
+        }
+      };
+      parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         std::vector<Entry> entries;
         std::vector<int64_t> order;
         std::vector<char> kept;
-        std::vector<acc_t> acc;
+        std::vector<const x_t*> dropped;
+        std::vector<acc_t> weights, acc;
         for (int64_t b = b0; b < b1; ++b) {
           select_row(sp + b * N, N, k, /*largest=*/true, entries, order);
           if (keep_order) std::sort(order.begin(), order.end());
           const x_t* xb = xp + b * s0;
           x_t* ob = op + b * rows_out * C;
-          for (int64_t r = 0; r < P; ++r) copy_row(ob + r * C, xb + r * s1, C, s2);
+          for (int64_t r = 0; r < P; ++r) copy_token(ob + r * C, xb + r * s1);
           for (int64_t j = 0; j < k; ++j) {
             ip[b * k + j] = order[j];
-            copy_row(ob + (P + j) * C, xb + (P + order[j]) * s1, C, s2);
+            copy_token(ob + (P + j) * C, xb + (P + order[j]) * s1);
           }
           if (!fuse) continue;
           // EViT's extra token: Σ over dropped tokens of score·x, in ascending token order.
           kept.assign(N, 0);
           for (int64_t j = 0; j < k; ++j) kept[order[j]] = 1;
-          acc.assign(C, acc_t(0));
-          acc_t* __restrict__ a = acc.data();
+          dropped.clear();
+          weights.clear();
           for (int64_t i = 0; i < N; ++i) {
             if (kept[i]) continue;
-            const acc_t w = static_cast<acc_t>(sp[b * N + i]);
-            const x_t* __restrict__ xi = xb + (P + i) * s1;
-            if (s2 == 1) {  // unit stride: a loop the compiler vectorises
-              for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(xi[c]);
-            } else {
-              for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<acc_t>(xi[c * s2]);
-            }
+            dropped.push_back(xb + (P + i) * s1);
+            weights.push_back(static_cast<acc_t>(sp[b * N + i]));
           }
+          acc.assign(C, acc_t(0));
+          add_weighted_tokens(acc.data(), weights.data(), dropped.data(),
+                              static_cast<int64_t>(dropped.size()), C, s2);
           x_t* fused = ob + (P + k) * C;
           for (int64_t c = 0; c < C; ++c) fused[c] = static_cast<x_t>(acc[c]);
         }
+        if (streaming) finish_streaming_stores();
       });
     });
   });
@@ -244,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cpu(
       const int64_t* ip = index.data_ptr<int64_t>();
       g_t* gx = grad_x.data_ptr<g_t>();
       scalar_t* gs = grad_s.data_ptr<scalar_t>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         std::vector<int64_t> pos;
         for (int64_t b = b0; b < b1; ++b) {
           const g_t* gb = gp + b * rows_out * C;
