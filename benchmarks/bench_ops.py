@@ -18,7 +18,8 @@ import torch
 import tokred_ext  # noqa: F401
 from tokred_ext import ops, reference as ref
 
-from common import compiled, machine, markdown_table, median_seconds, write_json
+from common import (compiled, machine, markdown_table, median_seconds, steady_allocator,
+                    write_json)
 
 
 # --------------------------------------------------------------------------- upstream glue
@@ -124,6 +125,7 @@ def main():
     p.add_argument("--json", help="write rows and machine info to this file")
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = p.parse_args()
+    steady_allocator()
     meta = machine() | {"device": args.device, "dtype": args.dtype}
     rows = run(args)
     cols = ["op", "B", "C", "tokred ms", "upstream ms", "compiled ms", "reference ms",

@@ -27,7 +27,7 @@ from tokred_ext.models import create_model
 from tokred_ext.nn import policy_from_spec
 
 from bench_ops import upstream_evit
-from common import machine, write_json
+from common import machine, steady_allocator, write_json
 
 N, C, D = 197, 384, 64
 
@@ -165,6 +165,7 @@ def main():
     p.add_argument("--only", default=",".join(TARGETS), help="comma-separated targets")
     p.add_argument("--json", help="write the rows and the machine to this file")
     a = p.parse_args()
+    steady_allocator()
     rounds = a.rounds or (3 if a.quick else 15)
     inner = {"tome_step": 5, "prune_fuse": 10, "batch1": 3, "deit_tome": 2}
     rows = []
