@@ -16,9 +16,18 @@
 #include "cpu/copy.h"
 #include "cpu/parallel.h"
 #include "cpu/segment.h"
+#include "cpu/vec.h"
 
 namespace tokred {
 namespace {
+
+// Target-cloned row maxima for match_row (GCC cannot clone templates).
+TOKRED_SIMD_CLONES bool row_max_without_nan(const float* s, int64_t n, float& out) {
+  return vec::max_without_nan<float>(s, n, out);
+}
+TOKRED_SIMD_CLONES bool row_max_without_nan(const double* s, int64_t n, double& out) {
+  return vec::max_without_nan<double>(s, n, out);
+}
 
 // One batch row of the matching, given the row's raw dot products a·b [na, nb] and inverse norms
 // [N] (tokens interleaved: A at even positions, B at odd). Scores follow tome_score.
@@ -31,14 +40,19 @@ void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, bool clas
   for (int64_t j = 0; j < nb; ++j) inv_b[j] = inv[2 * j + 1];
   for (int64_t a = 0; a < na; ++a) {
     const acc_t inv_a = inv[2 * a];
-    for (int64_t j = 0; j < nb; ++j) {  // apart from the scan below, so that it vectorises
-      scores[j] = tome_score(dots[a * nb + j], inv_a, inv_b[j], false);
+    for (int64_t j = 0; j < nb; ++j) {
+      scores[j] = tome_score(dots[a * nb + j], inv_a, inv_b[j],
+                             tome_excluded(a, j, class_token, distill_token));
     }
     acc_t best = 0;
     int64_t best_j = -1;
-    for (int64_t j = 0; j < nb; ++j) {
-      const bool excluded = tome_excluded(a, j, class_token, distill_token);
-      tome_argmax_step(excluded ? -acc_t(INFINITY) : scores[j], j, best, best_j);
+    if (nb > 0 && row_max_without_nan(scores.data(), nb, best)) {
+      // Without NaN, tome_argmax_step's first maximum is the first column equal to the maximum.
+      // (Its value is read back from that column: the maximum might be +0 where it holds -0.)
+      best_j = std::find(scores.begin(), scores.begin() + nb, best) - scores.begin();
+      best = scores[best_j];
+    } else {
+      for (int64_t j = 0; j < nb; ++j) tome_argmax_step(scores[j], j, best, best_j);
     }
     node_max[a] = best;
     node_idx[a] = best_j;

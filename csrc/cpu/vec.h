@@ -103,6 +103,36 @@ TOKRED_INLINE T vmax(const Vec<T>& v) {
   return m;
 }
 
+// The maximum of s[0..n), n >= 1, into `out`; false (and `out` unspecified) where s holds a NaN,
+// whose ordering the caller's scalar rule decides.
+template <typename T>
+TOKRED_INLINE bool max_without_nan(const T* s, int64_t n, T& out) {
+  using V = Vec<T>;
+  int64_t i = 0;
+  T m = s[0];
+  bool nan = false;
+  if (n >= kLanes<T>) {
+    V vm = vload(s);
+    auto bad = vm != vm;
+    for (i = kLanes<T>; i + kLanes<T> <= n; i += kLanes<T>) {
+      const V v = vload(s + i);
+      bad |= v != v;
+      vm = v > vm ? v : vm;
+    }
+    m = vm[0];
+    for (int64_t l = 0; l < kLanes<T>; ++l) {
+      nan |= bad[l] != 0;
+      m = vm[l] > m ? vm[l] : m;
+    }
+  }
+  for (; i < n; ++i) {
+    nan |= s[i] != s[i];
+    m = s[i] > m ? s[i] : m;
+  }
+  out = m;
+  return !nan;
+}
+
 // exp for the softmax arguments (x <= 0 in practice): Cody-Waite reduction x = n ln2 + r and
 // Cephes' degree-6 polynomial (about 1 ulp), times 2^n written into the exponent bits. Plain
 // arithmetic, so it vectorises and is the same on every build; x < -87.3 (and -inf) gives 0,
