@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.abspath(tokred_ext.__file__))
 LAYERS = {
     "tokred_ext": "package", "tokred_ext.__main__": "cli", "tokred_ext._C": "kernels",
     "tokred_ext._build_info": "build", "tokred_ext._build_config": "build",
-    "tokred_ext.ops": "ops", "tokred_ext.rules": "rules", "tokred_ext.functional": "functional",
+    "tokred_ext.ops": "ops", "tokred_ext.flop_formulas": "ops", "tokred_ext.rules": "rules",
+    "tokred_ext.functional": "functional",
     "tokred_ext.reference": "reference", "tokred_ext.nn": "nn", "tokred_ext.models": "models",
     "tokred_ext.patch": "patch", "tokred_ext.bench": "bench", "tokred_ext.visualize": "visualize",
     "tokred_ext.cli": "cli",
@@ -25,7 +26,7 @@ LAYERS = {
 
 _BELOW_NN = {"functional", "rules", "ops", "kernels", "package"}
 # What each layer may import from tokred_ext. "package" is tokred_ext/__init__.py, which every
-# submodule import runs anyway (it loads the kernels and registers autograd).
+# submodule import runs anyway (it loads the kernels and registers autograd and FLOP formulas).
 ALLOWED: Dict[str, Set[str]] = {
     "kernels": set(),
     "build": {"build", "kernels"},

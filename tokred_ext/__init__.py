@@ -1,11 +1,13 @@
 """tokred: fused, exact token-reduction kernels for vision transformers.
 
-Importing this package registers every op as ``torch.ops.tokred.*`` and their autograd formulas.
+Importing this package registers every op as ``torch.ops.tokred.*``, their autograd formulas and
+their FLOP formulas (``torch.utils.flop_counter``; docs/flops.md).
 """
 import torch  # noqa: F401  (torch first: _C links against its libraries)
 
 from . import _C  # noqa: F401  (loads the kernels; registers torch.ops.tokred.*)
 from . import ops  # noqa: F401  (registers autograd)
+from . import flop_formulas  # noqa: F401  (registers FLOP formulas, SDPA's CPU kernel included)
 from ._build_info import build_info
 
 __version__ = "0.1.0"
