@@ -1,5 +1,6 @@
-"""FLOP formulas: every op's against a count worked out by hand for a small shape, SDPA's CPU
-kernel's against torch's own formula."""
+"""FLOP counts: every op's formula against a count worked out by hand for a small shape, SDPA's
+CPU kernel against torch's own formula, DeiT-S against its architecture, and each policy's
+per-block FLOPs against the block formula at the token counts the model reports."""
 import importlib
 
 import pytest
@@ -10,6 +11,9 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, sdpa_backw
 import tokred_ext
 from tokred_ext import flop_formulas
 from tokred_ext import ops as T
+from tokred_ext.models import biformer_tiny, create_model
+from tokred_ext.models.biformer import set_backend
+from tokred_ext.nn import policy_from_spec
 
 _ops = torch.ops.tokred
 
@@ -208,3 +212,113 @@ def test_sdpa_cpu_kernel_is_counted_as_torch_counts_sdpa():
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), torch.no_grad():
         assert counts(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == \
             {"aten.bmm": got[fwd]}
+
+
+# --------------------------------------------------------------------------- models
+
+C, HEADS, MLP, PATCHES, CLASSES = 384, 6, 4 * 384, 196, 1000
+# DeiT-S outside its blocks: the 16x16 patch conv (3 * 16 * 16 = 768 inputs per output) and the
+# head; LayerNorm, GELU, softmax and the additions count 0 (as torch counts them).
+OUTSIDE = 2 * PATCHES * 768 * C + 2 * C * CLASSES
+
+
+def block_flops(n_in, n_out, method=None):
+    """One DeiT-S block with ``n_in`` tokens entering and ``n_out`` leaving: qkv and proj and the
+    attention at n_in, the reduction step, the MLP at n_out."""
+    f = 2 * n_in * C * 3 * C + 2 * n_in * C * C + 2 * 2 * n_in * n_in * C
+    f += 2 * 2 * n_out * C * MLP
+    if method in ("topk", "evit"):
+        f += 2 * n_in * C  # the class token's attention row, all heads: 1 x n_in per head
+    if method == "evit":
+        dropped = n_in - (n_out - 1)  # the kept tokens and the fused one leave
+        f += 2 * dropped * C
+    if method == "tome":
+        d = C // HEADS  # the metric: keys averaged over heads
+        f += 2 * ((n_in + 1) // 2 * (n_in // 2) + n_in) * d  # matching: similarities, norms
+        f += 2 * n_in * C  # wavg merge
+    return f
+
+
+def _images(batch=1):
+    return torch.randn(batch, 3, 224, 224, generator=_g())
+
+
+def test_deit_small_without_reduction():
+    model = create_model("deit_small_patch16_224")
+    report = tokred_ext.flops(model, _images())
+    expected = OUTSIDE + 12 * block_flops(197, 197)
+    assert report.flops == expected == 9_197_764_608
+    assert round(report.gmacs, 2) == 4.60  # DeiT-S's published "4.6 GFLOPs" (MACs)
+    assert [(b.name, b.tokens_in, b.tokens_out) for b in report.blocks] == \
+        [(f"blocks.{i}", 197, 197) for i in range(12)]
+    assert all(b.flops == block_flops(197, 197) for b in report.blocks)
+    assert report.outside_blocks == OUTSIDE
+
+
+@pytest.mark.parametrize("spec", ["topk:0.7", "evit:0.7", "tome:13"])
+def test_policy_per_block(spec):
+    policy = policy_from_spec(spec)
+    model = create_model("deit_small_patch16_224", reduction=policy)
+    report = tokred_ext.flops(model, _images())
+    method = spec.split(":")[0]
+    n_in = [197] + model.token_counts[:-1]
+    reducing = set(range(12)) if method == "tome" else set(policy.locs)
+    expected = [block_flops(a, b, method if i in reducing else None)
+                for i, (a, b) in enumerate(zip(n_in, model.token_counts))]
+    assert [b.flops for b in report.blocks] == expected
+    assert [(b.tokens_in, b.tokens_out) for b in report.blocks] == list(zip(n_in, model.token_counts))
+    assert report.flops == OUTSIDE + sum(expected)
+    # The schedule is visible: the tokens shrink where the policy acts.
+    if method == "tome":
+        assert model.token_counts == [197 - 13 * (i + 1) for i in range(12)]
+    else:
+        assert len(set(model.token_counts)) == 4 and model.token_counts[3] < 197
+
+
+def test_flops_scale_with_the_batch():
+    model = create_model("deit_small_patch16_224", reduction=policy_from_spec("tome:13"))
+    one, two = (tokred_ext.flops(model, _images(b)) for b in (1, 2))
+    assert two.flops == 2 * one.flops and two.batch == 2
+    assert [b.flops for b in two.blocks] == [2 * b.flops for b in one.blocks]
+
+
+def test_biformer_per_block_and_fused_attention_counted_as_its_matmuls():
+    model = biformer_tiny()
+    report = tokred_ext.flops(model, _images())
+    tokens = [3136] * 2 + [784] * 2 + [196] * 8 + [49] * 2
+    assert [b.tokens_in for b in report.blocks] == [b.tokens_out for b in report.blocks] == tokens
+    assert report.blocks[4].name == "stages.2.0"
+    # Stage s has 7 x 7 windows of w = (56 / 2**s / 7)**2 pixels, routed to topk = 1, 4, 16
+    # windows, qk and v dims 64, 128, 256: q kᵀ and p v per window.
+    routed = sum(depth * 2 * 49 * w * (topk * w) * 2 * dim
+                 for depth, w, topk, dim in ((2, 64, 1, 64), (2, 16, 4, 128), (8, 4, 16, 256)))
+    assert report.by_op["tokred.routed_attention"] == routed
+    # Upstream's gather + matmul (the reference backend) does the same multiply-adds in bmm.
+    reference = tokred_ext.flops(set_backend(model, "reference"), _images())
+    assert reference.flops == report.flops
+    assert "tokred.routed_attention" not in reference.by_op
+    assert 2.2 <= report.gmacs < 2.25  # BiFormer-T's published 2.2 G
+
+
+# --------------------------------------------------------------------------- flops() itself
+
+def test_total_only_and_restored_modes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    model[1].eval()  # a mixed model: each flag must come back as it was
+    report = tokred_ext.flops(model, _x(2, 4), per_block=False)
+    assert report.flops == 2 * 2 * 4 * 3 and report.blocks == () and report.gmacs == 24 / 1e9
+    assert model.training and model[0].training and not model[1].training
+
+
+LINEAR = torch.nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("model,inp,err,match", [
+    (LINEAR, _x(2, 4), ValueError, "cannot find the blocks of Linear"),
+    (None, _x(2, 4), TypeError, "model must be a torch.nn.Module"),
+    (LINEAR, [1.0], TypeError, "input must be a Tensor"),
+    (LINEAR, torch.tensor(1.0), ValueError, "batch dimension"),
+], ids=["no blocks", "not a module", "not a tensor", "0-d"])
+def test_bad_input(model, inp, err, match):
+    with pytest.raises(err, match=match):
+        tokred_ext.flops(model, inp)

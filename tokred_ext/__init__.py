@@ -9,6 +9,9 @@ from . import _C  # noqa: F401  (loads the kernels; registers torch.ops.tokred.*
 from . import ops  # noqa: F401  (registers autograd)
 from . import flop_formulas  # noqa: F401  (registers FLOP formulas, SDPA's CPU kernel included)
 from ._build_info import build_info
+# The function shadows its module's name on the package: tokred_ext.flops(model, x). Imported
+# here, not lazily, so that importing the submodule first cannot leave the module in its place.
+from .flops import flops
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "flops", "ops", "__version__"]
