@@ -42,7 +42,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "patch": {"patch", "nn"} | _BELOW_NN,
     "visualize": {"models", "nn"} | _BELOW_NN,
     "bench": {"reference", "models", "nn"} | _BELOW_NN,  # it times tokred against the oracle
-    "cli": {"cli", "bench", "visualize", "models", "nn", "build"} | _BELOW_NN,
+    "cli": {"cli", "bench", "visualize", "flops", "models", "nn", "build"} | _BELOW_NN,
 }
 # Third-party packages a layer may import besides the standard library (None: any).
 THIRD_PARTY: Dict[str, Optional[Set[str]]] = {"reference": {"torch"}, "rules": set()}

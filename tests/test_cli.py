@@ -96,6 +96,11 @@ BAD = [
     ["bench", "--models", "deit_tiny", "--json", "/nonexistent/x.json"],
     ["visualize", "-o", "x.bmpx", "--method", "evit"],
     ["bench", "--models", "deit_tiny", "--policies", "tome:2.7"],
+    ["flops", "--model", "resnet50"],
+    ["flops", "--policy", "dynamicvit"],
+    ["flops", "--policy", "evit:x"],
+    ["flops", "--batch", "0"],
+    ["flops", "--model", "biformer_tiny", "--policy", "tome:13"],  # BiFormer takes no policy
 ]
 
 

@@ -2,6 +2,8 @@
 CPU kernel against torch's own formula, DeiT-S against its architecture, and each policy's
 per-block FLOPs against the block formula at the token counts the model reports."""
 import importlib
+import json
+import math
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, sdpa_backw
                                       sdpa_flop_count)
 
 import tokred_ext
-from tokred_ext import flop_formulas
+from tokred_ext import cli, flop_formulas
 from tokred_ext import ops as T
 from tokred_ext.models import biformer_tiny, create_model
 from tokred_ext.models.biformer import set_backend
@@ -322,3 +324,44 @@ LINEAR = torch.nn.Linear(4, 3)
 def test_bad_input(model, inp, err, match):
     with pytest.raises(err, match=match):
         tokred_ext.flops(model, inp)
+
+
+# --------------------------------------------------------------------------- the command
+
+def _run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_table(capsys):
+    rc, out, err = _run(capsys, "flops", "--model", "deit_small_patch16_224", "--policy", "tome:13")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[1].split() == ["block", "tokens", "in", "tokens", "out", "GFLOPs"]
+    rows = [line.split() for line in lines[2:14]]
+    assert [r[:3] for r in rows] == [[f"blocks.{i}", str(197 - 13 * i), str(184 - 13 * i)]
+                                     for i in range(12)]
+    first = block_flops(197, 184, "tome") / 1e9
+    assert math.isclose(float(rows[0][3]), first, abs_tol=5e-5)
+    assert lines[-1].startswith("total: ") and "GMACs" in lines[-1]
+
+
+def test_cli_json_alone_on_stdout(capsys):
+    rc, out, err = _run(capsys, "flops", "--model", "deit_small", "--policy", "evit:0.7",
+                        "--batch", "2", "--json")
+    assert rc == 0, err
+    data = json.loads(out)  # nothing but the JSON
+    model = create_model("deit_small_patch16_224", reduction=policy_from_spec("evit:0.7"))
+    expected = tokred_ext.flops(model, _images(2))
+    assert data["flops"] == expected.flops and data["batch"] == 2
+    assert data["gmacs"] == expected.flops / 2e9
+    assert [b["tokens_out"] for b in data["blocks"]] == model.token_counts
+    assert data["model"] == "deit_small_patch16_224" and data["policy"] == "evit:0.7"
+
+
+def test_cli_biformer(capsys):
+    rc, out, err = _run(capsys, "flops", "--model", "biformer_tiny", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert len(data["blocks"]) == 14 and data["blocks"][-1]["tokens_in"] == 49

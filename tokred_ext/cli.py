@@ -1,4 +1,4 @@
-"""The ``tokred`` command: ``bench``, ``info`` and ``visualize``.
+"""The ``tokred`` command: ``bench``, ``flops``, ``info`` and ``visualize``.
 
 Bad arguments print one line, ``tokred: error: ...``, and exit with status 2.
 """
@@ -81,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", default=None, help="also write rows as JSON ('-': stdout)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    f = sub.add_parser("flops", help="FLOPs of a model with a policy, per block")
+    f.add_argument("--model", default="deit_small",
+                   help="a ViT/DeiT name or biformer_tiny/small/base (default: deit_small)")
+    f.add_argument("--policy", default="none",
+                   help="none, topk, evit or tome, a value may follow a colon: tome:13, "
+                        "evit:0.7 (default: none; ViT models only)")
+    f.add_argument("--batch", type=_positive_int, default=1, help="images per pass (default: 1)")
+    f.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
     sub.add_parser("info", help="versions, CUDA kernels, registered ops, device")
 
@@ -171,6 +180,53 @@ def _note_clamped_merges(rows, default_r: int) -> None:
                   file=sys.stderr)
 
 
+_BIFORMERS = ("biformer_tiny", "biformer_small", "biformer_base")
+
+
+def _flops(args) -> int:
+    import torch
+
+    from .flops import flops
+    from .models import biformer
+    from .models.vit import ALIASES, MODELS, create_model
+    from .nn.policies import policy_from_spec
+
+    name = ALIASES.get(args.model, args.model)
+    if name not in MODELS and name not in _BIFORMERS:
+        raise UsageError(f"unknown model {args.model!r}; choose from "
+                         f"{', '.join(list(ALIASES) + list(MODELS) + list(_BIFORMERS))}")
+    try:
+        policy = policy_from_spec(args.policy)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if name in _BIFORMERS:
+        if policy is not None:
+            raise UsageError(f"--policy {args.policy} is for ViT models; BiFormer reduces by its "
+                             "own routing")
+        model, img_size = getattr(biformer, name)(), 224
+    else:
+        model = create_model(name, reduction=policy)
+        img_size = model.patch_embed.img_size
+    # The count depends on shapes only (the policies' schedules fix the token counts), so any
+    # weights and pixels give it; seeded so that runs are identical anyway.
+    images = torch.randn(args.batch, 3, img_size, img_size,
+                         generator=torch.Generator().manual_seed(0))
+    report = flops(model, images)
+    if args.json:  # JSON alone on stdout, for pipes
+        print(json.dumps({"model": name, "policy": args.policy, **report.as_dict()}, indent=2))
+        return 0
+    print(f"{name}, policy {args.policy}, batch {args.batch}")
+    width = max(len("block"), *(len(b.name) for b in report.blocks))
+    print(f"{'block':<{width}}  {'tokens in':>9}  {'tokens out':>10}  {'GFLOPs':>8}")
+    for b in report.blocks:
+        tokens_in, tokens_out = ("?" if t is None else t for t in (b.tokens_in, b.tokens_out))
+        print(f"{b.name:<{width}}  {tokens_in:>9}  {tokens_out:>10}  {b.gflops:>8.4f}")
+    print(f"{'outside blocks':<{width + 23}}  {report.outside_blocks / 1e9:>8.4f}")
+    print(f"total: {report.gflops:.4f} GFLOPs = {report.gmacs:.4f} GMACs "
+          "(a multiply-add is 2 FLOPs; papers' \"FLOPs\" are usually MACs)")
+    return 0
+
+
 def _info(args) -> int:
     import torch
 
@@ -240,7 +296,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"bench": _bench, "info": _info, "visualize": _visualize}[args.command](args)
+        return {"bench": _bench, "flops": _flops, "info": _info,
+                "visualize": _visualize}[args.command](args)
     except UsageError as e:
         print(f"tokred: error: {e}", file=sys.stderr)
         return 2
