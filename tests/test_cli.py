@@ -1,4 +1,5 @@
 """The tokred command end to end, at tiny sizes."""
+import datetime
 import json
 import os
 import shutil
@@ -8,10 +9,9 @@ import sys
 import pytest
 import torch
 
-from tokred_ext import cli
+from tokred_ext import bench, cli
 from tokred_ext import visualize as vis
 from tokred_ext.nn import policy_from_spec
-
 
 
 def run(capsys, *argv):
@@ -45,14 +45,17 @@ def test_console_script(tmp_path):
     assert res.returncode == 0 and "tokred::topk" in res.stdout, res.stderr
 
 
+# Every bench test times 1-3 rounds of the tiny model at batch 1, with no minimum time.
+TINY = ["bench", "--models", "deit_tiny", "--batch-size", "1", "--device", "cpu", "--min-time", "0"]
+
+
 def test_bench_tiny(capsys, tmp_path):
     policies = "none,topk,evit,tome"
     path = tmp_path / "rows.json"
-    rc, out, err = run(capsys, "bench", "--models", "deit_tiny", "--policies", policies,
-                       "--batch-size", "1", "--iters", "1", "--warmup", "0", "--device", "cpu",
+    rc, out, err = run(capsys, *TINY, "--policies", policies, "--iters", "1", "--warmup", "0",
                        "--json", str(path), "--markdown")
     assert rc == 0, err
-    rows = json.loads(path.read_text())
+    rows = json.loads(path.read_text())["rows"]
     n_pol = len(policies.split(","))
     assert len(rows) == 2 * n_pol
     assert {r["impl"] for r in rows} == {"tokred", "reference"}
@@ -65,14 +68,69 @@ def test_bench_tiny(capsys, tmp_path):
     assert out.count("\n| deit_tiny") == 2 * n_pol
 
 
-def test_bench_policy_values_and_plain_table(capsys):
-    rc, out, _ = run(capsys, "bench", "--models", "deit_tiny", "--policies", "topk:0.5",
-                     "--impls", "tokred", "--batch-size", "1", "--iters", "1", "--warmup", "0",
-                     "--no-progress", "--json", "-")
-    assert rc == 0
-    table, _, js = out.partition("[")
-    assert "images/s" in table and "x reference" in table
-    assert json.loads("[" + js)[0]["tokens_out"] == 1 + 24  # int(0.5**3 * 196)
+META_KEYS = {"tokred", "torch", "device", "cpu", "gpu", "dtype", "batch_size", "threads",
+             "git_revision", "date", "memory"}
+SPREAD_KEYS = {"ms_per_batch", "ms_iqr", "ms_min", "ms_max", "spread", "rounds", "times_ms",
+               "speedup_vs_none_iqr", "speedup_vs_reference_iqr"}
+
+
+def test_bench_json_to_stdout_alone(capsys):
+    rc, out, err = run(capsys, *TINY, "--policies", "none,topk:0.5", "--impls", "tokred",
+                       "--iters", "3", "--warmup", "0", "--json", "-")
+    assert rc == 0, err
+    report = json.loads(out)  # the whole of stdout: the table and progress went to stderr
+    assert "images/s" in err and "x reference" in err and "peak RSS MiB" in err
+    meta = report["meta"]
+    assert META_KEYS <= set(meta), META_KEYS - set(meta)
+    assert meta["torch"] == torch.__version__ and meta["threads"] == torch.get_num_threads()
+    assert meta["device"] == "cpu" and meta["batch_size"] == 1 and meta["dtype"] == "float32"
+    datetime.datetime.fromisoformat(meta["date"])
+    rows = report["rows"]
+    assert rows[1]["tokens_out"] == 1 + 24  # int(0.5**3 * 196)
+    for r in rows:
+        assert SPREAD_KEYS <= set(r), SPREAD_KEYS - set(r)
+        assert r["rounds"] == len(r["times_ms"]) == 3
+        assert r["ms_iqr"][0] <= r["ms_per_batch"] <= r["ms_iqr"][1]
+    assert isinstance(report["warnings"], list)
+
+
+def _clock(step):
+    """A fake bench clock: each reading advances by step(n) seconds, n = 1, 2, ..."""
+    state = {"t": 0.0, "n": 0}
+
+    def now():
+        state["n"] += 1
+        state["t"] += step(state["n"])
+        return state["t"]
+    return now
+
+
+@pytest.mark.parametrize("step,noisy", [(lambda n: 1e-3 * n, True), (lambda n: 1e-3, False)],
+                         ids=["growing", "steady"])
+def test_bench_warns_of_a_large_spread(capsys, monkeypatch, step, noisy):
+    # Readings that grow make each round slower than the last (a spread of 50%); steady ones
+    # give every round the same time.
+    monkeypatch.setattr(bench, "_now", _clock(step))
+    rc, out, err = run(capsys, *TINY, "--policies", "none", "--impls", "tokred", "--iters", "3",
+                       "--warmup", "0", "--no-progress", "--json", "-")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert (report["rows"][0]["spread"] > bench.SPREAD_LIMIT) == noisy
+    assert bool(report["warnings"]) == noisy
+    assert ("tokred: warning: 1 of 1 rows vary by more than 10%" in err) == noisy
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["log", "terminal"])
+def test_bench_progress(capsys, monkeypatch, tty):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    rc, _, err = run(capsys, *TINY, "--policies", "none,tome", "--iters", "3", "--warmup", "1")
+    assert rc == 0, err
+    if tty:  # the line is rewritten in place, and the model's summary stays
+        assert err.count("\r") > 3 and "deit_tiny: 4 candidates x 3 rounds" in err
+    else:  # a log gets one line for the model, no carriage returns
+        assert "\r" not in err
+        lines = [ln for ln in err.splitlines() if ln.startswith("deit_tiny:")]
+        assert len(lines) == 1 and lines[0].startswith("deit_tiny: 4 candidates x 3 rounds"), err
 
 
 BAD = [
@@ -144,8 +202,8 @@ def test_info_into_a_closed_pipe(tmp_path):
 
 
 def test_bench_says_what_a_large_tome_r_merged(capsys):
-    rc, out, err = run(capsys, "bench", "--models", "deit_tiny", "--policies", "tome:500", "--impls",
-                       "tokred", "--batch-size", "1", "--iters", "1", "--warmup", "0", "--no-progress")
+    rc, out, err = run(capsys, *TINY, "--policies", "tome:500", "--impls", "tokred", "--iters", "1",
+                       "--warmup", "0", "--no-progress")
     assert rc == 0, err
     assert "tokred: note: tome:500 on deit_tiny" in err and "[98, 49, 24," in err
 

@@ -45,6 +45,16 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _seconds(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not f >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value} seconds must be >= 0")
+    return f
+
+
 def _rate(value: str) -> float:
     try:
         f = float(value)
@@ -73,14 +83,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: float16 on CUDA, float32 on CPU")
     b.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
     b.add_argument("--iters", type=_positive_int, default=None,
-                   help="timed iterations (default: 20 on CUDA, 3 on CPU)")
+                   help="at least this many timed rounds (default: 20 on CUDA, 5 on CPU)")
+    b.add_argument("--min-time", type=_seconds, default=None,
+                   help="and at least this many seconds of timed rounds per model "
+                        "(default: 5 on CUDA, 10 on CPU)")
     b.add_argument("--warmup", type=_nonneg_int, default=None,
-                   help="warm-up iterations (default: 5 on CUDA, 1 on CPU)")
+                   help="warm-up rounds (default: 5 on CUDA, 1 on CPU)")
     b.add_argument("--keep-rate", type=_rate, default=0.7, help="Top-K/EViT keep rate (0.7)")
     b.add_argument("--r", type=_nonneg_int, default=13, help="ToMe tokens merged per layer (13)")
-    b.add_argument("--json", metavar="PATH", default=None, help="also write rows as JSON ('-': stdout)")
+    b.add_argument("--json", metavar="PATH", default=None,
+                   help="also write the results and run metadata as JSON ('-': stdout, which then "
+                        "holds the JSON alone; the table goes to stderr)")
     b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-progress", action="store_true", help="no progress lines")
 
     f = sub.add_parser("flops", help="FLOPs of a model with a policy, per block")
     f.add_argument("--model", default="deit_small",
@@ -138,19 +153,41 @@ def _bench(args) -> int:
     dtype = args.dtype or bench.defaults(device)["dtype"]
     if dtype == "float16" and not device.startswith("cuda"):
         raise UsageError("--dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
-    rows = bench.run(args.models, policies, args.impls, args.batch_size, dtype, device,
-                     args.iters, args.warmup, args.keep_rate, args.r,
-                     progress=not args.no_progress)
-    print(bench.format_table(rows, markdown=args.markdown))
-    _note_clamped_merges(rows, args.r)
+    report = bench.run(args.models, policies, args.impls, batch_size=args.batch_size, dtype=dtype,
+                       device=device, iters=args.iters, min_time=args.min_time,
+                       warmup=args.warmup, keep_rate=args.keep_rate, r=args.r,
+                       progress=None if args.no_progress else _Progress())
+    # With --json - stdout carries the JSON alone, so that it can be piped into a parser.
+    table_to = sys.stderr if args.json == "-" else sys.stdout
+    print(bench.format_table(report, markdown=args.markdown), file=table_to)
+    _note_clamped_merges(report["rows"], args.r)
+    for warning in report["warnings"]:
+        print(f"tokred: warning: {warning}", file=sys.stderr)
     if args.json:
-        text = json.dumps(rows, indent=2)
+        text = json.dumps(report, indent=2)
         if args.json == "-":
             print(text)
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return 0
+
+
+class _Progress:
+    """Progress on stderr. On a terminal one line rewritten in place; elsewhere (a log, CI) only
+    the summary line of each model, so that logs are not flooded with carriage returns."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.width = 0
+
+    def __call__(self, text: str, final: bool) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(self.width) + ("\n" if final else ""))
+            sys.stderr.flush()
+            self.width = 0 if final else len(text)
+        elif final:
+            print(text, file=sys.stderr, flush=True)
 
 
 def _check_writable(path: str, option: str) -> None:
@@ -236,7 +273,7 @@ def _info(args) -> int:
     lines = [f"tokred     {tokred_ext.__version__}",
              f"torch      {torch.__version__}",
              f"python     {platform.python_version()}"]
-    for mod in ("timm", "PIL", "tqdm"):
+    for mod in ("timm", "PIL"):
         try:
             version = getattr(__import__(mod), "__version__", "?")
         except ImportError:
