@@ -21,7 +21,7 @@ LAYERS = {
     "tokred_ext.functional": "functional",
     "tokred_ext.reference": "reference", "tokred_ext.nn": "nn", "tokred_ext.models": "models",
     "tokred_ext.patch": "patch", "tokred_ext.bench": "bench", "tokred_ext.visualize": "visualize",
-    "tokred_ext.flops": "flops", "tokred_ext.cli": "cli",
+    "tokred_ext.flops": "flops", "tokred_ext.onnx": "export", "tokred_ext.cli": "cli",
 }
 
 _BELOW_NN = {"functional", "rules", "ops", "kernels", "package"}
@@ -33,6 +33,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "build": {"build", "kernels"},
     "package": {"kernels", "ops", "build", "flops"},
     "flops": {"ops"},
+    "export": set(),  # translations name the ops through torch.ops.tokred, loaded by the package
     "reference": set(),
     "rules": set(),
     "ops": {"kernels"},
@@ -42,7 +43,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "patch": {"patch", "nn"} | _BELOW_NN,
     "visualize": {"models", "nn"} | _BELOW_NN,
     "bench": {"reference", "models", "nn"} | _BELOW_NN,  # it times tokred against the oracle
-    "cli": {"cli", "bench", "visualize", "flops", "models", "nn", "build"} | _BELOW_NN,
+    "cli": {"cli", "bench", "visualize", "flops", "export", "models", "nn", "build"} | _BELOW_NN,
 }
 # Third-party packages a layer may import besides the standard library (None: any).
 THIRD_PARTY: Dict[str, Optional[Set[str]]] = {"reference": {"torch"}, "rules": set()}

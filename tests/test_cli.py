@@ -283,3 +283,21 @@ def test_policy_from_spec():
                        ("evit:x", "not a number"), ("topk:2", "keep rate")):
         with pytest.raises(ValueError, match=match):
             policy_from_spec(bad)
+
+
+def test_export_writes_a_checked_onnx_file(capsys, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = tmp_path / "m.onnx"
+    rc, out, err = run(capsys, "export", "--model", "deit_tiny", "--policy", "topk:0.7",
+                       "-o", str(path))
+    assert rc == 0, err
+    assert path.stat().st_size > 0 and "onnxruntime check at batch 1" in err and "(ok)" in err
+
+
+def test_export_bad_arguments_one_line(capsys, tmp_path):
+    rc, _, err = run(capsys, "export", "--model", "nope", "-o", str(tmp_path / "m.onnx"))
+    assert rc == 2 and err.count("\n") == 1 and "unknown model 'nope'" in err
+    rc, _, err = run(capsys, "export", "--model", "biformer_tiny", "--policy", "tome:3",
+                     "-o", str(tmp_path / "m.onnx"))
+    assert rc == 2 and "is for ViT models" in err

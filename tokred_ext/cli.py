@@ -1,4 +1,4 @@
-"""The ``tokred`` command: ``bench``, ``flops``, ``info`` and ``visualize``.
+"""The ``tokred`` command: ``bench``, ``export``, ``flops``, ``info`` and ``visualize``.
 
 Bad arguments print one line, ``tokred: error: ...``, and exit with status 2.
 """
@@ -105,6 +105,23 @@ def _parser() -> argparse.ArgumentParser:
                         "evit:0.7 (default: none; ViT models only)")
     f.add_argument("--batch", type=_positive_int, default=1, help="images per pass (default: 1)")
     f.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    e = sub.add_parser("export", help="export a model with a policy to ONNX, checked in "
+                                      "onnxruntime")
+    e.add_argument("--model", default="deit_small",
+                   help="a ViT/DeiT name or biformer_tiny/small/base (default: deit_small)")
+    e.add_argument("--policy", default="none",
+                   help="none, topk, evit or tome, a value may follow a colon: tome:13 "
+                        "(default: none; ViT models only)")
+    e.add_argument("--batch", type=_positive_int, default=1,
+                   help="batch of the export and of the check (default: 1); the batch axis "
+                        "stays dynamic unless --static-batch")
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--checkpoint", default=None, help="state dict to load (default: random "
+                                                      "weights, seeded)")
+    e.add_argument("--static-batch", action="store_true", help="fix the batch axis")
+    e.add_argument("--no-check", action="store_true",
+                   help="skip running the file in onnxruntime against eager PyTorch")
 
     sub.add_parser("info", help="versions, CUDA kernels, registered ops, device")
 
@@ -220,30 +237,35 @@ def _note_clamped_merges(rows, default_r: int) -> None:
 _BIFORMERS = ("biformer_tiny", "biformer_small", "biformer_base")
 
 
-def _flops(args) -> int:
-    import torch
-
-    from .flops import flops
+def _model_and_size(model_name: str, policy_spec: str):
+    """The model a --model/--policy pair names, random weights, and its input image size."""
     from .models import biformer
     from .models.vit import ALIASES, MODELS, create_model
     from .nn.policies import policy_from_spec
 
-    name = ALIASES.get(args.model, args.model)
+    name = ALIASES.get(model_name, model_name)
     if name not in MODELS and name not in _BIFORMERS:
-        raise UsageError(f"unknown model {args.model!r}; choose from "
+        raise UsageError(f"unknown model {model_name!r}; choose from "
                          f"{', '.join(list(ALIASES) + list(MODELS) + list(_BIFORMERS))}")
     try:
-        policy = policy_from_spec(args.policy)
+        policy = policy_from_spec(policy_spec)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if name in _BIFORMERS:
         if policy is not None:
-            raise UsageError(f"--policy {args.policy} is for ViT models; BiFormer reduces by its "
+            raise UsageError(f"--policy {policy_spec} is for ViT models; BiFormer reduces by its "
                              "own routing")
-        model, img_size = getattr(biformer, name)(), 224
-    else:
-        model = create_model(name, reduction=policy)
-        img_size = model.patch_embed.img_size
+        return name, getattr(biformer, name)().eval(), 224
+    model = create_model(name, reduction=policy).eval()
+    return name, model, model.patch_embed.img_size
+
+
+def _flops(args) -> int:
+    import torch
+
+    from .flops import flops
+
+    name, model, img_size = _model_and_size(args.model, args.policy)
     # The count depends on shapes only (the policies' schedules fix the token counts), so any
     # weights and pixels give it; seeded so that runs are identical anyway.
     images = torch.randn(args.batch, 3, img_size, img_size,
@@ -262,6 +284,52 @@ def _flops(args) -> int:
     print(f"total: {report.gflops:.4f} GFLOPs = {report.gmacs:.4f} GMACs "
           "(a multiply-add is 2 FLOPs; papers' \"FLOPs\" are usually MACs)")
     return 0
+
+
+def _export(args) -> int:
+    import time
+
+    import torch
+
+    _check_writable(args.output, "--output")
+    try:
+        from . import onnx as tokred_onnx
+        if tokred_onnx.op is None:
+            raise ImportError("onnxscript")
+        if not args.no_check:
+            import onnxruntime
+    except ImportError as e:
+        raise UsageError(f"tokred export needs onnx, onnxscript and onnxruntime ({e.name or e} "
+                         "is missing): pip install onnx onnxscript onnxruntime") from None
+    torch.manual_seed(0)
+    name, model, img_size = _model_and_size(args.model, args.policy)
+    if args.checkpoint is not None:
+        try:
+            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu"))
+        except (OSError, RuntimeError, ValueError) as e:
+            raise UsageError(f"checkpoint {args.checkpoint!r}: {str(e).splitlines()[0]}") from None
+    images = torch.randn(args.batch, 3, img_size, img_size,
+                         generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    print(f"tokred: exporting {name} (policy {args.policy}) to {args.output} ...",
+          file=sys.stderr, flush=True)
+    tokred_onnx.export(model, (images,), args.output, dynamic_batch=not args.static_batch,
+                       verbose=False)
+    size = os.path.getsize(args.output) / 2**20
+    print(f"tokred: wrote {args.output} ({size:.1f} MiB, opset {tokred_onnx.OPSET}, "
+          f"{'static' if args.static_batch else 'dynamic'} batch) in "
+          f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    if args.no_check:
+        return 0
+    session = onnxruntime.InferenceSession(args.output, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = model(images)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    diff = (got - expected).abs().max().item()
+    ok = diff <= 1e-4 * max(1.0, expected.abs().max().item())
+    print(f"tokred: onnxruntime check at batch {args.batch}: max |onnx - eager| = {diff:.2e} "
+          f"({'ok' if ok else 'MISMATCH'})", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def _info(args) -> int:
@@ -333,7 +401,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"bench": _bench, "flops": _flops, "info": _info,
+        return {"bench": _bench, "export": _export, "flops": _flops, "info": _info,
                 "visualize": _visualize}[args.command](args)
     except UsageError as e:
         print(f"tokred: error: {e}", file=sys.stderr)

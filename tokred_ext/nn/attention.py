@@ -60,7 +60,13 @@ def attention_forward(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None,
         scores = logits.softmax(dim=-1)[:, :, 0, num_protected:].mean(dim=1)
     metric = k.mean(dim=1) if need_metric else None
 
-    out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
+    out = out.transpose(1, 2)
+    if torch.compiler.is_exporting():
+        # The CPU SDPA output is laid out [B, N, H, D], so export records the reshape below as a
+        # view; the ONNX exporter then re-traces SDPA as [B, H, N, D] and that view fails. A copy
+        # in the exported graph only; eager keeps the free reshape.
+        out = out.clone(memory_format=torch.contiguous_format)
+    out = out.reshape(b, n, heads * head_dim)
     norm = getattr(attn, "norm", None)
     if norm is not None:
         out = norm(out)
