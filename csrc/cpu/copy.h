@@ -28,6 +28,7 @@ inline bool use_streaming_stores(int64_t output_bytes) {
 // memcpy(dst, src, bytes), with non-temporal stores where `streaming` and the target has them.
 // The bytes are the same either way; only the cache sees a difference.
 inline void copy_bytes(void* dst, const void* src, int64_t bytes, bool streaming) {
+  if (bytes == 0) return;  // rows of zero channels may have null data (memcpy forbids null)
 #if defined(__SSE2__)
   if (streaming) {
     char* d = static_cast<char*>(dst);
