@@ -16,13 +16,12 @@ Targets (ViT-S / DeiT-S sizes: N = 197 tokens, C = 384):
 """
 import argparse
 import math
-import statistics
-import time
 
 import torch
 
 import tokred_ext  # noqa: F401
 from tokred_ext import ops, reference as ref
+from tokred_ext.bench import interleaved as bench_rounds, quartiles
 from tokred_ext.models import create_model
 from tokred_ext.nn import policy_from_spec
 
@@ -32,25 +31,14 @@ from common import machine, steady_allocator, write_json
 N, C, D = 197, 384, 64
 
 
-def quartiles(values):
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-    return q[0], statistics.median(values), q[2]
-
-
 def interleaved(candidates, rounds, inner):
-    """{name: fn} -> {name: [seconds per call, one per round]}, rounds interleaved and rotated."""
-    names = list(candidates)
-    for fn in candidates.values():  # warm-up
+    """{name: fn} -> {name: [seconds per call, one per round]}: tokred_ext.bench.interleaved's
+    rotated rounds, each round timing `inner` calls of every candidate, after one warm-up call."""
+    for fn in candidates.values():
         fn()
-    times = {n: [] for n in names}
-    for i in range(rounds):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            fn = candidates[name]
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - t0) / inner)
-    return times
+    repeated = {name: (lambda fn=fn: [fn() for _ in range(inner)]) for name, fn in candidates.items()}
+    times = bench_rounds(repeated, rounds, 0.0)
+    return {name: [t / inner for t in ts] for name, ts in times.items()}
 
 
 def summarise(target, case, times, goals):

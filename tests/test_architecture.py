@@ -33,7 +33,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "build": {"build", "kernels"},
     "package": {"kernels", "ops", "build", "flops"},
     "flops": {"ops"},
-    "export": set(),  # translations name the ops through torch.ops.tokred, loaded by the package
+    "export": {"rules"},  # it names the ops through torch.ops.tokred, loaded by the package
     "reference": set(),
     "rules": set(),
     "ops": {"kernels"},

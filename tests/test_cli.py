@@ -301,3 +301,8 @@ def test_export_bad_arguments_one_line(capsys, tmp_path):
     rc, _, err = run(capsys, "export", "--model", "biformer_tiny", "--policy", "tome:3",
                      "-o", str(tmp_path / "m.onnx"))
     assert rc == 2 and "is for ViT models" in err
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    rc, _, err = run(capsys, "export", "--model", "deit_tiny", "--checkpoint", str(junk),
+                     "-o", str(tmp_path / "m.onnx"))
+    assert rc == 2 and err.count("\n") == 1 and "is not a readable PyTorch state dict" in err

@@ -304,10 +304,11 @@ def _export(args) -> int:
     torch.manual_seed(0)
     name, model, img_size = _model_and_size(args.model, args.policy)
     if args.checkpoint is not None:
+        from .models import load_checkpoint
         try:
-            model.load_state_dict(torch.load(args.checkpoint, map_location="cpu"))
-        except (OSError, RuntimeError, ValueError) as e:
-            raise UsageError(f"checkpoint {args.checkpoint!r}: {str(e).splitlines()[0]}") from None
+            load_checkpoint(model, args.checkpoint, name)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
     images = torch.randn(args.batch, 3, img_size, img_size,
                          generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()

@@ -18,6 +18,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .rules import tome_clamp_r
+
 __all__ = ["TRANSLATIONS", "OPSET", "export"]
 
 OPSET = 18
@@ -53,9 +55,10 @@ def _like(value: float, ref):
 
 def _static(dim, what: str) -> int:
     if not isinstance(dim, int):
-        raise NotImplementedError(
-            f"tokred's ONNX translation needs a static {what} (got the symbolic size {dim}); only "
-            "the batch axis may be dynamic")
+        raise ValueError(
+            f"tokred's ONNX translation needs a static {what} (got the symbolic size {dim}): "
+            "every k, r and token count is a constant of the graph; only the batch axis may be "
+            "dynamic")
     return dim
 
 
@@ -147,7 +150,7 @@ def _tome_dims(n: int, r: int) -> Tuple[int, int, int, int]:
 
 def bipartite_match(metric, r: int, class_token: bool = True, distill_token: bool = False):
     n = _static(metric.shape[1], "token count")
-    r = max(0, min(r, (n - int(class_token) - int(distill_token)) // 2))
+    r = tome_clamp_r(r, n, int(class_token) + int(distill_token))  # the kernel's own clamp
     na, nb, u, _ = _tome_dims(n, r)
     batch = op.Shape(metric, start=0, end=1)
     if r == 0:

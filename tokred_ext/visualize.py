@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .models import create_model
+from .models import create_model, load_checkpoint
 from .nn import ReductionPolicy, ToMe
 
 __all__ = ["DEFAULT_IMAGE", "PRUNED", "LABEL_HEIGHT", "load_image", "trace", "patch_groups",
@@ -47,38 +47,6 @@ def load_image(path: str, size: int) -> Tensor:
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
 
 
-def _load_checkpoint(model: torch.nn.Module, path: str, model_name: str) -> None:
-    """Loads a state dict (or a dict holding one under 'model' or 'state_dict') into ``model``;
-    a ValueError says what is wrong with a file that is not one, or does not fit."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and weights_only errors alike
-        raise ValueError(f"checkpoint {path!r} is not a readable PyTorch state dict "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and key in state:
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
-    expected, given = set(model.state_dict()), set(state)
-
-    def listed(keys):
-        keys = sorted(keys)
-        return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
-
-    problems = []
-    if expected - given:
-        problems.append(f"missing {len(expected - given)} keys: {listed(expected - given)}")
-    if given - expected:
-        problems.append(f"unexpected {len(given - expected)} keys: {listed(given - expected)}")
-    if not problems:
-        wrong = [k for k in sorted(expected) if tuple(state[k].shape) != tuple(model.state_dict()[k].shape)]
-        if wrong:
-            problems.append(f"{len(wrong)} tensors of another shape: " + ", ".join(
-                f"{k} {list(state[k].shape)} (expected {list(model.state_dict()[k].shape)})" for k in wrong[:4]))
-    if problems:
-        raise ValueError(f"checkpoint {path!r} does not fit {model_name}: " + "; ".join(problems))
-    model.load_state_dict(state)
 
 
 def _check_traced(policy: ReductionPolicy) -> None:
@@ -96,7 +64,7 @@ def trace(pixels: Tensor, policy: ReductionPolicy, model_name: str = "deit_small
     torch.manual_seed(seed)
     model = create_model(model_name).eval()
     if checkpoint is not None:
-        _load_checkpoint(model, checkpoint, model_name)
+        load_checkpoint(model, checkpoint, model_name)
     model.reduction = policy
     x = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255
     with torch.no_grad():

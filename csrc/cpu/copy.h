@@ -47,6 +47,16 @@ inline void copy_bytes(void* dst, const void* src, int64_t bytes, bool streaming
   std::memcpy(dst, src, bytes);
 }
 
+// C elements from src (channel stride `stride`) to the contiguous row dst.
+template <typename T>
+void copy_row(T* dst, const T* src, int64_t C, int64_t stride, bool streaming) {
+  if (stride == 1) {
+    copy_bytes(dst, src, C * int64_t(sizeof(T)), streaming);
+  } else {
+    for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
+  }
+}
+
 // Orders this thread's non-temporal stores before what follows (end of a parallel chunk).
 inline void finish_streaming_stores() {
 #if defined(__SSE2__)

@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
           const acc_t w = sz ? static_cast<acc_t>(sz[b * n + t]) : acc_t(1);
           wsum += w;
           if (count == 1 && tome_lone_copies(mode, w, p.merging())) {  // exact, not (w·x)/w
-            copy_bytes(orow, xp + (b * n + t) * C, C * int64_t(sizeof(scalar_t)), streaming);
+            copy_row(orow, xp + (b * n + t) * C, C, 1, streaming);
             copied = true;
             break;
           }
@@ -342,7 +342,7 @@ at::Tensor gather_plan(const at::Tensor& x_in, const Plan& p) {
     parallel_for(0, B * n, grain, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const scalar_t* row = xp + ((i / n) * nout + dest[i]) * C;
-        copy_bytes(op + i * C, row, C * int64_t(sizeof(scalar_t)), streaming);
+        copy_row(op + i * C, row, C, 1, streaming);
       }
       if (streaming) finish_streaming_stores();
     });

@@ -45,12 +45,6 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
   for (int64_t j = 0; j < m; ++j) order[j] = entries[j].index;
 }
 
-// A row of C elements at any channel stride (copy_bytes handles unit stride).
-template <typename scalar_t>
-void copy_row(scalar_t* dst, const scalar_t* src, int64_t C, int64_t stride) {
-  for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores_in, int64_t k, bool largest,
                                             const std::optional<at::Tensor>& lengths_in) {
   const auto shape = check_topk(scores_in, k, lengths_in);
@@ -124,10 +118,8 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& index_in) {
                     b, ", ", r % K, "], expected values in [0, ", N, ") or -1 for padding");
         if (i < 0) {
           std::fill(op + r * C, op + (r + 1) * C, scalar_t(0));
-        } else if (s2 == 1) {
-          copy_bytes(op + r * C, xp + b * s0 + i * s1, C * int64_t(sizeof(scalar_t)), streaming);
         } else {
-          copy_row(op + r * C, xp + b * s0 + i * s1, C, s2);
+          copy_row(op + r * C, xp + b * s0 + i * s1, C, s2, streaming);
         }
       }
       if (streaming) finish_streaming_stores();
@@ -214,13 +206,6 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
       x_t* op = out.data_ptr<x_t>();
       int64_t* ip = index.data_ptr<int64_t>();
       const int64_t s0 = x.stride(0), s1 = x.stride(1), s2 = x.stride(2);
-      auto copy_token = [&](x_t* dst, const x_t* src) {
-        if (s2 == 1) {
-          copy_bytes(dst, src, C * int64_t(sizeof(x_t)), streaming);
-        } else {
-          copy_row(dst, src, C, s2);
-        }
-      };
       parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         std::vector<Entry> entries;
         std::vector<int64_t> order;
@@ -232,10 +217,10 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
           if (keep_order) std::sort(order.begin(), order.end());
           const x_t* xb = xp + b * s0;
           x_t* ob = op + b * rows_out * C;
-          for (int64_t r = 0; r < P; ++r) copy_token(ob + r * C, xb + r * s1);
+          for (int64_t r = 0; r < P; ++r) copy_row(ob + r * C, xb + r * s1, C, s2, streaming);
           for (int64_t j = 0; j < k; ++j) {
             ip[b * k + j] = order[j];
-            copy_token(ob + (P + j) * C, xb + (P + order[j]) * s1);
+            copy_row(ob + (P + j) * C, xb + (P + order[j]) * s1, C, s2, streaming);
           }
           if (!fuse) continue;
           // EViT's extra token: Σ over dropped tokens of score·x, in ascending token order.

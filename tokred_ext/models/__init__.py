@@ -1,4 +1,5 @@
 """Models built from tokred_ext.nn: ViT/DeiT with reduction policies, and BiFormer."""
+from .checkpoint import load_checkpoint  # noqa: F401
 from .biformer import biformer_base, biformer_small, biformer_tiny  # noqa: F401
 from .vit import MODELS, VisionTransformer, create_model  # noqa: F401
 from .vit import (deit_base_distilled_patch16_224, deit_base_patch16_224,  # noqa: F401
