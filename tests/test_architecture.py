@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.abspath(tokred_ext.__file__))
 LAYERS = {
     "tokred_ext": "package", "tokred_ext.__main__": "cli", "tokred_ext._C": "kernels",
     "tokred_ext._build_info": "build", "tokred_ext._build_config": "build",
-    "tokred_ext.ops": "ops", "tokred_ext.flop_formulas": "ops", "tokred_ext.rules": "rules",
+    "tokred_ext.ops": "ops", "tokred_ext.flop_formulas": "ops", "tokred_ext.onnx_legacy": "ops",
+    "tokred_ext.rules": "rules",
     "tokred_ext.functional": "functional",
     "tokred_ext.reference": "reference", "tokred_ext.nn": "nn", "tokred_ext.models": "models",
     "tokred_ext.patch": "patch", "tokred_ext.bench": "bench", "tokred_ext.visualize": "visualize",

@@ -228,3 +228,15 @@ def test_every_forward_op_the_models_use_has_a_translation():
         used = {n.target for n in program.graph.nodes
                 if n.op == "call_function" and str(n.target).startswith("tokred.")}
         assert used and used <= set(tokred_onnx.TRANSLATIONS), used
+
+
+@pytest.mark.parametrize("spec", ["topk", "tome"])
+def test_legacy_exporter_refuses_in_one_clear_error(tmp_path, spec):
+    """dynamo=False stops at the first tokred op, naming it and the exporter that works."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch: the legacy exporter is old
+        with pytest.raises(torch.onnx.errors.OnnxExporterError,
+                           match=r"tokred::\w+ cannot be exported by the legacy .*dynamo=True"):
+            torch.onnx.export(_tiny_vit(spec), (torch.randn(1, 3, 32, 32),),
+                              str(tmp_path / "legacy.onnx"), dynamo=False)

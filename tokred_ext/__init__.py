@@ -1,7 +1,8 @@
 """tokred: fused, exact token-reduction kernels for vision transformers.
 
-Importing this package registers every op as ``torch.ops.tokred.*``, their autograd formulas and
-their FLOP formulas (``torch.utils.flop_counter``; docs/flops.md).
+Importing this package registers every op as ``torch.ops.tokred.*``, their autograd formulas,
+their FLOP formulas (``torch.utils.flop_counter``; docs/flops.md) and, for the legacy ONNX
+exporter, a clear refusal (docs/export.md).
 """
 import importlib.util
 import os
@@ -22,10 +23,13 @@ except ImportError:
         "copy is imported first), or in place with `python setup.py build_ext --inplace`.") from None
 from . import ops  # noqa: F401  (registers autograd)
 from . import flop_formulas  # noqa: F401  (registers FLOP formulas, SDPA's CPU kernel included)
+from . import onnx_legacy
 from ._build_info import build_info
 # The function shadows its module's name on the package: tokred_ext.flops(model, x). Imported
 # here, not lazily, so that importing the submodule first cannot leave the module in its place.
 from .flops import flops
+
+onnx_legacy.register()  # the legacy ONNX exporter names the exporter that works (docs/export.md)
 
 __version__ = "0.1.0"
 __all__ = ["build_info", "flops", "ops", "__version__"]
