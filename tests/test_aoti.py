@@ -197,5 +197,11 @@ def test_a_package_calling_an_op_this_tokred_lacks(op_package, tmp_path):
 
 def test_compile_aoti_wants_a_pt2_path(tmp_path):
     with pytest.raises(ValueError, match="must end in .pt2"):
-        tokred_ext.compile_aoti(PruneFuse(), (torch.randn(1, 11, 8), torch.rand(1, 10)),
+        tokred_ext.compile_aoti(PruneFuse(), (torch.randn(2, 11, 8), torch.rand(2, 10)),
                                 tmp_path / "model.zip")
+
+
+def test_compile_aoti_wants_two_examples_for_a_dynamic_batch(tmp_path):
+    with pytest.raises(ValueError, match="example batch must be 2 or more"):
+        tokred_ext.compile_aoti(PruneFuse(), (torch.randn(1, 11, 8), torch.rand(1, 10)),
+                                tmp_path / "model.pt2")

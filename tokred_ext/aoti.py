@@ -40,14 +40,20 @@ def compile_aoti(model: torch.nn.Module, args: Sequence[torch.Tensor], path: str
                  dynamic_batch: bool = True, inductor_configs: Optional[Dict[str, Any]] = None,
                  **export_kwargs) -> str:
     """``torch.export.export`` then ``aoti_compile_and_package`` into ``path`` (a ``.pt2``
-    file), with a dynamic first axis on every input when ``dynamic_batch``. The package is for
-    the device of ``args``. Returns the path. Load it with :func:`load_aoti`."""
+    file), with a dynamic first axis on every input when ``dynamic_batch`` (the example batch
+    must then be 2 or more). The package is for the device of ``args``. Returns the path. Load
+    it with :func:`load_aoti`."""
     from torch._inductor import aoti_compile_and_package
 
     path = os.fspath(path)
     if not path.endswith(".pt2"):  # torch asserts this only after the export
         raise ValueError(f"compile_aoti: the package path must end in .pt2 (got {path!r})")
     if dynamic_batch and "dynamic_shapes" not in export_kwargs:
+        if any(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == 1 for a in args):
+            # torch.export specializes a size of 1 and then refuses the dynamic axis.
+            raise ValueError("compile_aoti: the example batch must be 2 or more for a dynamic "
+                             "batch axis (the package then runs any batch size); or pass "
+                             "dynamic_batch=False for a package of batch 1 only")
         export_kwargs["dynamic_shapes"] = dynamic_batch_shapes(model, args)
     program = torch.export.export(model, tuple(args), **export_kwargs)
     return aoti_compile_and_package(program, package_path=path,
