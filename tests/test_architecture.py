@@ -22,7 +22,8 @@ LAYERS = {
     "tokred_ext.functional": "functional",
     "tokred_ext.reference": "reference", "tokred_ext.nn": "nn", "tokred_ext.models": "models",
     "tokred_ext.patch": "patch", "tokred_ext.bench": "bench", "tokred_ext.visualize": "visualize",
-    "tokred_ext.flops": "flops", "tokred_ext.onnx": "export", "tokred_ext.cli": "cli",
+    "tokred_ext.flops": "flops", "tokred_ext.onnx": "export", "tokred_ext._batch_axis": "export",
+    "tokred_ext.aoti": "aoti", "tokred_ext.cli": "cli",
 }
 
 _BELOW_NN = {"functional", "rules", "ops", "kernels", "package"}
@@ -32,9 +33,12 @@ _BELOW_NN = {"functional", "rules", "ops", "kernels", "package"}
 ALLOWED: Dict[str, Set[str]] = {
     "kernels": set(),
     "build": {"build", "kernels"},
-    "package": {"kernels", "ops", "build", "flops"},
+    "package": {"kernels", "ops", "build", "flops", "aoti"},
     "flops": {"ops"},
-    "export": {"rules"},  # it names the ops through torch.ops.tokred, loaded by the package
+    "export": {"rules", "export"},  # onnx names the ops through torch.ops.tokred
+    # The AOTInductor loader: the package re-exports it, so it imports only the kernels (which
+    # the packages call by name), the build info and the batch axis.
+    "aoti": {"kernels", "build", "export"},
     "reference": set(),
     "rules": set(),
     "ops": {"kernels"},
@@ -44,7 +48,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "patch": {"patch", "nn"} | _BELOW_NN,
     "visualize": {"models", "nn"} | _BELOW_NN,
     "bench": {"reference", "models", "nn"} | _BELOW_NN,  # it times tokred against the oracle
-    "cli": {"cli", "bench", "visualize", "flops", "export", "models", "nn", "build"} | _BELOW_NN,
+    "cli": {"cli", "bench", "visualize", "flops", "export", "aoti", "models", "nn",
+            "build"} | _BELOW_NN,
 }
 # Third-party packages a layer may import besides the standard library (None: any).
 THIRD_PARTY: Dict[str, Optional[Set[str]]] = {"reference": {"torch"}, "rules": set()}

@@ -295,7 +295,25 @@ def test_export_writes_a_checked_onnx_file(capsys, tmp_path):
     assert path.stat().st_size > 0 and "onnxruntime check at batch 1" in err and "(ok)" in err
 
 
+def test_export_writes_a_checked_aoti_package(capsys, tmp_path, monkeypatch):
+    # A tiny ViT in place of the named model: compiling DeiT-Ti takes minutes on 2 cores.
+    from tokred_ext.models import VisionTransformer
+    from tokred_ext.nn import TopK
+    torch.manual_seed(0)
+    tiny = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                             num_classes=10, reduction=TopK(0.7, locs=(1, 2))).eval()
+    monkeypatch.setattr(cli, "_model_and_size", lambda model, policy: ("tiny", tiny, 32))
+    path = tmp_path / "m.pt2"
+    rc, _, err = run(capsys, "export", "-o", str(path))  # the suffix picks the format
+    assert rc == 0, err
+    assert "AOTInductor, CPU, dynamic batch" in err
+    assert "load_aoti check at batch 1: max |aoti - eager|" in err and "(ok)" in err
+    assert path.stat().st_size > 0
+
+
 def test_export_bad_arguments_one_line(capsys, tmp_path):
+    rc, _, err = run(capsys, "export", "--format", "aoti", "-o", str(tmp_path / "m.onnx"))
+    assert rc == 2 and err.count("\n") == 1 and "--format aoti writes a .pt2 package" in err
     rc, _, err = run(capsys, "export", "--model", "nope", "-o", str(tmp_path / "m.onnx"))
     assert rc == 2 and err.count("\n") == 1 and "unknown model 'nope'" in err
     rc, _, err = run(capsys, "export", "--model", "biformer_tiny", "--policy", "tome:3",

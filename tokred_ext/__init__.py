@@ -2,7 +2,8 @@
 
 Importing this package registers every op as ``torch.ops.tokred.*``, their autograd formulas,
 their FLOP formulas (``torch.utils.flop_counter``; docs/flops.md) and, for the legacy ONNX
-exporter, a clear refusal (docs/export.md).
+exporter, a clear refusal (docs/export.md). ``compile_aoti`` and ``load_aoti`` build and load
+AOTInductor packages of models that call the ops (docs/export.md).
 """
 import importlib.util
 import os
@@ -25,6 +26,8 @@ from . import ops  # noqa: F401  (registers autograd)
 from . import flop_formulas  # noqa: F401  (registers FLOP formulas, SDPA's CPU kernel included)
 from . import onnx_legacy
 from ._build_info import build_info
+# AOTInductor packages call the ops by name: the loader lives where importing it loads them.
+from .aoti import compile_aoti, load_aoti
 # The function shadows its module's name on the package: tokred_ext.flops(model, x). Imported
 # here, not lazily, so that importing the submodule first cannot leave the module in its place.
 from .flops import flops
@@ -32,4 +35,4 @@ from .flops import flops
 onnx_legacy.register()  # the legacy ONNX exporter names the exporter that works (docs/export.md)
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "flops", "ops", "__version__"]
+__all__ = ["build_info", "compile_aoti", "flops", "load_aoti", "ops", "__version__"]

@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--batch", type=_positive_int, default=1, help="images per pass (default: 1)")
     f.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
-    e = sub.add_parser("export", help="export a model with a policy to ONNX, checked in "
-                                      "onnxruntime")
+    e = sub.add_parser("export", help="export a model with a policy to ONNX (checked in "
+                                      "onnxruntime) or an AOTInductor package")
     e.add_argument("--model", default="deit_small",
                    help="a ViT/DeiT name or biformer_tiny/small/base (default: deit_small)")
     e.add_argument("--policy", default="none",
@@ -116,12 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_positive_int, default=1,
                    help="batch of the export and of the check (default: 1); the batch axis "
                         "stays dynamic unless --static-batch")
-    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("-o", "--output", required=True,
+                   help="the file to write: .onnx, or .pt2 for an AOTInductor package")
+    e.add_argument("--format", choices=["onnx", "aoti"], default=None,
+                   help="onnx or aoti (an AOTInductor .pt2 package for this machine's CPU); "
+                        "default: aoti for a .pt2 output, else onnx")
     e.add_argument("--checkpoint", default=None, help="state dict to load (default: random "
                                                       "weights, seeded)")
     e.add_argument("--static-batch", action="store_true", help="fix the batch axis")
     e.add_argument("--no-check", action="store_true",
-                   help="skip running the file in onnxruntime against eager PyTorch")
+                   help="skip running the file (in onnxruntime, or with tokred_ext.load_aoti) "
+                        "against eager PyTorch")
 
     sub.add_parser("info", help="versions, CUDA kernels, registered ops, device")
 
@@ -292,15 +297,8 @@ def _export(args) -> int:
     import torch
 
     _check_writable(args.output, "--output")
-    try:
-        from . import onnx as tokred_onnx
-        if tokred_onnx.op is None:
-            raise ImportError("onnxscript")
-        if not args.no_check:
-            import onnxruntime
-    except ImportError as e:
-        raise UsageError(f"tokred export needs onnx, onnxscript and onnxruntime ({e.name or e} "
-                         "is missing): pip install onnx onnxscript onnxruntime") from None
+    fmt = args.format or ("aoti" if args.output.endswith(".pt2") else "onnx")
+    write = _aoti_writer(args) if fmt == "aoti" else _onnx_writer(args)
     torch.manual_seed(0)
     name, model, img_size = _model_and_size(args.model, args.policy)
     if args.checkpoint is not None:
@@ -314,23 +312,64 @@ def _export(args) -> int:
     start = time.perf_counter()
     print(f"tokred: exporting {name} (policy {args.policy}) to {args.output} ...",
           file=sys.stderr, flush=True)
-    tokred_onnx.export(model, (images,), args.output, dynamic_batch=not args.static_batch,
-                       verbose=False)
+    what, runner = write(model, images)
     size = os.path.getsize(args.output) / 2**20
-    print(f"tokred: wrote {args.output} ({size:.1f} MiB, opset {tokred_onnx.OPSET}, "
+    print(f"tokred: wrote {args.output} ({size:.1f} MiB, {what}, "
           f"{'static' if args.static_batch else 'dynamic'} batch) in "
           f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     if args.no_check:
         return 0
-    session = onnxruntime.InferenceSession(args.output, providers=["CPUExecutionProvider"])
     with torch.inference_mode():
         expected = model(images)
-    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: images.numpy()})[0])
+    got = runner()(images)
     diff = (got - expected).abs().max().item()
     ok = diff <= 1e-4 * max(1.0, expected.abs().max().item())
-    print(f"tokred: onnxruntime check at batch {args.batch}: max |onnx - eager| = {diff:.2e} "
-          f"({'ok' if ok else 'MISMATCH'})", file=sys.stderr)
+    print(f"tokred: {'onnxruntime' if fmt == 'onnx' else 'load_aoti'} check at batch "
+          f"{args.batch}: max |{fmt} - eager| = {diff:.2e} ({'ok' if ok else 'MISMATCH'})",
+          file=sys.stderr)
     return 0 if ok else 1
+
+
+def _onnx_writer(args):
+    """Checks the ONNX packages first; returns write(model, images) -> (description, a function
+    returning the file's runner)."""
+    try:
+        from . import onnx as tokred_onnx
+        if tokred_onnx.op is None:
+            raise ImportError("onnxscript")
+        if not args.no_check:
+            import onnxruntime
+    except ImportError as e:
+        raise UsageError(f"tokred export needs onnx, onnxscript and onnxruntime ({e.name or e} "
+                         "is missing): pip install onnx onnxscript onnxruntime") from None
+
+    def write(model, images):
+        tokred_onnx.export(model, (images,), args.output, dynamic_batch=not args.static_batch,
+                           verbose=False)
+
+        def runner():
+            import torch
+            session = onnxruntime.InferenceSession(args.output,
+                                                   providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        return f"opset {tokred_onnx.OPSET}", runner
+    return write
+
+
+def _aoti_writer(args):
+    """The AOTInductor counterpart of _onnx_writer."""
+    if not args.output.endswith(".pt2"):
+        raise UsageError(f"--format aoti writes a .pt2 package; name the output *.pt2 "
+                         f"(got {args.output!r})")
+    from .aoti import compile_aoti, load_aoti
+
+    def write(model, images):
+        # torch.export would specialize a batch of 1: compile a dynamic package on two images.
+        example = images if args.static_batch or len(images) > 1 else images.repeat(2, 1, 1, 1)
+        compile_aoti(model, (example,), args.output, dynamic_batch=not args.static_batch)
+        return "AOTInductor, CPU", lambda: load_aoti(args.output)
+    return write
 
 
 def _info(args) -> int:

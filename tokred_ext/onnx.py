@@ -13,11 +13,11 @@ The exported graph trusts the indices it passes between ops (a plan built inside
 well formed); the eager ops check theirs. Where the eager kernels sum in a fixed order in float32,
 the graph sums in the runtime's order in float32: results agree within float32 rounding.
 """
-import inspect
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from ._batch_axis import dynamic_batch_shapes
 from .rules import tome_clamp_r
 
 __all__ = ["TRANSLATIONS", "OPSET", "export"]
@@ -323,11 +323,6 @@ def export(model: torch.nn.Module, args: Sequence[torch.Tensor], path: Optional[
         raise ImportError("tokred_ext.onnx needs onnxscript (pip install onnxscript onnx)")
     table = {**TRANSLATIONS, **kwargs.pop("custom_translation_table", {})}
     if dynamic_batch and "dynamic_shapes" not in kwargs:
-        batch = torch.export.Dim("batch", min=1)
-        shapes = tuple({0: batch} for _ in args)
-        params = list(inspect.signature(model.forward).parameters.values())
-        if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:  # forward(*args)
-            shapes = {params[0].name: shapes}
-        kwargs["dynamic_shapes"] = shapes
+        kwargs["dynamic_shapes"] = dynamic_batch_shapes(model, args)
     return torch.onnx.export(model, tuple(args), path, dynamo=True, opset_version=OPSET,
                              custom_translation_table=table, **kwargs)
