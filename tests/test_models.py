@@ -218,8 +218,8 @@ def _scripted_evit_step(x: torch.Tensor, scores: torch.Tensor, rate: float,
 
 
 def test_jit_script_policy_path():
-    """The reduction step a policy runs (keep-count rule + tokred op) scripts; whole models do
-    not (policies are dispatched dynamically)."""
+    """The reduction step a policy runs (keep-count rule + tokred op) scripts on its own; whole
+    models script too (tests/test_torchscript.py)."""
     x = torch.randn(2, 17, 8)
     scores = torch.rand(2, 16).softmax(-1)
     out, index = _scripted_evit_step(x, scores, 0.5, 1, True)

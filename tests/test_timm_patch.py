@@ -122,6 +122,18 @@ def test_patch_rejects_bad_input():
         model.blocks[0](torch.randn(1, 65, 64), attn_mask=torch.ones(65, 65, dtype=torch.bool))
 
 
+def test_patched_model_refuses_torchscript_with_one_message():
+    model = TimmLikeViT()
+    tokred_ext.patch.timm(model, ToMe(4))
+    for obj in (model, model.blocks[0]):
+        with pytest.raises(RuntimeError, match="patched by tokred_ext.patch.timm cannot be scripted"):
+            torch.jit.script(obj)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(model, x, check_trace=False)(x), model(x),
+                                   atol=0, rtol=0)
+
+
 class ResPostBlock(Block):
     """timm's post-norm block: norm after the residual branch."""
 

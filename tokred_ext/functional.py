@@ -5,7 +5,7 @@ scores ``[B, N - P]``, and a keep count (int) or rate (float). The counting rule
 (keep counts, ToMe's schedule and clamp) live in :mod:`tokred_ext.rules`; this module only
 imports ``ops`` and ``rules``.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ def scores_from(attn_or_scores: Tensor, num_protected: int = 1) -> Tensor:
         return class_attention(attn_or_scores, num_protected)
     if attn_or_scores.dim() != 2:
         raise ValueError("expected the attention map [B, H, N, N] or scores [B, N - P], got shape "
-                         f"{tuple(attn_or_scores.shape)}")
+                         f"{list(attn_or_scores.shape)}")
     return attn_or_scores
 
 
@@ -36,7 +36,7 @@ def _identity_index(x: Tensor, n: int) -> Tensor:
     return torch.arange(n, device=x.device).expand(x.shape[0], n)
 
 
-def topk_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: int = 1,
+def topk_prune(x: Tensor, attn_or_scores: Tensor, keep: Union[int, float], num_protected: int = 1,
                n_initial: Optional[int] = None, keep_order: bool = False) -> Tuple[Tensor, Tensor]:
     """Top-K pruning (Haurum et al.): keeps the best-scored tokens, drops the rest.
 
@@ -47,14 +47,19 @@ def topk_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: in
     """
     scores = scores_from(attn_or_scores, num_protected)
     n = scores.shape[1]
-    k = keep if isinstance(keep, int) else topk_keep_count(keep, n_initial or n)
+    if isinstance(keep, int):
+        k = keep
+    elif n_initial is None or n_initial == 0:
+        k = topk_keep_count(keep, n)
+    else:
+        k = topk_keep_count(keep, n_initial)
     if k >= n:
         return x, _identity_index(x, n)
     return ops.prune_tokens(x, scores, k, fuse=False, num_protected=num_protected,
                             keep_order=keep_order)
 
 
-def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: int = 1,
+def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: Union[int, float], num_protected: int = 1,
                fuse: bool = True, keep_order: bool = False) -> Tuple[Tensor, Tensor]:
     """EViT: keeps the most attended tokens and fuses the rest into one extra token.
 
@@ -64,7 +69,10 @@ def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: float, num_protected: in
     """
     scores = scores_from(attn_or_scores, num_protected)
     n = scores.shape[1]
-    k = keep if isinstance(keep, int) else evit_keep_count(keep, n)
+    if isinstance(keep, int):
+        k = keep
+    else:
+        k = evit_keep_count(keep, n)
     if k >= n:
         return x, _identity_index(x, n)
     # Scores keep their own dtype (e.g. float32 attention under autocast): the op accumulates in

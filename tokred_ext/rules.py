@@ -8,13 +8,15 @@ Plain integer arithmetic, no tensors, no tokred imports: ``functional`` and ``nn
 * :func:`parse_r`: ToMe's per-layer merge schedule.
 * :func:`tome_clamp_r`: ToMe's clamp, at most half of the unprotected tokens merge. The kernel
   (``tokred::bipartite_match``) applies the same clamp as its own contract.
+
+The annotations are TorchScript types, so a scripted model's policies compile these functions.
 """
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple, Union
 
 __all__ = ["topk_keep_count", "evit_keep_count", "parse_r", "tome_clamp_r", "RSchedule"]
 
-RSchedule = Union[int, Sequence[int], Tuple[int, float]]
+RSchedule = Union[int, List[int], Tuple[int, float]]
 
 
 def topk_keep_count(keep_rate: float, n_initial: int) -> int:
@@ -36,11 +38,12 @@ def parse_r(num_layers: int, r: RSchedule) -> List[int]:
     """
     if isinstance(r, list):
         return r + [0] * (num_layers - len(r)) if len(r) < num_layers else list(r)
-    inflection = 0.0
     if isinstance(r, tuple):
-        r, inflection = r
-    first = int(r * (1.0 - inflection))
-    last = 2 * r - first
+        base, inflection = r
+    else:
+        base, inflection = r, 0.0
+    first = int(base * (1.0 - inflection))
+    last = 2 * base - first
     step = (last - first) / (num_layers - 1) if num_layers > 1 else 0.0
     return [int(first + step * i) for i in range(num_layers)]
 

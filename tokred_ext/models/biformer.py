@@ -131,6 +131,10 @@ class Block(nn.Module):
                                  nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.use_layer_scale = layer_scale_init_value > 0
+        # None without layer scale (not registered, so state_dict keys are upstream's): TorchScript
+        # compiles the `is not None` branches out, and skipping the scale equals upstream's 1.0 *.
+        self.gamma1: Optional[nn.Parameter] = None
+        self.gamma2: Optional[nn.Parameter] = None
         if self.use_layer_scale:
             self.gamma1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
             self.gamma2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -140,15 +144,18 @@ class Block(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
-        g1 = self.gamma1 if self.use_layer_scale else 1.0
-        g2 = self.gamma2 if self.use_layer_scale else 1.0
         if self.pre_norm:
-            x = x + self.drop_path(g1 * self.attn(self.norm1(x)))
-            x = x + self.drop_path(g2 * self.mlp(self.norm2(x)))
+            x = x + self.drop_path(_scaled(self.gamma1, self.attn(self.norm1(x))))
+            x = x + self.drop_path(_scaled(self.gamma2, self.mlp(self.norm2(x))))
         else:
-            x = self.norm1(x + self.drop_path(g1 * self.attn(x)))
-            x = self.norm2(x + self.drop_path(g2 * self.mlp(x)))
+            x = self.norm1(x + self.drop_path(_scaled(self.gamma1, self.attn(x))))
+            x = self.norm2(x + self.drop_path(_scaled(self.gamma2, self.mlp(x))))
         return x.permute(0, 3, 1, 2)
+
+
+def _scaled(gamma: Optional[Tensor], x: Tensor) -> Tensor:
+    """Layer scale: ``gamma * x``, or ``x`` itself without one."""
+    return x if gamma is None else gamma * x
 
 
 class BiFormer(nn.Module):

@@ -18,6 +18,12 @@ __all__ = ["VisionTransformer", "MODELS", "create_model"]
 
 
 class VisionTransformer(nn.Module):
+    # TorchScript: distilled is a constant, so a model without head_dist compiles no use of it;
+    # the per-pass results are typed here (an empty list in __init__ has no element type).
+    __constants__ = ["distilled"]
+    token_counts: List[int]
+    sources: List[Tensor]
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -55,8 +61,8 @@ class VisionTransformer(nn.Module):
             self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0
                               else nn.Identity())
         self.reduction = reduction
-        self.token_counts: List[int] = []
-        self.sources: List[Tensor] = []
+        self.token_counts = []
+        self.sources = []
         self._init_weights()
 
     def _init_weights(self) -> None:

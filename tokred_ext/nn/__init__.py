@@ -2,9 +2,10 @@
 bi-level routing attention."""
 from .attention import Attention, attention_forward
 from .block import Block, DropPath, LayerScale, Mlp, PatchEmbed, block_forward
-from .policies import EViT, ReductionPolicy, ReductionState, ToMe, TopK, policy_from_spec
+from .policies import (EViT, PolicyInterface, ReducingBlock, ReductionPolicy, ReductionState, ToMe,
+                       TopK, policy_from_spec)
 from .routing import BiLevelRoutingAttention
 
 __all__ = ["Attention", "attention_forward", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed",
            "block_forward", "ReductionPolicy", "ReductionState", "TopK", "EViT", "ToMe",
-           "policy_from_spec", "BiLevelRoutingAttention"]
+           "policy_from_spec", "PolicyInterface", "ReducingBlock", "BiLevelRoutingAttention"]

@@ -22,61 +22,6 @@ def size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
     return size.reshape(size.shape[0], 1, 1, size.shape[1]).log().to(dtype)  # B = 0 works too
 
 
-def attention_forward(attn: nn.Module, x: Tensor, size: Optional[Tensor] = None,
-                      need_scores: bool = False, num_protected: int = 1,
-                      need_metric: bool = False
-                      ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """The forward pass of any module with timm ``Attention``'s attributes.
-
-    ``attn`` needs ``qkv``, ``num_heads``, ``proj`` and optionally ``q_norm``, ``k_norm``,
-    ``attn_drop``, ``norm`` (timm's scale norm) and ``proj_drop``. Returns ``(out, scores,
-    metric)``: ``scores`` ``[B, N - num_protected]`` when ``need_scores``, ``metric``
-    ``[B, N, head_dim]`` when ``need_metric``, else None. ``size`` ``[B, N]`` or ``[B, N, 1]``
-    turns on proportional attention.
-    """
-    b, n, _ = x.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(x)
-    head_dim = qkv.shape[-1] // (3 * heads)
-    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q_norm = getattr(attn, "q_norm", None)
-    k_norm = getattr(attn, "k_norm", None)
-    if q_norm is not None:
-        q = q_norm(q)
-    if k_norm is not None:
-        k = k_norm(k)
-    bias = size_bias(size, q.dtype) if size is not None else None
-    drop = getattr(attn, "attn_drop", None)
-    p = drop.p if (drop is not None and attn.training) else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-
-    scores: Optional[Tensor] = None
-    if need_scores:
-        # Only the class token's query row: [B, H, 1, N] logits, softmax in float32 or wider.
-        acc = torch.promote_types(q.dtype, torch.float32)
-        logits = q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1) * (head_dim ** -0.5)
-        if bias is not None:
-            logits = logits + bias.to(acc)
-        scores = logits.softmax(dim=-1)[:, :, 0, num_protected:].mean(dim=1)
-    metric = k.mean(dim=1) if need_metric else None
-
-    out = out.transpose(1, 2)
-    if torch.compiler.is_exporting():
-        # The CPU SDPA output is laid out [B, N, H, D], so export records the reshape below as a
-        # view; the ONNX exporter then re-traces SDPA as [B, H, N, D] and that view fails. A copy
-        # in the exported graph only; eager keeps the free reshape.
-        out = out.clone(memory_format=torch.contiguous_format)
-    out = out.reshape(b, n, heads * head_dim)
-    norm = getattr(attn, "norm", None)
-    if norm is not None:
-        out = norm(out)
-    out = attn.proj(out)
-    proj_drop = getattr(attn, "proj_drop", None)
-    if proj_drop is not None:
-        out = proj_drop(out)
-    return out, scores, metric
-
-
 class Attention(nn.Module):
     """timm-compatible attention (``qkv``, ``q_norm``, ``k_norm``, ``proj``) that can also return
     class-attention scores, ToMe's metric, and apply proportional attention."""
@@ -100,4 +45,58 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, size: Optional[Tensor] = None, need_scores: bool = False,
                 num_protected: int = 1, need_metric: bool = False
                 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        return attention_forward(self, x, size, need_scores, num_protected, need_metric)
+        """The forward pass of this or any module with timm ``Attention``'s attributes (as
+        :func:`attention_forward`, the timm patch runs it on timm's attention).
+
+        Uses ``qkv``, ``num_heads``, ``proj`` and, where the module has them, ``q_norm``,
+        ``k_norm``, ``attn_drop``, ``norm`` (timm's scale norm) and ``proj_drop``. Returns ``(out,
+        scores, metric)``: ``scores`` ``[B, N - num_protected]`` when ``need_scores``, ``metric``
+        ``[B, N, head_dim]`` when ``need_metric``, else None. ``size`` ``[B, N]`` or
+        ``[B, N, 1]`` turns on proportional attention.
+        """
+        b, n, _ = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x)
+        head_dim = qkv.shape[-1] // (3 * heads)
+        q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # Older timm attention lacks q_norm/k_norm and only newer has the scale norm `norm`.
+        # hasattr, not getattr(..., None): TorchScript resolves hasattr on a module statically.
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q)
+        if hasattr(self, "k_norm"):
+            k = self.k_norm(k)
+        bias = size_bias(size, q.dtype) if size is not None else None
+        p = 0.0
+        if hasattr(self, "attn_drop") and self.training:
+            p = self.attn_drop.p
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+
+        scores: Optional[Tensor] = None
+        if need_scores:
+            # Only the class token's query row: [B, H, 1, N] logits, softmax in float32 or wider.
+            acc = torch.promote_types(q.dtype, torch.float32)
+            logits = q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1) * (head_dim ** -0.5)
+            if bias is not None:
+                logits = logits + bias.to(acc)
+            scores = logits.softmax(dim=-1)[:, :, 0, num_protected:].mean(dim=1)
+        metric = k.mean(dim=1) if need_metric else None
+
+        out = out.transpose(1, 2)
+        if not torch.jit.is_scripting():  # TorchScript cannot compile is_exporting; never exports
+            if torch.compiler.is_exporting():
+                # The CPU SDPA output is laid out [B, N, H, D], so export records the reshape
+                # below as a view; the ONNX exporter then re-traces SDPA as [B, H, N, D] and that
+                # view fails. A copy in the exported graph only; eager keeps the free reshape.
+                out = out.clone(memory_format=torch.contiguous_format)
+        out = out.reshape(b, n, heads * head_dim)
+        if hasattr(self, "norm"):
+            out = self.norm(out)
+        out = self.proj(out)
+        if hasattr(self, "proj_drop"):
+            out = self.proj_drop(out)
+        return out, scores, metric
+
+
+# The same function on any module with timm Attention's attributes: the timm patch runs it on
+# timm's attention, whose own forward does not return scores or the metric.
+attention_forward = Attention.forward

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import Attention, attention_forward
-from .policies import ReductionPolicy
+from .policies import Amount, PolicyInterface
 
 __all__ = ["Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed", "block_forward"]
 
@@ -52,32 +52,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
+        if x.shape[-2] != self.img_size or x.shape[-1] != self.img_size:
             raise ValueError(f"expected {self.img_size}x{self.img_size} images, got "
                              f"{x.shape[-2]}x{x.shape[-1]}")
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def block_forward(blk: nn.Module, x: Tensor, amount: Optional[float],
-                  policy: Optional[ReductionPolicy], size: Optional[Tensor],
-                  source: Optional[Tensor], num_prefix: int
-                  ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """One block on any module with timm Block's attributes, reducing tokens when ``amount``.
-
-    Returns ``(x, size, source)``; ``size`` and ``source`` pass through unless the policy
-    merges.
-    """
-    reduce = policy is not None and amount is not None
-    need_scores = reduce and policy.needs_scores
-    need_metric = reduce and policy.needs_metric
-    attn_size = size if (policy is not None and policy.uses_size()) else None
-    y, scores, metric = attention_forward(blk.attn, blk.norm1(x), attn_size, need_scores,
-                                          num_prefix, need_metric)
-    x = x + blk.drop_path1(blk.ls1(y))
-    if reduce:
-        x, size, source = policy.reduce(x, amount, scores, metric, size, source, num_prefix)
-    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, size, source
 
 
 class Block(nn.Module):
@@ -98,11 +76,43 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, amount: Optional[float] = None,
-                policy: Optional[ReductionPolicy] = None, size: Optional[Tensor] = None,
+    def forward(self, x: Tensor, amount: Optional[Amount] = None,
+                policy: Optional[PolicyInterface] = None, size: Optional[Tensor] = None,
                 source: Optional[Tensor] = None, num_prefix: int = 1
                 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        return block_forward(self, x, amount, policy, size, source, num_prefix)
+        """One block on this or any module with timm Block's attributes (as
+        :func:`block_forward`, the timm patch runs it on timm's blocks), reducing tokens with
+        ``policy`` (a :class:`~tokred_ext.nn.ReductionPolicy`) when ``amount`` is not None.
+
+        Returns ``(x, size, source)``; ``size`` and ``source`` pass through unless the policy
+        merges.
+        """
+        need_scores = False
+        need_metric = False
+        attn_size: Optional[Tensor] = None
+        if policy is not None:
+            if amount is not None:
+                need_scores, need_metric = policy.attention_needs()
+            if policy.uses_size():
+                attn_size = size
+        h = self.norm1(x)
+        if torch.jit.is_scripting():
+            y, scores, metric = self.attn(h, attn_size, need_scores, num_prefix, need_metric)
+        else:
+            # The function, not the module: on a timm block ``attn`` is timm's attention, whose
+            # own forward returns neither scores nor the metric.
+            y, scores, metric = attention_forward(self.attn, h, attn_size, need_scores,
+                                                  num_prefix, need_metric)
+        x = x + self.drop_path1(self.ls1(y))
+        if policy is not None and amount is not None:
+            x, size, source = policy.reduce(x, amount, scores, metric, size, source, num_prefix)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, size, source
+
+
+# The same function on any module with timm Block's attributes: the timm patch runs it on timm's
+# blocks (whose attention it calls through attention_forward).
+block_forward = Block.forward
 
 
 class DropPath(nn.Module):
@@ -119,5 +129,5 @@ class DropPath(nn.Module):
         if not self.training or self.drop_prob == 0.0:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep

@@ -14,9 +14,16 @@ passes that count to ``tokred_ext.functional``, which owns the "keep everything"
 :func:`policy_from_spec` is the one parser of the command line's policy strings (``tome:13``).
 
 The policies hold no parameters. They call only ``tokred_ext.functional`` and ``tokred_ext.rules``.
+
+TorchScript: ``torch.jit.script(model)`` compiles the driver as a TorchScript class and the
+policy the model holds. The driver and the blocks call a policy only through
+:class:`PolicyInterface` (a ``torch.jit.interface``), so every policy marks the methods it
+names ``@torch.jit.export`` (TorchScript compiles only ``forward`` otherwise); the driver calls
+a block through :class:`ReducingBlock`. Each policy's ``reduce`` repeats the full annotated
+signature because TorchScript reads annotations per function.
 """
 import abc
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,10 +32,67 @@ from .. import functional
 from ..rules import RSchedule, evit_keep_count, parse_r, tome_clamp_r, topk_keep_count
 
 __all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "ReductionState", "update_source",
-           "policy_from_spec", "POLICY_NAMES"]
+           "policy_from_spec", "POLICY_NAMES", "PolicyInterface", "ReducingBlock"]
 
 Rates = Union[float, Sequence[float]]
 Amount = Union[int, float]  # a plan entry: TopK's count, EViT's rate, ToMe's r
+# One name for "a plan entry or None": TorchScript reads ``Optional[Amount]`` written in a function
+# body as a different type from the same annotation in a signature, so bodies use this alias.
+PlanEntry = Optional[Amount]
+
+
+@torch.jit.interface
+class PolicyInterface(nn.Module):
+    """A reduction policy as TorchScript sees it: what the driver and the blocks call."""
+
+    def plan(self, depth: int, num_patches: int) -> List[Optional[Amount]]:
+        pass
+
+    def reduce(self, x: Tensor, amount: Amount, scores: Optional[Tensor],
+               metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
+               num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        pass
+
+    def uses_size(self) -> bool:
+        pass
+
+    def attention_needs(self) -> Tuple[bool, bool]:
+        pass
+
+    def traces_source(self) -> bool:
+        pass
+
+
+@torch.jit.interface
+class ReducingBlock(nn.Module):
+    """A block as :meth:`ReductionState.step` calls it under TorchScript."""
+
+    def forward(self, x: Tensor, amount: Optional[Amount], policy: Optional[PolicyInterface],
+                size: Optional[Tensor], source: Optional[Tensor], num_prefix: int
+                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        pass
+
+
+def _no_plan(depth: int) -> List[PlanEntry]:
+    """``[None] * depth`` with the plan's type (TorchScript types ``[None] * n`` as List[None])."""
+    out: List[PlanEntry] = []
+    for _ in range(depth):
+        out.append(None)
+    return out
+
+
+def _count(amount: Amount) -> int:
+    """A plan entry that is a token count (TopK's count, ToMe's r)."""
+    if isinstance(amount, int):
+        return amount
+    raise TypeError(f"expected a plan entry that is a token count (int), got {amount}")
+
+
+def _rate(amount: Amount) -> float:
+    """A plan entry that is a keep rate (EViT)."""
+    if isinstance(amount, float):
+        return amount
+    return float(amount)
 
 
 def update_source(source: Tensor, index: Tensor, num_protected: int, n_old: int,
@@ -62,8 +126,11 @@ def _check_rate(rate: float, what: str) -> None:
 
 
 class ReductionPolicy(nn.Module, abc.ABC):
-    """Base class. Subclasses set what the attention must return and implement plan/reduce."""
+    """Base class. Subclasses set what the attention must return and implement plan/reduce
+    (both ``@torch.jit.export``, as :class:`PolicyInterface` needs)."""
 
+    # Class attributes are invisible to TorchScript unless declared constants.
+    __constants__ = ["name", "needs_scores", "needs_metric"]
     name = "none"
     needs_scores = False
     needs_metric = False
@@ -72,9 +139,20 @@ class ReductionPolicy(nn.Module, abc.ABC):
         super().__init__()
         self.trace_source = trace_source
 
+    @torch.jit.export
     def uses_size(self) -> bool:
         """Whether the attention takes proportional (``log(size)``) attention."""
         return False
+
+    @torch.jit.export
+    def attention_needs(self) -> Tuple[bool, bool]:
+        """What a reducing block's attention must return: ``(scores, metric)``."""
+        return self.needs_scores, self.needs_metric
+
+    @torch.jit.export
+    def traces_source(self) -> bool:
+        """Whether the driver keeps the source map (``trace_source``)."""
+        return self.trace_source
 
     @abc.abstractmethod
     def plan(self, depth: int, num_patches: int) -> List[Optional[Amount]]:
@@ -116,16 +194,22 @@ class TopK(ReductionPolicy):
             _check_rate(r, "TopK")
         self.keep_rate = keep_rate
 
-    def plan(self, depth: int, num_patches: int) -> List[Optional[int]]:
+    @torch.jit.export
+    def plan(self, depth: int, num_patches: int) -> List[Optional[Amount]]:
         """Tokens to keep after each location, counted from the initial patches."""
         self._check_locs(depth)
-        out: List[Optional[int]] = [None] * depth
-        for loc, rate in zip(self.locs, self.rates):
-            out[loc] = topk_keep_count(rate, num_patches)
+        out = _no_plan(depth)
+        for i, loc in enumerate(self.locs):  # locs is a tuple: TorchScript unrolls this loop
+            out[loc] = topk_keep_count(self.rates[i], num_patches)
         return out
 
-    def reduce(self, x, amount, scores, metric, size, source, num_prefix):
-        out, index = functional.topk_prune(x, scores, amount, num_protected=num_prefix)
+    @torch.jit.export
+    def reduce(self, x: Tensor, amount: Amount, scores: Optional[Tensor],
+               metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
+               num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        if scores is None:
+            raise ValueError("TopK needs the class-attention scores")
+        out, index = functional.topk_prune(x, scores, _count(amount), num_protected=num_prefix)
         if source is not None and out is not x:
             source = update_source(source, index, num_prefix, x.shape[1], fused=False)
         return out, size, source
@@ -155,16 +239,22 @@ class EViT(ReductionPolicy):
         self.keep_rate = keep_rate
         self.fuse = fuse
 
-    def plan(self, depth: int, num_patches: int) -> List[Optional[float]]:
+    @torch.jit.export
+    def plan(self, depth: int, num_patches: int) -> List[Optional[Amount]]:
         """The keep rate at each location: the count depends on the tokens present then."""
         self._check_locs(depth)
-        out: List[Optional[float]] = [None] * depth
-        for loc, rate in zip(self.locs, self.rates):
-            out[loc] = rate
+        out = _no_plan(depth)
+        for i, loc in enumerate(self.locs):
+            out[loc] = self.rates[i]
         return out
 
-    def reduce(self, x, amount, scores, metric, size, source, num_prefix):
-        k = evit_keep_count(amount, x.shape[1] - num_prefix)
+    @torch.jit.export
+    def reduce(self, x: Tensor, amount: Amount, scores: Optional[Tensor],
+               metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
+               num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        if scores is None:
+            raise ValueError("EViT needs the class-attention scores")
+        k = evit_keep_count(_rate(amount), x.shape[1] - num_prefix)
         out, index = functional.evit_prune(x, scores, k, num_protected=num_prefix, fuse=self.fuse)
         if source is not None and out is not x:
             source = update_source(source, index, num_prefix, x.shape[1], fused=self.fuse)
@@ -189,20 +279,34 @@ class ToMe(ReductionPolicy):
     def __init__(self, r: RSchedule = 13,
                  prop_attn: bool = True, trace_source: bool = False):
         super().__init__(trace_source)
+        if isinstance(r, tuple) and len(r) == 2:
+            # (r, inflection) with a float inflection: one type for TorchScript whether the
+            # inflection was written 0 or 0.0 (parse_r computes the same).
+            r = (r[0], float(r[1]))
         self.r = r
         self.prop_attn = prop_attn
 
+    @torch.jit.export
     def uses_size(self) -> bool:
         return self.prop_attn
 
-    def plan(self, depth: int, num_patches: int) -> List[Optional[int]]:
+    @torch.jit.export
+    def plan(self, depth: int, num_patches: int) -> List[Optional[Amount]]:
         """The requested ``r`` of each block (``parse_r``); ``reduce`` clamps it."""
-        return [r if r > 0 else None for r in parse_r(depth, self.r)]
+        out: List[PlanEntry] = []
+        for r in parse_r(depth, self.r):
+            out.append(r if r > 0 else None)
+        return out
 
-    def reduce(self, x, amount, scores, metric, size, source, num_prefix):
-        r = tome_clamp_r(amount, x.shape[1], num_prefix)
+    @torch.jit.export
+    def reduce(self, x: Tensor, amount: Amount, scores: Optional[Tensor],
+               metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
+               num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        r = tome_clamp_r(_count(amount), x.shape[1], num_prefix)
         if r == 0:  # as upstream's blocks: no merge, the tokens pass unchanged
             return x, size, source
+        if metric is None:
+            raise ValueError("ToMe needs the attention's metric (the keys averaged over heads)")
         return functional.tome_merge(x, metric, r, size=size, class_token=True,
                                      distill_token=num_prefix > 1, source=source)
 
@@ -210,46 +314,60 @@ class ToMe(ReductionPolicy):
         return f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
 
 
-BlockFn = Callable[[Tensor, Optional[Amount], Optional[ReductionPolicy], Optional[Tensor],
-                    Optional[Tensor], int], Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]
-
-
 class ReductionState:
     """Drives the reduction loop through one forward pass: the policy's per-block plan, the
     tokens' sizes (ToMe) and source map (``trace_source``), and the tokens left after each block.
 
     tokred's ``VisionTransformer`` and the timm patch both build one per forward pass and call
-    :meth:`step` for every block in order; ``policy`` None runs the blocks unreduced.
+    :meth:`step` for every block in order; ``policy`` None runs the blocks unreduced. It is
+    also a TorchScript class: a scripted model builds and drives it the same way.
     """
 
-    def __init__(self, policy: Optional[ReductionPolicy], depth: int, num_patches: int,
+    def __init__(self, policy: Optional[PolicyInterface], depth: int, num_patches: int,
                  num_prefix: int):
         self.policy = policy
         self.num_prefix = num_prefix
-        self.plan = policy.plan(depth, num_patches) if policy is not None else [None] * depth
-        self.trace = policy is not None and policy.trace_source
-        self.size: Optional[Tensor] = None
-        self.source: Optional[Tensor] = None
+        plan = _no_plan(depth)
+        trace = False
+        merges = False
+        if policy is not None:
+            plan = policy.plan(depth, num_patches)
+            trace = policy.traces_source()
+            merges = policy.attention_needs()[1]
+        self.plan = plan
+        self.trace = trace
+        self.merges = merges
+        self.size = torch.jit.annotate(Optional[Tensor], None)
+        self.source = torch.jit.annotate(Optional[Tensor], None)
         self.token_counts: List[int] = []
         self.sources: List[Tensor] = []
 
     def _start(self, x: Tensor) -> None:
         b, n = x.shape[0], x.shape[1]
-        merges = self.policy is not None and self.policy.needs_metric
-        self.size = x.new_ones(b, n, 1) if merges else None
+        self.size = x.new_ones(b, n, 1) if self.merges else None
         self.source = torch.arange(n, device=x.device).expand(b, n).contiguous() if self.trace else None
-        self.token_counts, self.sources = [], []
+        counts: List[int] = []
+        sources: List[Tensor] = []
+        self.token_counts, self.sources = counts, sources
 
-    def step(self, layer: int, x: Tensor, block: BlockFn) -> Tensor:
+    def step(self, layer: int, x: Tensor, block: ReducingBlock) -> Tensor:
         """Runs block ``layer`` (layer 0 starts the pass) as
-        ``block(x, amount, policy, size, source, num_prefix) -> (x, size, source)``."""
+        ``block(x, amount, policy, size, source, num_prefix) -> (x, size, source)``; ``block``
+        is any such callable (the timm patch passes a function)."""
         if layer == 0:
             self._start(x)
-        x, self.size, self.source = block(x, self.plan[layer], self.policy, self.size,
-                                          self.source, self.num_prefix)
+        amount = self.plan[layer]
+        if torch.jit.is_scripting():
+            # TorchScript calls a module interface by its method name (and runs no hooks).
+            x, size, source = block.forward(x, amount, self.policy, self.size, self.source,
+                                            self.num_prefix)
+        else:
+            x, size, source = block(x, amount, self.policy, self.size, self.source,
+                                    self.num_prefix)
+        self.size, self.source = size, source
         self.token_counts.append(x.shape[1])
-        if self.trace:
-            self.sources.append(self.source)
+        if self.trace and source is not None:
+            self.sources.append(source)
         return x
 
 

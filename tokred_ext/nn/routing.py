@@ -199,6 +199,10 @@ class BiLevelRoutingAttention(nn.Module):
         self.auto_pad = auto_pad
         self.backend = backend
 
+    # The backend is chosen from Python (its setter also sets the router's and the gather's);
+    # a scripted module keeps the one it was scripted with.
+    __jit_unused_properties__ = ["backend"]
+
     @property
     def backend(self) -> str:
         return self._backend
@@ -216,7 +220,23 @@ class BiLevelRoutingAttention(nn.Module):
 
         With ``ret_attn_mask`` (as upstream) returns ``(out, r_weight, r_idx, attn_weight)``;
         the attention weights only exist on the gather + matmul path, which this then takes.
+        That is eager only: a TorchScript method has one return type, so a scripted module
+        returns ``out`` and raises if ``ret_attn_mask`` is set.
         """
+        out, r_weight, r_idx, attn_weight = self._attend(x, ret_attn_mask)
+        if torch.jit.is_scripting():
+            if ret_attn_mask:
+                raise RuntimeError("BiLevelRoutingAttention: ret_attn_mask=True is not supported "
+                                   "in TorchScript (it changes the return type); call the eager "
+                                   "module for the routing and attention weights")
+            return out
+        if ret_attn_mask:
+            return out, r_weight, r_idx, attn_weight
+        return out
+
+    def _attend(self, x: Tensor, ret_attn_mask: bool
+                ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """The forward pass: ``(out, r_weight, r_idx, attn_weight)``."""
         N, H_in, W_in, C = x.shape
         p = self.n_win
         pad_r = pad_b = 0
@@ -245,7 +265,8 @@ class BiLevelRoutingAttention(nn.Module):
         r_weight, r_idx = self.router(q_win, k_win)
 
         attn_weight: Optional[Tensor] = None
-        if self.backend == "tokred" and not ret_attn_mask and self.kv_gather.mul_weight == "none":
+        # _backend, not the property: TorchScript leaves the property out (see __init__).
+        if self._backend == "tokred" and not ret_attn_mask and self.kv_gather.mul_weight == "none":
             out, _ = ops.routed_attention(q_pix, kv_pix[..., : self.qk_dim],
                                           kv_pix[..., self.qk_dim:], r_idx, self.num_heads,
                                           self.scale)
@@ -263,9 +284,7 @@ class BiLevelRoutingAttention(nn.Module):
         out = self.wo(out)
         if pad_r > 0 or pad_b > 0:
             out = out[:, :H_in, :W_in, :].contiguous()
-        if ret_attn_mask:
-            return out, r_weight, r_idx, attn_weight
-        return out
+        return out, r_weight, r_idx, attn_weight
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, "

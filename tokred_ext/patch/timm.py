@@ -27,7 +27,21 @@ class _Patch:
         self.run: Optional[ReductionState] = None
 
 
-class _TokredBlock:
+_NO_SCRIPT = ("a timm model patched by tokred_ext.patch.timm cannot be scripted (its classes are "
+              "swapped at run time and share a Python driver); script "
+              "tokred_ext.models.VisionTransformer with the timm weights loaded "
+              "(load_state_dict), or use torch.jit.trace on the patched model")
+
+
+class _NotScriptable:
+    """torch.jit.script calls ``__prepare_scriptable__`` on every module first: one clear
+    message instead of TorchScript's error deep inside a mixin."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NO_SCRIPT)
+
+
+class _TokredBlock(_NotScriptable):
     """Mixed in front of timm's Block class."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False):
@@ -44,7 +58,7 @@ class _TokredBlock:
         return patch.run.step(self._tokred_layer, x, partial(block_forward, self))
 
 
-class _TokredModel:
+class _TokredModel(_NotScriptable):
     """Mixed in front of timm's VisionTransformer class: publishes the pass's token counts."""
 
     def forward(self, *args, **kwargs):
