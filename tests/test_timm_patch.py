@@ -1,7 +1,8 @@
 """tokred_ext.patch.timm: a patched timm ViT equals tokred's model and the reference model.
 
-The timm tests skip where timm is not importable (CI: timm needs torchvision); a stand-in with
-timm's structure and names exercises the patch everywhere.
+The timm tests skip where timm is not importable; CI's second job (.ci/timm_job.sh, with the timm
+pinned in .ci/requirements-timm.txt) runs them and fails if any skips. A stand-in with timm's
+structure and names exercises the patch everywhere.
 """
 import copy
 
@@ -168,6 +169,16 @@ def test_patch_refuses_blocks_it_does_not_reproduce(swap, named):
     assert type(model.blocks[0]) is Block  # nothing was patched
 
 
+def test_patch_refuses_gated_attention():
+    # timm's Attention(gated=True) scales its output by sigmoid(gate(x)), which tokred's
+    # attention does not compute: refused, not silently changed.
+    model = TimmLikeViT()
+    model.blocks[1].attn.gate = nn.Linear(64, 64)
+    with pytest.raises(ValueError, match=r"gated attention .*block 1 has one"):
+        tokred_ext.patch.timm(model, ToMe(2))
+    assert type(model.blocks[0]) is Block
+
+
 # --------------------------------------------------------------------------- real timm
 
 TIMM_CASES = [("deit_tiny_patch16_224", {}),
@@ -197,6 +208,21 @@ def test_timm_patch_refuses_post_norm_and_parallel_blocks(block):
         tokred_ext.patch.timm(model, ToMe(2))
 
 
+def test_timm_patch_refuses_gated_attention():
+    timm = pytest.importorskip("timm")
+    import inspect
+
+    import timm.models.vision_transformer as tv
+    from timm.layers import Attention as TimmAttention
+
+    if "gated" not in inspect.signature(TimmAttention).parameters:
+        pytest.skip(f"timm {timm.__version__} has no gated attention")
+    model = tv.VisionTransformer(img_size=32, patch_size=16, embed_dim=64, depth=2, num_heads=2)
+    model.blocks[1].attn = TimmAttention(64, num_heads=2, gated=True)
+    with pytest.raises(ValueError, match=r"gated attention .*block 1 has one"):
+        tokred_ext.patch.timm(model, ToMe(2))
+
+
 @pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
 def test_timm_weights_load_into_tokred_model(case):
     name, kwargs = case
@@ -210,12 +236,16 @@ def test_timm_weights_load_into_tokred_model(case):
         torch.testing.assert_close(ours(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,make", POLICIES, ids=IDS)
+# The policies at their papers' settings for a 12-block ViT.
+TIMM_POLICIES = [("topk", lambda: TopK(0.7)), ("evit", lambda: EViT(0.7)), ("tome", lambda: ToMe(13))]
+
+
+@pytest.mark.parametrize("name,make", TIMM_POLICIES, ids=[p[0] for p in TIMM_POLICIES])
 @pytest.mark.parametrize("case", TIMM_CASES, ids=[c[0] for c in TIMM_CASES])
 def test_timm_patch_equals_reference(case, name, make):
     model = _timm_model(*case)
     x = torch.randn(2, 3, 224, 224)
-    policy = TopK(0.7) if name == "topk" else EViT(0.7) if name == "evit" else ToMe(13)
+    policy = make()
     ref_policy = copy.deepcopy(policy)
     with torch.no_grad():
         tokred_ext.patch.timm(model, policy)
@@ -223,6 +253,32 @@ def test_timm_patch_equals_reference(case, name, make):
         expected = reference.ReferenceViT(model, ref_policy)(x)
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
     assert model.token_counts[-1] < 197
+
+
+@pytest.mark.parametrize("name,make", POLICIES, ids=IDS)
+def test_timm_patch_counts_the_patches_of_the_input(name, make):
+    # With dynamic_img_size a timm ViT takes other image sizes than it was built for (resampling
+    # its position embedding); the policy must count the patches of the image it is given.
+    pytest.importorskip("timm")
+    import timm.models.vision_transformer as tv
+    from timm.layers import resample_abs_pos_embed
+
+    config = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4)
+    dynamic = _peaked(tv.VisionTransformer(img_size=64, dynamic_img_size=True, **config))
+    fixed = tv.VisionTransformer(img_size=96, **config).eval()  # 144 patches, as the input below
+    state = dynamic.state_dict()
+    state["pos_embed"] = resample_abs_pos_embed(dynamic.pos_embed, (12, 12), (8, 8), num_prefix_tokens=1)
+    fixed.load_state_dict(state)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(dynamic(x), fixed(x), atol=1e-5, rtol=1e-5)  # the same model
+        tokred_ext.patch.timm(dynamic, make())
+        tokred_ext.patch.timm(fixed, make())
+        out = dynamic(x)
+        torch.testing.assert_close(out, fixed(x), atol=1e-5, rtol=1e-5)
+        expected = reference.ReferenceViT(fixed, make())(x)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert dynamic.token_counts == fixed.token_counts and dynamic.token_counts[-1] < 145
 
 
 def test_timm_create_model_names_match_factories():

@@ -23,7 +23,6 @@ class _Patch:
         self.policy = policy
         self.num_prefix = _num_prefix(model)
         self.depth = len(model.blocks)
-        self.num_patches = model.patch_embed.num_patches
         self.run: Optional[ReductionState] = None
 
 
@@ -50,7 +49,9 @@ class _TokredBlock(_NotScriptable):
                              "is_causal): token reduction changes the sequence the mask refers to")
         patch = self._tokred_patch
         if self._tokred_layer == 0:
-            patch.run = ReductionState(patch.policy, patch.depth, patch.num_patches,
+            # The patches of this input, not patch_embed.num_patches (the size the model was
+            # built for): with timm's dynamic_img_size they differ, and Top-K counts from them.
+            patch.run = ReductionState(patch.policy, patch.depth, x.shape[1] - patch.num_prefix,
                                        patch.num_prefix)
         if patch.run is None:
             raise RuntimeError("a block patched by tokred_ext.patch.timm runs after block 0 of "
@@ -103,6 +104,11 @@ def _check_block(i: int, blk: nn.Module) -> None:
             names = " or ".join(sorted(f"{m}.{n}" for m, n in supported))
             raise ValueError(f"tokred_ext.patch.timm reproduces only timm's {names} {part}; block {i} "
                              f"has {cls.__module__}.{cls.__qualname__}, so it cannot be patched")
+    # timm 1.0.31's Attention(gated=True) multiplies its output by sigmoid(gate(x)) before proj;
+    # tokred's attention has no such gate, so patching would silently drop it.
+    if getattr(blk.attn, "gate", None) is not None:
+        raise ValueError(f"tokred_ext.patch.timm does not reproduce timm's gated attention "
+                         f"(Attention(gated=True)); block {i} has one, so it cannot be patched")
 
 
 def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
