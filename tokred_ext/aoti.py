@@ -24,7 +24,6 @@ from typing import Any, Dict, Optional, Sequence, Set
 
 import torch
 
-from . import _C  # noqa: F401  (registers the tokred ops that a package calls by name)
 from ._batch_axis import dynamic_batch_shapes
 from ._build_info import build_info
 
