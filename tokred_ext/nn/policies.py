@@ -68,8 +68,8 @@ class ReducingBlock(nn.Module):
     """A block as :meth:`ReductionState.step` calls it under TorchScript."""
 
     def forward(self, x: Tensor, amount: Optional[Amount], policy: Optional[PolicyInterface],
-                size: Optional[Tensor], source: Optional[Tensor], num_prefix: int
-                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                size: Optional[Tensor], source: Optional[Tensor], num_prefix: int,
+                class_token: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         pass
 
 
@@ -208,7 +208,7 @@ class TopK(ReductionPolicy):
                metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
                num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if scores is None:
-            raise ValueError("TopK needs the class-attention scores")
+            raise ValueError("TopK needs the attention scores")
         out, index = functional.topk_prune(x, scores, _count(amount), num_protected=num_prefix)
         if source is not None and out is not x:
             source = update_source(source, index, num_prefix, x.shape[1], fused=False)
@@ -253,7 +253,7 @@ class EViT(ReductionPolicy):
                metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
                num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if scores is None:
-            raise ValueError("EViT needs the class-attention scores")
+            raise ValueError("EViT needs the attention scores")
         k = evit_keep_count(_rate(amount), x.shape[1] - num_prefix)
         out, index = functional.evit_prune(x, scores, k, num_protected=num_prefix, fuse=self.fuse)
         if source is not None and out is not x:
@@ -324,9 +324,12 @@ class ReductionState:
     """
 
     def __init__(self, policy: Optional[PolicyInterface], depth: int, num_patches: int,
-                 num_prefix: int):
+                 num_prefix: int, class_token: bool = True):
+        """``num_prefix`` tokens (class, distillation, register tokens) lead the sequence and
+        are never reduced; ``class_token`` says whether the first is a class token."""
         self.policy = policy
         self.num_prefix = num_prefix
+        self.class_token = class_token
         plan = _no_plan(depth)
         trace = False
         merges = False
@@ -341,9 +344,11 @@ class ReductionState:
         self.source = torch.jit.annotate(Optional[Tensor], None)
         self.token_counts: List[int] = []
         self.sources: List[Tensor] = []
+        self.n_start = 0
 
     def _start(self, x: Tensor) -> None:
         b, n = x.shape[0], x.shape[1]
+        self.n_start = n
         self.size = x.new_ones(b, n, 1) if self.merges else None
         self.source = torch.arange(n, device=x.device).expand(b, n).contiguous() if self.trace else None
         counts: List[int] = []
@@ -352,7 +357,8 @@ class ReductionState:
 
     def step(self, layer: int, x: Tensor, block: ReducingBlock) -> Tensor:
         """Runs block ``layer`` (layer 0 starts the pass) as
-        ``block(x, amount, policy, size, source, num_prefix) -> (x, size, source)``; ``block``
+        ``block(x, amount, policy, size, source, num_prefix, class_token) -> (x, size,
+        source)``; ``block``
         is any such callable (the timm patch passes a function)."""
         if layer == 0:
             self._start(x)
@@ -360,15 +366,25 @@ class ReductionState:
         if torch.jit.is_scripting():
             # TorchScript calls a module interface by its method name (and runs no hooks).
             x, size, source = block.forward(x, amount, self.policy, self.size, self.source,
-                                            self.num_prefix)
+                                            self.num_prefix, self.class_token)
         else:
             x, size, source = block(x, amount, self.policy, self.size, self.source,
-                                    self.num_prefix)
+                                    self.num_prefix, self.class_token)
         self.size, self.source = size, source
         self.token_counts.append(x.shape[1])
         if self.trace and source is not None:
             self.sources.append(source)
         return x
+
+
+    def pool_size(self) -> Optional[Tensor]:
+        """The sizes an average-pooling head weights the final tokens by: None when the pass
+        merged nothing (every size is 1), so that head computes the unreduced model's plain
+        mean, bitwise."""
+        size = self.size
+        if size is None or size.shape[1] == self.n_start:
+            return None
+        return size
 
 
 POLICY_NAMES = ("none", "topk", "evit", "tome")
