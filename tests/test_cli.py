@@ -222,7 +222,7 @@ def _check_png(path, panels, method, num_prefix=1, patch=16, size=224):
     png = Image.open(path)
     png.load()
     assert png.format == "PNG"
-    assert png.size == (size * (1 + len(panels)), size + vis.LABEL_HEIGHT)
+    assert png.size == (size * (1 + len(panels)), size + vis.LABEL_HEIGHT + vis.LEGEND_HEIGHT)
     png = png.convert("RGB")
     original = vis.load_image(vis.DEFAULT_IMAGE, size)
     grid = size // patch

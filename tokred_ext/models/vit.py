@@ -194,6 +194,16 @@ MODELS: Dict[str, Callable[..., VisionTransformer]] = {
     "vit_large_patch16_224": _factory("vit_large_patch16_224", **_LARGE),
     "vit_base_patch16_384": _factory("vit_base_patch16_384", **_BASE, img_size=384),
     "vit_large_patch16_384": _factory("vit_large_patch16_384", **_LARGE, img_size=384),
+    # The prefix layouts: DINOv2 with 4 register tokens (at its 518 px), a class-token-free
+    # average-pool ViT, and SigLIP's attention-pool head (DINOv2 and SigLIP without a classifier,
+    # num_classes=0, as timm's).
+    "vit_small_patch14_reg4_dinov2": _factory("vit_small_patch14_reg4_dinov2", **_SMALL,
+                                              img_size=518, patch_size=14, init_values=1e-5,
+                                              reg_tokens=4, no_embed_class=True, num_classes=0),
+    "vit_base_patch16_gap_224": _factory("vit_base_patch16_gap_224", **dict(_BASE, num_heads=16),
+                                         class_token=False, global_pool="avg", fc_norm=False),
+    "vit_base_patch16_siglip_224": _factory("vit_base_patch16_siglip_224", **_BASE,
+                                            class_token=False, global_pool="map", num_classes=0),
 }
 ALIASES = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
            "deit_base": "deit_base_patch16_224"}
