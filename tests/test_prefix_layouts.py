@@ -29,8 +29,9 @@ LAYOUTS = [
     ("reg1_none", dict(class_token=False, reg_tokens=1, global_pool=""), 1),
 ]
 LAYOUT_IDS = [c[0] for c in LAYOUTS]
-PRUNERS = [("topk", lambda **kw: TopK(0.6, locs=(0, 2), **kw)),
-           ("evit", lambda **kw: EViT(0.6, locs=(1, 3), **kw))]
+POLICIES = [("topk", lambda **kw: TopK(0.6, locs=(0, 2), **kw)),
+            ("evit", lambda **kw: EViT(0.6, locs=(1, 3), **kw)),
+            ("tome", lambda **kw: ToMe(6, **kw))]
 
 
 def _model(layout, reduction=None):
@@ -70,9 +71,9 @@ def test_bad_layouts_are_refused(kwargs, match):
         VisionTransformer(**SMALL, **kwargs)
 
 
-@pytest.mark.parametrize("name,make", PRUNERS, ids=[p[0] for p in PRUNERS])
+@pytest.mark.parametrize("name,make", POLICIES, ids=[p[0] for p in POLICIES])
 @pytest.mark.parametrize("layout,prefix", [c[1:] for c in LAYOUTS], ids=LAYOUT_IDS)
-def test_pruning_equals_reference_on_every_layout(layout, prefix, name, make):
+def test_reduction_equals_reference_on_every_layout(layout, prefix, name, make):
     model = _model(layout, make(trace_source=True))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -86,15 +87,29 @@ def test_pruning_equals_reference_on_every_layout(layout, prefix, name, make):
     assert out.shape != plain.shape or not torch.allclose(out, plain, atol=1e-3)
 
 
-@pytest.mark.parametrize("name,make", PRUNERS, ids=[p[0] for p in PRUNERS])
+@pytest.mark.parametrize("name,make", POLICIES, ids=[p[0] for p in POLICIES])
 @pytest.mark.parametrize("layout,prefix", [c[1:] for c in LAYOUTS], ids=LAYOUT_IDS)
-def test_prefix_tokens_are_never_pruned(layout, prefix, name, make):
+def test_prefix_tokens_are_never_reduced(layout, prefix, name, make):
+    # The prefix stays first, in order, and no other token is pruned or merged into it.
     model = _model(layout, make(trace_source=True))
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
     assert model.token_counts[-1] < prefix + N_PATCHES
     for source in model.sources:
         assert torch.equal(source[:, :prefix], torch.arange(prefix).expand(2, prefix))
+        assert bool(((source[:, prefix:] >= prefix) | (source[:, prefix:] == -1)).all())
+
+
+@pytest.mark.parametrize("layout,prefix", [c[1:] for c in LAYOUTS], ids=LAYOUT_IDS)
+def test_tome_clamps_r_to_half_the_tokens_after_the_prefix(layout, prefix):
+    # (N - P) // 2 merge at most: with no prefix every token may merge, token 0 included.
+    model = _model(layout, ToMe(1000, trace_source=True))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert model.token_counts[0] == prefix + N_PATCHES // 2
+    merged_into = model.sources[-1][:, prefix:]
+    if prefix == 0:  # the first patch is no class token: it merges like any other
+        assert bool((merged_into == merged_into[:, :1]).sum(1).gt(1).any())
 
 
 @pytest.mark.parametrize("layout,prefix", [c[1:] for c in LAYOUTS], ids=LAYOUT_IDS)
