@@ -138,13 +138,15 @@ def _draw_legend(draw, top: int, width: int, notes: Sequence[str],
         draw.text((x + 12, y), words, fill=(0, 0, 0))
         x += 12 + 6 * len(words) + 14
     y += LEGEND_LINE
-    per_line = max(1, panel // 52)
     for i, groups in enumerate(groups_of_panels):
         x0 = panel * (i + 1)
-        for j, (token, count, colour) in enumerate(groups[:2 * per_line]):
-            gx, gy = x0 + 2 + 52 * (j % per_line), y + LEGEND_LINE * (j // per_line)
+        labels = [f"t{token}:{count}" for token, count, _ in groups]
+        step = 11 + 6 * max([len(t) for t in labels] + [1]) + 6  # the default font: 6 px a letter
+        per_line = max(1, panel // step)
+        for j, ((_, _, colour), label) in enumerate(zip(groups[:2 * per_line], labels)):
+            gx, gy = x0 + 2 + step * (j % per_line), y + LEGEND_LINE * (j // per_line)
             draw.rectangle((gx, gy + 2, gx + 8, gy + 10), fill=colour, outline=(0, 0, 0))
-            draw.text((gx + 11, gy), f"t{token}:{count}", fill=(0, 0, 0))
+            draw.text((gx + 11, gy), label, fill=(0, 0, 0))
     draw.text((2, y), "largest groups:", fill=(0, 0, 0))
 
 

@@ -172,10 +172,11 @@ class ReductionPolicy(nn.Module, abc.ABC):
 
 class TopK(ReductionPolicy):
     """Top-K pruning (Haurum et al.): after block ``locs[i]`` keep the
-    ``int(keep_rate**(i+1) * num_patches)`` patches the class token attends to most.
+    ``int(keep_rate**(i+1) * num_patches)`` patches the class token attends to most (without a
+    class token: the patches that receive the most attention, mean over queries and heads).
 
     ``keep_rate`` is a base rate (powered per location, as upstream) or one absolute rate per
-    location. The class token (and a distillation token) is always kept.
+    location. The prefix (class, distillation and register tokens) is always kept.
     """
 
     name = "topk"
@@ -220,10 +221,11 @@ class TopK(ReductionPolicy):
 
 class EViT(ReductionPolicy):
     """EViT: after block ``locs[i]`` keep ``ceil(keep_rate * (N - P))`` of the current tokens the
-    class token attends to most and (``fuse``) add one token, their attention-weighted sum.
+    class token attends to most (without a class token: that receive the most attention, mean
+    over queries and heads) and (``fuse``) add one token, the others' score-weighted sum.
 
-    Upstream EViT protects only the class token; here a distillation token is protected too
-    (its head reads it), so distilled models keep both.
+    Upstream EViT protects only the class token; here the whole prefix (distillation and
+    register tokens too) is protected, so every prefix token is kept.
     """
 
     name = "evit"
