@@ -155,18 +155,3 @@ def test_functional_pruning_takes_the_map_of_a_model_without_class_token():
     out, index = functional.evit_prune(x, attn, 4, num_protected=0, class_token=False)
     assert torch.equal(index, reference.mean_attention(attn, 0).topk(4, dim=1).indices)
     assert out.shape == (2, 5, 8)
-
-
-@pytest.mark.parametrize("layout", [dict(class_token=False, reg_tokens=2, global_pool="avg"),
-                                    dict(reg_tokens=4, no_embed_class=True),
-                                    dict(class_token=False, global_pool="map")],
-                         ids=["reg2_avg", "cls_reg4", "map"])
-@pytest.mark.parametrize("make", [lambda: TopK(0.6, locs=(0, 2)), lambda: EViT(0.6, locs=(1, 3)),
-                                  lambda: ToMe(6)], ids=["topk", "evit", "tome"])
-def test_torchscript_runs_the_new_layouts(layout, make):
-    model = _model(layout, make())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        scripted = torch.jit.script(model)
-        torch.testing.assert_close(scripted(x), expected, atol=1e-6, rtol=1e-6)
