@@ -373,15 +373,16 @@ def test_timm_create_model_names_match_factories():
 # Real timm models of every prefix layout, random init: DINOv2 with 4 register tokens (class
 # token, position embedding over the patches only, LayerScale), a class-token-free average-pool
 # ViT, and SigLIP (no class token, attention-pool head). (id, timm name, create_model kwargs,
-# tokred VisionTransformer kwargs with the same layout.)
+# tokred VisionTransformer kwargs with the same layout; DINOv2 and SigLIP have no classifier in
+# timm, num_classes=0.)
 TIMM_LAYOUTS = [
     ("vit_small_patch14_reg4_dinov2", dict(img_size=224),
      dict(patch_size=14, embed_dim=384, num_heads=6, init_values=1e-5, reg_tokens=4,
-          no_embed_class=True)),
+          no_embed_class=True, num_classes=0)),
     ("vit_base_patch16_gap_224", {},
      dict(embed_dim=768, num_heads=16, class_token=False, global_pool="avg", fc_norm=False)),
     ("vit_base_patch16_siglip_224", {}, dict(embed_dim=768, num_heads=12, class_token=False,
-                                             global_pool="map")),
+                                             global_pool="map", num_classes=0)),
 ]
 TIMM_LAYOUT_IDS = [c[0] for c in TIMM_LAYOUTS]
 
