@@ -222,7 +222,7 @@ def _check_png(path, panels, method, num_prefix=1, patch=16, size=224):
     png = Image.open(path)
     png.load()
     assert png.format == "PNG"
-    assert png.size == (size * (1 + len(panels)), size + vis.LABEL_HEIGHT)
+    assert png.size == (size * (1 + len(panels)), size + vis.LABEL_HEIGHT + vis.LEGEND_HEIGHT)
     png = png.convert("RGB")
     original = vis.load_image(vis.DEFAULT_IMAGE, size)
     grid = size // patch
@@ -324,3 +324,49 @@ def test_export_bad_arguments_one_line(capsys, tmp_path):
     rc, _, err = run(capsys, "export", "--model", "deit_tiny", "--checkpoint", str(junk),
                      "-o", str(tmp_path / "m.onnx"))
     assert rc == 2 and err.count("\n") == 1 and "is not a readable PyTorch state dict" in err
+
+
+def test_visualize_register_token_model_shows_groups_in_a_legend(capsys, tmp_path):
+    # DINOv2 with 4 register tokens (518 px, 14 px patches): the prefix is 5 tokens, none drawn;
+    # each panel's largest groups appear in the legend with their panel colour.
+    out = tmp_path / "reg4.png"
+    rc, _, err = run(capsys, "visualize", "-o", str(out), "--method", "tome", "--r", "60",
+                     "--model", "vit_small_patch14_reg4_dinov2")
+    assert rc == 0, err
+    policy = policy_from_spec("tome:60", trace_source=True)
+    model, panels = vis.trace(vis.load_image(vis.DEFAULT_IMAGE, 518), policy,
+                              "vit_small_patch14_reg4_dinov2")
+    assert model.num_prefix_tokens == 5 and vis.prefix_words(model) == "1 class + 4 register tokens"
+    for _, _, source in panels:  # the prefix stays first, unmerged
+        assert source[:5].tolist() == [0, 1, 2, 3, 4] and bool((source[5:] >= 5).all())
+    png = _check_png(out, panels, "tome", num_prefix=5, patch=14, size=518)
+    top = 518 + vis.LABEL_HEIGHT + 3 * vis.LEGEND_LINE  # under the two notes and the colour key
+    for i, (_, _, source) in enumerate(panels):
+        groups = vis.patch_groups(source, 5)
+        ids, counts = torch.unique(groups, return_counts=True)
+        largest = int(ids[counts == counts.max()].min())  # ties: the lower token first
+        p = int((groups == largest).nonzero()[0])
+        row, col = divmod(p, 518 // 14)
+        in_panel = png.getpixel((518 * (i + 1) + col * 14 + 7, vis.LABEL_HEIGHT + row * 14 + 7))
+        assert png.getpixel((518 * (i + 1) + 6, top + 6)) == in_panel
+
+
+def test_visualize_says_on_the_picture_when_the_weights_are_random(capsys, tmp_path):
+    torch.manual_seed(0)  # the weights visualize builds for seed 0, saved as a checkpoint
+    from tokred_ext.models import create_model
+    ckpt = tmp_path / "w.pt"
+    torch.save(create_model("deit_tiny").state_dict(), ckpt)
+    from PIL import Image
+    images = []
+    for extra in ([], ["--checkpoint", str(ckpt)]):
+        out = tmp_path / f"v{len(extra)}.png"
+        rc, _, err = run(capsys, "visualize", "-o", str(out), "--method", "evit",
+                         "--model", "deit_tiny", *extra)
+        assert rc == 0, err
+        images.append(Image.open(out).convert("RGB"))
+    random, loaded = (torch.tensor(list(im.getdata())).view(im.height, im.width, 3) for im in images)
+    top = 224 + vis.LABEL_HEIGHT
+    assert torch.equal(random[:top], loaded[:top])  # the same weights: the same panels
+    first_note = slice(top, top + vis.LEGEND_LINE)
+    assert not torch.equal(random[first_note], loaded[first_note])  # "weights: RANDOM" vs the file
+    assert torch.equal(random[top + vis.LEGEND_LINE:], loaded[top + vis.LEGEND_LINE:])

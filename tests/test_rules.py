@@ -27,8 +27,9 @@ def test_parse_r(layers, r):
 
 @pytest.mark.parametrize("n", range(0, 12))
 def test_tome_clamp(n):
+    # Any prefix: none, a class token, class + distillation, class + register tokens.
     for r in (-3, 0, 1, 2, 5, 10**6):
-        for p in (0, 1, 2, 5, 13):
+        for p in (0, 1, 2, 3, 5, 13):
             assert rules.tome_clamp_r(r, n, p) == R.tome_clamp_r(r, n, p)
 
 

@@ -30,10 +30,10 @@ IDS = [n for n, _ in POLICIES]
 RUNS = 2
 
 
-def tiny_vit(policy, distilled=False):
+def tiny_vit(policy, distilled=False, **layout):
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
-                              num_classes=5, distilled=distilled, reduction=policy).eval()
+                              num_classes=5, distilled=distilled, reduction=policy, **layout).eval()
     # Larger weights than the default init make attention peaked, so no two tokens tie.
     with torch.no_grad():
         for p in model.parameters():
@@ -87,6 +87,31 @@ def test_vit_scripts_and_equals_eager(name, make, distilled):
     loaded = roundtrip(scripted)
     check_same(model, loaded, x)
     assert loaded.token_counts == model.token_counts
+
+
+# The prefix layouts: no class token with register tokens and average pooling (the scores are the
+# mean attention received), register tokens outside the position embedding, SigLIP's
+# attention-pool head without any prefix.
+LAYOUTS = {"reg2_avg": dict(class_token=False, reg_tokens=2, global_pool="avg"),
+           "cls_reg4_noembed": dict(reg_tokens=4, no_embed_class=True),
+           "map": dict(class_token=False, global_pool="map")}
+LAYOUT_CASES = [(layout, name, make) for layout in LAYOUTS for name, make in POLICIES
+                if name in ("none", "topk_rates_source", "evit", "tome_source")]
+
+
+@pytest.mark.parametrize("layout,name,make", LAYOUT_CASES,
+                         ids=[f"{lay}-{n}" for lay, n, _ in LAYOUT_CASES])
+def test_vit_layouts_script_and_equal_eager(layout, name, make):
+    model = tiny_vit(make(), **LAYOUTS[layout])
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 32, 32)
+    check_same(model, scripted, x)
+    assert scripted.token_counts == model.token_counts
+    if make() is not None:
+        assert model.token_counts[-1] < 16 + model.num_prefix_tokens
+    for got, want in zip(scripted.sources, model.sources, strict=True):
+        assert torch.equal(got, want)
+    check_same(model, roundtrip(scripted), x)
 
 
 def test_vit_scripts_after_the_policy_is_removed():

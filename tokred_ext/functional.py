@@ -1,7 +1,8 @@
 """Token-reduction methods built from tokred ops: Top-K pruning, EViT and ToMe.
 
-Each pruning function takes either the attention map ``[B, H, N, N]`` or the class-attention
-scores ``[B, N - P]``, and a keep count (int) or rate (float). The counting rules themselves
+Each pruning function takes either the attention map ``[B, H, N, N]`` or the scores
+``[B, N - P]`` (the class token's attention; in a model without a class token, the mean attention
+each token receives), and a keep count (int) or rate (float). The counting rules themselves
 (keep counts, ToMe's schedule and clamp) live in :mod:`tokred_ext.rules`; this module only
 imports ``ops`` and ``rules``.
 """
@@ -13,7 +14,7 @@ from torch import Tensor
 from . import ops
 from .rules import evit_keep_count, parse_r, topk_keep_count
 
-__all__ = ["class_attention", "scores_from", "topk_prune", "evit_prune", "tome_merge", "parse_r"]
+__all__ = ["class_attention", "mean_attention", "scores_from", "topk_prune", "evit_prune", "tome_merge", "parse_r"]
 
 
 def class_attention(attn: Tensor, num_protected: int = 1) -> Tensor:
@@ -22,10 +23,20 @@ def class_attention(attn: Tensor, num_protected: int = 1) -> Tensor:
     return attn[:, :, 0, num_protected:].mean(dim=1)
 
 
-def scores_from(attn_or_scores: Tensor, num_protected: int = 1) -> Tensor:
-    """Class-attention scores ``[B, N - P]`` from an attention map, or the scores unchanged."""
+def mean_attention(attn: Tensor, num_protected: int = 0) -> Tensor:
+    """Scores ``[B, N - P]`` for a model without a class token: the attention each token after
+    the ``P`` prefix tokens receives, mean over all queries and heads (following the literature:
+    with no class token to ask, a token's importance is the attention the others pay it)."""
+    return attn[:, :, :, num_protected:].mean(dim=(1, 2))
+
+
+def scores_from(attn_or_scores: Tensor, num_protected: int = 1, class_token: bool = True) -> Tensor:
+    """Scores ``[B, N - P]`` from an attention map (:func:`class_attention`, or
+    :func:`mean_attention` when ``class_token`` is False), or the scores unchanged."""
     if attn_or_scores.dim() == 4:
-        return class_attention(attn_or_scores, num_protected)
+        if class_token:
+            return class_attention(attn_or_scores, num_protected)
+        return mean_attention(attn_or_scores, num_protected)
     if attn_or_scores.dim() != 2:
         raise ValueError("expected the attention map [B, H, N, N] or scores [B, N - P], got shape "
                          f"{list(attn_or_scores.shape)}")
@@ -37,15 +48,17 @@ def _identity_index(x: Tensor, n: int) -> Tensor:
 
 
 def topk_prune(x: Tensor, attn_or_scores: Tensor, keep: Union[int, float], num_protected: int = 1,
-               n_initial: Optional[int] = None, keep_order: bool = False) -> Tuple[Tensor, Tensor]:
+               n_initial: Optional[int] = None, keep_order: bool = False,
+               class_token: bool = True) -> Tuple[Tensor, Tensor]:
     """Top-K pruning (Haurum et al.): keeps the best-scored tokens, drops the rest.
 
     ``keep`` is a token count (int) or a rate (float) turned into ``int(keep * n_initial)``, with
     ``n_initial`` the initial number of scored tokens (default: the current number). Returns the
     reduced tokens ``[B, P + k, C]`` and the kept positions ``[B, k]``; keeping every token
-    returns ``x`` itself.
+    returns ``x`` itself. With an attention map, ``class_token`` picks the scores
+    (:func:`scores_from`).
     """
-    scores = scores_from(attn_or_scores, num_protected)
+    scores = scores_from(attn_or_scores, num_protected, class_token)
     n = scores.shape[1]
     if isinstance(keep, int):
         k = keep
@@ -60,14 +73,15 @@ def topk_prune(x: Tensor, attn_or_scores: Tensor, keep: Union[int, float], num_p
 
 
 def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: Union[int, float], num_protected: int = 1,
-               fuse: bool = True, keep_order: bool = False) -> Tuple[Tensor, Tensor]:
+               fuse: bool = True, keep_order: bool = False,
+               class_token: bool = True) -> Tuple[Tensor, Tensor]:
     """EViT: keeps the most attended tokens and fuses the rest into one extra token.
 
     ``keep`` is a token count (int) or a rate (float) turned into ``ceil(keep * N)`` with ``N``
     the current number of scored tokens. Returns ``[B, P + k + 1, C]`` (without the extra token
     when ``fuse=False``) and the kept positions; keeping every token returns ``x`` itself.
     """
-    scores = scores_from(attn_or_scores, num_protected)
+    scores = scores_from(attn_or_scores, num_protected, class_token)
     n = scores.shape[1]
     if isinstance(keep, int):
         k = keep

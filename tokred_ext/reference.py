@@ -76,6 +76,12 @@ def class_attention(attn: Tensor, num_protected: int = 1) -> Tensor:
     return attn.mean(dim=1)[:, 0, num_protected:]
 
 
+def mean_attention(attn: Tensor, num_protected: int = 0) -> Tensor:
+    """Scores in a model without a class token: the attention each token receives, averaged over
+    the heads and then over every query."""
+    return attn.mean(dim=1).mean(dim=1)[:, num_protected:]
+
+
 def evit_keep_count(keep_rate: float, n_scored: int) -> int:
     """EViT's rule: ceil(keep_rate * (N - 1)), relative to the current token count."""
     exact = keep_rate * n_scored
@@ -308,8 +314,15 @@ class ReferenceViT(torch.nn.Module):
     map; Top-K (Haurum et al.), EViT and ToMe use ``torch.topk``/``gather``/``scatter_reduce``
     glue as upstream does. ``policy`` is read by its attributes only (``name``, ``keep_rate``,
     ``locs``, ``fuse``, ``r``, ``prop_attn``), so any object carrying them works.
-    Protected tokens are the class token and, if the model has one, the distillation token.
-    ``token_counts`` lists the tokens leaving each block, as on tokred's models.
+
+    Layouts as timm's: the prefix is the class token (``cls_token``, may be None), a
+    distillation token (``dist_token``) and register tokens (``reg_token``), in that order; the
+    position embedding covers the prefix unless ``no_embed_class``. Prefix tokens are never
+    reduced. Pruning scores are the class token's attention or, with no class token, the mean
+    attention each token receives. The head follows ``global_pool``: ``token``, ``avg`` (ToMe's
+    sizes weight the mean once tokens merged), ``map`` (the attention pool ``attn_pool`` over the
+    tokens after the prefix) or ``''``. ``token_counts`` lists the tokens leaving each block, as
+    on tokred's models.
     """
 
     def __init__(self, model: torch.nn.Module, policy=None):
@@ -334,16 +347,28 @@ class ReferenceViT(torch.nn.Module):
             plan[loc] = topk_keep_count(rate, num_patches) if policy.name == "topk" else rate
         return plan
 
-    def forward(self, images: Tensor) -> Tensor:
+    def _embed(self, images: Tensor) -> Tuple[Tensor, int]:
         m = self.model
         x = m.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        b, num_patches = x.shape[0], x.shape[1]
+        b = x.shape[0]
+        prefix = [getattr(m, name, None) for name in ("cls_token", "dist_token", "reg_token")]
+        prefix = [t.expand(b, -1, -1) for t in prefix if t is not None]
+        pos = getattr(m, "pos_embed", None)
+        if pos is not None and getattr(m, "no_embed_class", False):
+            x = x + pos
+        x = torch.cat(prefix + [x], dim=1)
+        if pos is not None and not getattr(m, "no_embed_class", False):
+            x = x + pos
+        if hasattr(m, "norm_pre"):
+            x = m.norm_pre(x)
+        return x, sum(t.shape[1] for t in prefix)
+
+    def forward(self, images: Tensor) -> Tensor:
+        m = self.model
+        x, p = self._embed(images)
+        num_patches = x.shape[1] - p
+        has_cls = getattr(m, "cls_token", None) is not None
         dist = getattr(m, "dist_token", None)
-        prefix = [m.cls_token.expand(b, -1, -1)]
-        if dist is not None:
-            prefix.append(dist.expand(b, -1, -1))
-        x = torch.cat(prefix + [x], dim=1) + m.pos_embed
-        p = len(prefix)
         plan = self._schedule(len(m.blocks), num_patches)
         name = getattr(self.policy, "name", "none")
         size = torch.ones_like(x[..., :1]) if name == "tome" else None
@@ -352,10 +377,12 @@ class ReferenceViT(torch.nn.Module):
         for blk, amount in zip(m.blocks, plan):
             y, attn, metric = _attention(blk.attn, blk.norm1(x), size if prop_attn else None)
             x = x + blk.ls1(y)
-            if amount is not None and name == "topk":
-                x = _topk_step(x, attn, amount, p)
-            elif amount is not None and name == "evit":
-                x = _evit_step(x, attn, amount, p, self.policy.fuse)
+            if amount is not None and name in ("topk", "evit"):
+                scores = class_attention(attn, p) if has_cls else mean_attention(attn, p)
+                if name == "topk":
+                    x = _topk_step(x, scores, amount, p)
+                else:
+                    x = _evit_step(x, scores, amount, p, self.policy.fuse)
             elif amount is not None and name == "tome":
                 x, size = tome_step(x, metric, amount, size, p)
             x = x + blk.ls2(blk.mlp(blk.norm2(x)))
@@ -363,7 +390,34 @@ class ReferenceViT(torch.nn.Module):
         x = m.norm(x)
         if dist is not None:
             return (m.head(x[:, 0]) + m.head_dist(x[:, 1])) / 2
-        return m.head(m.fc_norm(x[:, 0]))
+        pool = getattr(m, "global_pool", "token")
+        if pool == "token":
+            x = x[:, 0]
+        elif pool == "avg":
+            tokens = x[:, p:]
+            if size is not None and x.shape[1] < p + num_patches:  # tokens merged
+                w = size[:, p:]
+                x = (tokens * w).sum(dim=1) / w.sum(dim=1)
+            else:
+                x = tokens.mean(dim=1)
+        elif pool == "map":
+            x = _attention_pool(m.attn_pool, x[:, p:])
+        elif pool not in ("", "none"):
+            raise ValueError(f"ReferenceViT: global_pool {pool!r} is not one it computes")
+        return m.head(m.fc_norm(x))
+
+
+def _attention_pool(pool, x: Tensor) -> Tensor:
+    """timm's AttentionPoolLatent (one latent query): explicit softmax attention, proj, MLP."""
+    b, n, c = x.shape
+    h = pool.num_heads
+    d = c // h
+    q = pool.q(pool.latent.expand(b, -1, -1)).reshape(b, -1, h, d).transpose(1, 2)
+    k, v = pool.kv(x).reshape(b, n, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = pool.proj((attn @ v).transpose(1, 2).reshape(b, -1, c))
+    out = out + pool.mlp(pool.norm(out))
+    return out[:, 0]
 
 
 def _attention(attn_mod, x: Tensor, size: Optional[Tensor]):
@@ -385,22 +439,21 @@ def _attention(attn_mod, x: Tensor, size: Optional[Tensor]):
     return attn_mod.proj(out), attn, k.mean(dim=1)
 
 
-def _topk_step(x: Tensor, attn: Tensor, left: int, p: int) -> Tensor:
-    """Haurum et al.'s Top-K: keep the ``left`` most class-attended tokens, score order."""
+def _topk_step(x: Tensor, scores: Tensor, left: int, p: int) -> Tensor:
+    """Haurum et al.'s Top-K: keep the ``left`` best-scored tokens, score order."""
     if left >= x.shape[1] - p:
         return x
-    _, idx = torch.topk(class_attention(attn, p), left, dim=1, largest=True, sorted=True)
+    _, idx = torch.topk(scores, left, dim=1, largest=True, sorted=True)
     kept = x[:, p:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     return torch.cat([x[:, :p], kept], dim=1)
 
 
-def _evit_step(x: Tensor, attn: Tensor, rate: float, p: int, fuse: bool) -> Tensor:
-    """EViT: keep ceil(rate * (N - P)) tokens, fuse the rest weighted by class attention."""
+def _evit_step(x: Tensor, cls_attn: Tensor, rate: float, p: int, fuse: bool) -> Tensor:
+    """EViT: keep ceil(rate * (N - P)) tokens, fuse the rest weighted by their scores."""
     n = x.shape[1] - p
     left = evit_keep_count(rate, n)
     if left >= n:
         return x
-    cls_attn = class_attention(attn, p)
     _, idx = torch.topk(cls_attn, left, dim=1, largest=True, sorted=True)
     c = x.shape[-1]
     tokens = x[:, p:]

@@ -4,11 +4,15 @@ The model runs with a policy object built with ``trace_source=True`` (the comman
 it with ``tokred_ext.nn.policy_from_spec``); each panel shows, after one block, every patch's
 group (the token now holding it): a patch still alone keeps its pixels, every group of two or
 more patches (ToMe merges, EViT's fused token) is filled with one colour (the group's mean,
-made unique within the panel) and outlined, and pruned patches are dark. Works with random
-weights (the groups then follow random features); load timm weights with ``checkpoint``.
+made unique within the panel) and outlined, and pruned patches are dark. A legend under the
+panels names each panel's largest groups by the token they were merged into (``t12: 7`` is
+token 12, holding 7 patches), says what the colours mean, which prefix tokens the model has
+(class, distillation, register tokens: never reduced, not drawn) and whether the weights are
+random. Works with random weights (the groups then follow random features, and the picture says
+so); load timm weights with ``checkpoint``.
 """
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -16,13 +20,15 @@ from torch import Tensor
 from .models import create_model, load_checkpoint
 from .nn import ReductionPolicy, ToMe
 
-__all__ = ["DEFAULT_IMAGE", "PRUNED", "LABEL_HEIGHT", "load_image", "trace", "patch_groups",
-           "render", "visualize"]
+__all__ = ["DEFAULT_IMAGE", "PRUNED", "LABEL_HEIGHT", "LEGEND_HEIGHT", "load_image", "trace",
+           "patch_groups", "prefix_words", "render", "visualize"]
 
 DEFAULT_IMAGE = os.path.join(os.path.dirname(__file__), "assets", "sample.png")
 PRUNED = (24, 24, 24)
 EDGE = (255, 255, 255)
 LABEL_HEIGHT = 14
+LEGEND_LINE = 12
+LEGEND_HEIGHT = 5 * LEGEND_LINE  # weights, prefix, colour key, two lines of groups per panel
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
@@ -102,14 +108,62 @@ def _group_colours(pixels: Tensor, groups: Tensor, grid: int, patch: int) -> Dic
     return colours
 
 
+def prefix_words(model) -> str:
+    """The model's prefix tokens in words, e.g. ``1 class + 4 register tokens``."""
+    parts = []
+    if getattr(model, "cls_token", None) is not None:
+        parts.append("1 class")
+    if getattr(model, "dist_token", None) is not None:
+        parts.append("1 distillation")
+    reg = getattr(model, "reg_token", None)
+    if reg is not None:
+        parts.append(f"{reg.shape[1]} register")
+    if not parts:
+        return "none"
+    return " + ".join(parts) + (" token" if parts == ["1 class"] else " tokens")
+
+
+def _draw_legend(draw, top: int, width: int, notes: Sequence[str],
+                 groups_of_panels: List[List[Tuple[int, int, Tuple]]], panel: int) -> None:
+    """The legend under the panels: the notes, the colour key, and per panel its largest groups
+    (colour swatch, ``t<token>: <patches>``)."""
+    y = top
+    for note in notes:
+        draw.text((2, y), note, fill=(0, 0, 0))
+        y += LEGEND_LINE
+    x = 2
+    for fill, words in (((160, 160, 160), "patch alone: its pixels"), (PRUNED, "pruned"),
+                        ((200, 120, 40), "one colour, outlined: patches merged into one token")):
+        draw.rectangle((x, y + 2, x + 8, y + 10), fill=fill, outline=(0, 0, 0))
+        draw.text((x + 12, y), words, fill=(0, 0, 0))
+        x += 12 + 6 * len(words) + 14
+    y += LEGEND_LINE
+    for i, groups in enumerate(groups_of_panels):
+        x0 = panel * (i + 1)
+        labels = [f"t{token}:{count}" for token, count, _ in groups]
+        step = 11 + 6 * max([len(t) for t in labels] + [1]) + 6  # the default font: 6 px a letter
+        per_line = max(1, panel // step)
+        for j, ((_, _, colour), label) in enumerate(zip(groups[:2 * per_line], labels)):
+            gx, gy = x0 + 2 + step * (j % per_line), y + LEGEND_LINE * (j // per_line)
+            draw.rectangle((gx, gy + 2, gx + 8, gy + 10), fill=colour, outline=(0, 0, 0))
+            draw.text((gx + 11, gy), label, fill=(0, 0, 0))
+    draw.text((2, y), "largest groups:", fill=(0, 0, 0))
+
+
 def render(pixels: Tensor, panels: List[Tuple[int, int, Tensor]], num_prefix: int,
-           patch: int, method: str):
-    """The input and one panel per entry of ``panels``, side by side, each labelled."""
+           patch: int, method: str, notes: Sequence[str] = ()):
+    """The input and one panel per entry of ``panels``, side by side, each labelled, above a
+    legend (``notes``: up to two lines of text, then the colour key and each panel's largest
+    groups)."""
     Image, ImageDraw = _pil()
+    if len(notes) > 2:
+        raise ValueError(f"render takes at most 2 notes, got {len(notes)}")
     s = pixels.shape[0]
     grid = s // patch
     base = Image.frombytes("RGB", (s, s), bytes(pixels.flatten().tolist()))
-    out = Image.new("RGB", (s * (1 + len(panels)), s + LABEL_HEIGHT), (255, 255, 255))
+    out = Image.new("RGB", (s * (1 + len(panels)), s + LABEL_HEIGHT + LEGEND_HEIGHT),
+                    (255, 255, 255))
+    legend_groups: List[List[Tuple[int, int, Tuple]]] = []
     draw = ImageDraw.Draw(out)
     out.paste(base, (0, LABEL_HEIGHT))
     draw.text((2, 1), "input", fill=(0, 0, 0))
@@ -117,6 +171,9 @@ def render(pixels: Tensor, panels: List[Tuple[int, int, Tensor]], num_prefix: in
         x0 = s * (i + 1)
         groups = patch_groups(source, num_prefix)
         colours = _group_colours(pixels, groups, grid, patch)
+        counts = {g: int((groups == g).sum()) for g in colours}
+        legend_groups.append(sorted(((g, counts[g], c) for g, c in colours.items()),
+                                    key=lambda t: (-t[1], t[0])))
         out.paste(base, (x0, LABEL_HEIGHT))
         g2 = groups.view(grid, grid).tolist()
         for row in range(grid):
@@ -134,6 +191,7 @@ def render(pixels: Tensor, panels: List[Tuple[int, int, Tensor]], num_prefix: in
                     if row + 1 < grid and g2[row + 1][col] != g:
                         draw.line([(box[0], box[3]), (box[2], box[3])], fill=EDGE)
         draw.text((x0 + 2, 1), f"{method} block {block + 1}: {tokens} tokens", fill=(0, 0, 0))
+    _draw_legend(draw, s + LABEL_HEIGHT, out.width, notes, legend_groups, s)
     return out
 
 
@@ -147,7 +205,10 @@ def visualize(image: Optional[str], output: str, policy: ReductionPolicy,
     del model_probe
     pixels = load_image(image or DEFAULT_IMAGE, size)
     model, panels = trace(pixels, policy, model_name, checkpoint, seed)
-    img = render(pixels, panels, model.num_prefix_tokens, patch, policy.name)
+    weights = (f"weights: RANDOM (seed {seed}), not trained: the groups follow random features"
+               if checkpoint is None else f"weights: {os.path.basename(checkpoint)}")
+    notes = [weights, f"{model_name}; prefix: {prefix_words(model)} (never reduced, not drawn)"]
+    img = render(pixels, panels, model.num_prefix_tokens, patch, policy.name, notes)
     fmt = image_format(output)
     (img.convert("RGB") if fmt == "JPEG" else img).save(output, format=fmt)
     return img, panels

@@ -6,4 +6,5 @@ from .vit import (deit_base_distilled_patch16_224, deit_base_patch16_224,  # noq
                   deit_small_distilled_patch16_224, deit_small_patch16_224,
                   deit_tiny_distilled_patch16_224, deit_tiny_patch16_224,
                   vit_base_patch16_224, vit_base_patch16_384, vit_large_patch16_224,
-                  vit_large_patch16_384)
+                  vit_base_patch16_gap_224, vit_base_patch16_siglip_224, vit_large_patch16_384,
+                  vit_small_patch14_reg4_dinov2)

@@ -1,9 +1,9 @@
 """Vision Transformer with timm's parameter names and a ``reduction=`` policy.
 
 timm weights load with ``load_state_dict`` (``patch_embed.proj``, ``cls_token``, ``dist_token``,
-``pos_embed``, ``blocks.*``, ``norm``, ``fc_norm``, ``head``, ``head_dist``). After a forward
-pass, ``model.token_counts`` lists the tokens leaving each block (class and distillation token
-included), and with a policy built with ``trace_source=True``, ``model.sources`` holds, after
+``reg_token``, ``pos_embed``, ``blocks.*``, ``norm``, ``attn_pool.*``, ``fc_norm``, ``head``,
+``head_dist``). After a forward pass, ``model.token_counts`` lists the tokens leaving each block
+(the prefix tokens included), and with a policy built with ``trace_source=True``, ``model.sources`` holds, after
 each block, the map ``[B, N0]`` from every initial token to its current index (-1 once pruned).
 """
 from functools import partial
@@ -12,15 +12,26 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nn import Block, PatchEmbed, ReductionPolicy, ReductionState
+from ..nn import AttentionPoolLatent, Block, PatchEmbed, ReductionPolicy, ReductionState
+from ..nn.pool import size_weighted_mean
 
 __all__ = ["VisionTransformer", "MODELS", "create_model"]
 
 
 class VisionTransformer(nn.Module):
-    # TorchScript: distilled is a constant, so a model without head_dist compiles no use of it;
-    # the per-pass results are typed here (an empty list in __init__ has no element type).
-    __constants__ = ["distilled"]
+    """ViT/DeiT with timm's layouts: a class token (``class_token``), a distillation token
+    (``distilled``) and ``reg_tokens`` register tokens lead the sequence in that order (the
+    model's ``num_prefix_tokens``, never reduced), then the patches. ``no_embed_class``: the
+    position embedding covers the patches only. ``global_pool``: ``'token'`` (the class token),
+    ``'avg'`` (the mean of the tokens after the prefix, weighted by ToMe's sizes), ``'map'``
+    (timm's attention pool over the tokens after the prefix, SigLIP's head) or ``''`` (every
+    token, no pooling). ``fc_norm`` None: the final norm follows the pooling for ``'avg'``, as
+    timm's."""
+
+    # TorchScript: distilled and the layout are constants, so a model compiles only the parts it
+    # has; the per-pass results are typed here (an empty list in __init__ has no element type).
+    __constants__ = ["distilled", "global_pool", "has_class_token", "no_embed_class",
+                     "num_prefix_tokens"]
     token_counts: List[int]
     sources: List[Tensor]
 
@@ -30,30 +41,46 @@ class VisionTransformer(nn.Module):
                  qk_norm: bool = False, init_values: Optional[float] = None,
                  distilled: bool = False, global_pool: str = "token",
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, reduction: Optional[ReductionPolicy] = None):
+                 drop_path_rate: float = 0.0, reduction: Optional[ReductionPolicy] = None,
+                 class_token: bool = True, reg_tokens: int = 0, no_embed_class: bool = False,
+                 fc_norm: Optional[bool] = None):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        global_pool = "" if global_pool == "none" else global_pool
+        if global_pool not in ("token", "avg", "map", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg', 'map' or '' (none), got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs the class token (class_token=True)")
+        if distilled and (not class_token or global_pool != "token"):
+            raise ValueError("distilled=True needs the class token and global_pool='token' "
+                             "(the two heads read the class and distillation tokens)")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.global_pool = global_pool
         self.distilled = distilled
-        self.num_prefix_tokens = 2 if distilled else 1
+        self.has_class_token = class_token
+        self.num_reg_tokens = reg_tokens
+        self.no_embed_class = no_embed_class
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
-        self.pos_embed = nn.Parameter(
-            torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         dpr = [float(v) for v in torch.linspace(0, drop_path_rate, depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values,
                   drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)
             for i in range(depth)])
-        use_fc_norm = global_pool == "avg"
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
+        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, norm_layer)
+                          if global_pool == "map" else None)
         self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -66,9 +93,9 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.dist_token is not None:
-            nn.init.normal_(self.dist_token, std=1e-6)
+        for token in (self.cls_token, self.dist_token, self.reg_token):
+            if token is not None:
+                nn.init.normal_(token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -85,10 +112,23 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, x: Tensor) -> Tensor:
         x = self.patch_embed(x)
-        prefix = [self.cls_token.expand(x.shape[0], -1, -1)]
+        b = x.shape[0]
+        prefix: List[Tensor] = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(b, -1, -1))
         if self.dist_token is not None:
-            prefix.append(self.dist_token.expand(x.shape[0], -1, -1))
-        return self.pos_drop(torch.cat(prefix + [x], dim=1) + self.pos_embed)
+            prefix.append(self.dist_token.expand(b, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(b, -1, -1))
+        if self.no_embed_class:  # the position embedding covers the patches only
+            x = x + self.pos_embed
+            if len(prefix) > 0:
+                x = torch.cat(prefix + [x], dim=1)
+        else:
+            if len(prefix) > 0:
+                x = torch.cat(prefix + [x], dim=1)
+            x = x + self.pos_embed
+        return self.pos_drop(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Normalised tokens after the last block ``[B, N_last, C]``."""
@@ -97,12 +137,12 @@ class VisionTransformer(nn.Module):
     def _forward_tokens(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         x = self._embed(x)
         state = ReductionState(self.reduction, len(self.blocks), self.num_patches,
-                               self.num_prefix_tokens)
+                               self.num_prefix_tokens, self.has_class_token)
         for i, blk in enumerate(self.blocks):
             x = state.step(i, x, blk)
         self.token_counts = state.token_counts
         self.sources = state.sources
-        return self.norm(x), state.size
+        return self.norm(x), state.pool_size()
 
     def forward_head(self, x: Tensor, pre_logits: bool = False,
                      size: Optional[Tensor] = None) -> Tensor:
@@ -112,9 +152,11 @@ class VisionTransformer(nn.Module):
             if pre_logits:
                 return (x + x_dist) / 2
             return (self.head(self.head_drop(x)) + self.head_dist(self.head_drop(x_dist))) / 2
-        if self.global_pool == "avg":
-            x = _size_weighted_mean(x[:, p:], None if size is None else size[:, p:])
-        else:
+        if self.attn_pool is not None:
+            x = self.attn_pool(x[:, p:])
+        elif self.global_pool == "avg":
+            x = size_weighted_mean(x[:, p:], None if size is None else size[:, p:])
+        elif self.global_pool == "token":
             x = x[:, 0]
         x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
@@ -122,12 +164,6 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x, size = self._forward_tokens(x)
         return self.forward_head(x, size=size)
-
-
-def _size_weighted_mean(x: Tensor, size: Optional[Tensor]) -> Tensor:
-    if size is None:
-        return x.mean(dim=1)
-    return (x * size).sum(dim=1) / size.sum(dim=1)
 
 
 def _factory(name: str, **cfg) -> Callable[..., VisionTransformer]:
@@ -158,6 +194,16 @@ MODELS: Dict[str, Callable[..., VisionTransformer]] = {
     "vit_large_patch16_224": _factory("vit_large_patch16_224", **_LARGE),
     "vit_base_patch16_384": _factory("vit_base_patch16_384", **_BASE, img_size=384),
     "vit_large_patch16_384": _factory("vit_large_patch16_384", **_LARGE, img_size=384),
+    # The prefix layouts: DINOv2 with 4 register tokens (at its 518 px), a class-token-free
+    # average-pool ViT, and SigLIP's attention-pool head (DINOv2 and SigLIP without a classifier,
+    # num_classes=0, as timm's).
+    "vit_small_patch14_reg4_dinov2": _factory("vit_small_patch14_reg4_dinov2", **_SMALL,
+                                              img_size=518, patch_size=14, init_values=1e-5,
+                                              reg_tokens=4, no_embed_class=True, num_classes=0),
+    "vit_base_patch16_gap_224": _factory("vit_base_patch16_gap_224", **dict(_BASE, num_heads=16),
+                                         class_token=False, global_pool="avg", fc_norm=False),
+    "vit_base_patch16_siglip_224": _factory("vit_base_patch16_siglip_224", **_BASE,
+                                            class_token=False, global_pool="map", num_classes=0),
 }
 ALIASES = {"deit_tiny": "deit_tiny_patch16_224", "deit_small": "deit_small_patch16_224",
            "deit_base": "deit_base_patch16_224"}

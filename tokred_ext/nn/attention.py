@@ -5,6 +5,9 @@ the ``[B, H, N, N]`` attention map:
 
 * class-attention scores: the softmax of the class token's row only, per head, averaged over
   heads, over the keys after the ``P`` protected tokens; equal to ``attn[:, :, 0, P:].mean(1)``;
+* in a model with no class token, the attention each token receives instead: the full softmax
+  map averaged over heads and queries, ``attn[:, :, :, P:].mean((1, 2))``
+  (``functional.mean_attention``; this one path forms the ``[B, H, N, N]`` map);
 * ToMe's metric: the keys averaged over heads ``[B, N, head_dim]``;
 * ToMe's proportional attention: an additive ``log(size)`` bias on every key.
 """
@@ -13,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..functional import mean_attention
 
 __all__ = ["Attention", "attention_forward", "size_bias"]
 
@@ -43,7 +48,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, size: Optional[Tensor] = None, need_scores: bool = False,
-                num_protected: int = 1, need_metric: bool = False
+                num_protected: int = 1, need_metric: bool = False, class_token: bool = True
                 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """The forward pass of this or any module with timm ``Attention``'s attributes (as
         :func:`attention_forward`, the timm patch runs it on timm's attention).
@@ -52,7 +57,8 @@ class Attention(nn.Module):
         ``k_norm``, ``attn_drop``, ``norm`` (timm's scale norm) and ``proj_drop``. Returns ``(out,
         scores, metric)``: ``scores`` ``[B, N - num_protected]`` when ``need_scores``, ``metric``
         ``[B, N, head_dim]`` when ``need_metric``, else None. ``size`` ``[B, N]`` or
-        ``[B, N, 1]`` turns on proportional attention.
+        ``[B, N, 1]`` turns on proportional attention. ``class_token`` False (a model without
+        one): the scores are the mean attention each token receives over all queries and heads.
         """
         b, n, _ = x.shape
         heads = self.num_heads
@@ -73,12 +79,17 @@ class Attention(nn.Module):
 
         scores: Optional[Tensor] = None
         if need_scores:
-            # Only the class token's query row: [B, H, 1, N] logits, softmax in float32 or wider.
+            # The class token's query row only ([B, H, 1, N] logits), or every row when there is
+            # no class token; softmax in float32 or wider.
             acc = torch.promote_types(q.dtype, torch.float32)
-            logits = q[:, :, :1].to(acc) @ k.to(acc).transpose(-2, -1) * (head_dim ** -0.5)
+            rows = q[:, :, :1] if class_token else q
+            logits = rows.to(acc) @ k.to(acc).transpose(-2, -1) * (head_dim ** -0.5)
             if bias is not None:
                 logits = logits + bias.to(acc)
-            scores = logits.softmax(dim=-1)[:, :, 0, num_protected:].mean(dim=1)
+            if class_token:
+                scores = logits.softmax(dim=-1)[:, :, 0, num_protected:].mean(dim=1)
+            else:
+                scores = mean_attention(logits.softmax(dim=-1), num_protected)
         metric = k.mean(dim=1) if need_metric else None
 
         out = out.transpose(1, 2)

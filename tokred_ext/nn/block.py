@@ -78,12 +78,14 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, amount: Optional[Amount] = None,
                 policy: Optional[PolicyInterface] = None, size: Optional[Tensor] = None,
-                source: Optional[Tensor] = None, num_prefix: int = 1
+                source: Optional[Tensor] = None, num_prefix: int = 1, class_token: bool = True
                 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """One block on this or any module with timm Block's attributes (as
         :func:`block_forward`, the timm patch runs it on timm's blocks), reducing tokens with
         ``policy`` (a :class:`~tokred_ext.nn.ReductionPolicy`) when ``amount`` is not None.
 
+        ``num_prefix`` tokens lead the sequence and are never reduced; ``class_token`` says
+        whether the first of them is a class token (what the pruning scores are read from).
         Returns ``(x, size, source)``; ``size`` and ``source`` pass through unless the policy
         merges.
         """
@@ -97,12 +99,13 @@ class Block(nn.Module):
                 attn_size = size
         h = self.norm1(x)
         if torch.jit.is_scripting():
-            y, scores, metric = self.attn(h, attn_size, need_scores, num_prefix, need_metric)
+            y, scores, metric = self.attn(h, attn_size, need_scores, num_prefix, need_metric,
+                                          class_token)
         else:
             # The function, not the module: on a timm block ``attn`` is timm's attention, whose
             # own forward returns neither scores nor the metric.
             y, scores, metric = attention_forward(self.attn, h, attn_size, need_scores,
-                                                  num_prefix, need_metric)
+                                                  num_prefix, need_metric, class_token)
         x = x + self.drop_path1(self.ls1(y))
         if policy is not None and amount is not None:
             x, size, source = policy.reduce(x, amount, scores, metric, size, source, num_prefix)

@@ -68,8 +68,8 @@ class ReducingBlock(nn.Module):
     """A block as :meth:`ReductionState.step` calls it under TorchScript."""
 
     def forward(self, x: Tensor, amount: Optional[Amount], policy: Optional[PolicyInterface],
-                size: Optional[Tensor], source: Optional[Tensor], num_prefix: int
-                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                size: Optional[Tensor], source: Optional[Tensor], num_prefix: int,
+                class_token: bool) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         pass
 
 
@@ -172,10 +172,11 @@ class ReductionPolicy(nn.Module, abc.ABC):
 
 class TopK(ReductionPolicy):
     """Top-K pruning (Haurum et al.): after block ``locs[i]`` keep the
-    ``int(keep_rate**(i+1) * num_patches)`` patches the class token attends to most.
+    ``int(keep_rate**(i+1) * num_patches)`` patches the class token attends to most (without a
+    class token: the patches that receive the most attention, mean over queries and heads).
 
     ``keep_rate`` is a base rate (powered per location, as upstream) or one absolute rate per
-    location. The class token (and a distillation token) is always kept.
+    location. The prefix (class, distillation and register tokens) is always kept.
     """
 
     name = "topk"
@@ -208,7 +209,7 @@ class TopK(ReductionPolicy):
                metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
                num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if scores is None:
-            raise ValueError("TopK needs the class-attention scores")
+            raise ValueError("TopK needs the attention scores")
         out, index = functional.topk_prune(x, scores, _count(amount), num_protected=num_prefix)
         if source is not None and out is not x:
             source = update_source(source, index, num_prefix, x.shape[1], fused=False)
@@ -220,10 +221,11 @@ class TopK(ReductionPolicy):
 
 class EViT(ReductionPolicy):
     """EViT: after block ``locs[i]`` keep ``ceil(keep_rate * (N - P))`` of the current tokens the
-    class token attends to most and (``fuse``) add one token, their attention-weighted sum.
+    class token attends to most (without a class token: that receive the most attention, mean
+    over queries and heads) and (``fuse``) add one token, the others' score-weighted sum.
 
-    Upstream EViT protects only the class token; here a distillation token is protected too
-    (its head reads it), so distilled models keep both.
+    Upstream EViT protects only the class token; here the whole prefix (distillation and
+    register tokens too) is protected, so every prefix token is kept.
     """
 
     name = "evit"
@@ -253,7 +255,7 @@ class EViT(ReductionPolicy):
                metric: Optional[Tensor], size: Optional[Tensor], source: Optional[Tensor],
                num_prefix: int) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         if scores is None:
-            raise ValueError("EViT needs the class-attention scores")
+            raise ValueError("EViT needs the attention scores")
         k = evit_keep_count(_rate(amount), x.shape[1] - num_prefix)
         out, index = functional.evit_prune(x, scores, k, num_protected=num_prefix, fuse=self.fuse)
         if source is not None and out is not x:
@@ -324,9 +326,12 @@ class ReductionState:
     """
 
     def __init__(self, policy: Optional[PolicyInterface], depth: int, num_patches: int,
-                 num_prefix: int):
+                 num_prefix: int, class_token: bool = True):
+        """``num_prefix`` tokens (class, distillation, register tokens) lead the sequence and
+        are never reduced; ``class_token`` says whether the first is a class token."""
         self.policy = policy
         self.num_prefix = num_prefix
+        self.class_token = class_token
         plan = _no_plan(depth)
         trace = False
         merges = False
@@ -341,9 +346,11 @@ class ReductionState:
         self.source = torch.jit.annotate(Optional[Tensor], None)
         self.token_counts: List[int] = []
         self.sources: List[Tensor] = []
+        self.n_start = 0
 
     def _start(self, x: Tensor) -> None:
         b, n = x.shape[0], x.shape[1]
+        self.n_start = n
         self.size = x.new_ones(b, n, 1) if self.merges else None
         self.source = torch.arange(n, device=x.device).expand(b, n).contiguous() if self.trace else None
         counts: List[int] = []
@@ -352,7 +359,8 @@ class ReductionState:
 
     def step(self, layer: int, x: Tensor, block: ReducingBlock) -> Tensor:
         """Runs block ``layer`` (layer 0 starts the pass) as
-        ``block(x, amount, policy, size, source, num_prefix) -> (x, size, source)``; ``block``
+        ``block(x, amount, policy, size, source, num_prefix, class_token) -> (x, size,
+        source)``; ``block``
         is any such callable (the timm patch passes a function)."""
         if layer == 0:
             self._start(x)
@@ -360,15 +368,25 @@ class ReductionState:
         if torch.jit.is_scripting():
             # TorchScript calls a module interface by its method name (and runs no hooks).
             x, size, source = block.forward(x, amount, self.policy, self.size, self.source,
-                                            self.num_prefix)
+                                            self.num_prefix, self.class_token)
         else:
             x, size, source = block(x, amount, self.policy, self.size, self.source,
-                                    self.num_prefix)
+                                    self.num_prefix, self.class_token)
         self.size, self.source = size, source
         self.token_counts.append(x.shape[1])
         if self.trace and source is not None:
             self.sources.append(source)
         return x
+
+
+    def pool_size(self) -> Optional[Tensor]:
+        """The sizes an average-pooling head weights the final tokens by: None when the pass
+        merged nothing (every size is 1), so that head computes the unreduced model's plain
+        mean, bitwise."""
+        size = self.size
+        if size is None or size.shape[1] == self.n_start:
+            return None
+        return size
 
 
 POLICY_NAMES = ("none", "topk", "evit", "tome")

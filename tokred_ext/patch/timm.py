@@ -2,15 +2,18 @@
 
 As ToMe's ``apply_patch`` does, the model's and its blocks' classes are swapped for subclasses
 whose ``forward`` runs tokred's block (``tokred_ext.nn.block_forward``) on timm's own modules, so
-the weights stay where they are and ``state_dict`` is unchanged. Class and distillation tokens,
-LayerScale (``ls1``/``ls2``), q/k norm and timm's scale norm are all honoured.
+the weights stay where they are and ``state_dict`` is unchanged. Every prefix layout of timm's
+ViT is honoured (class token or none, distillation token, register tokens: ``num_prefix_tokens``
+tokens that are never reduced), as are LayerScale (``ls1``/``ls2``), q/k norm and timm's scale
+norm. The heads ``global_pool='token'``, ``'avg'`` (weighted by ToMe's sizes once tokens merged,
+through the model's ``pool``), ``'map'`` (timm's attention pool) and ``''`` are supported.
 """
 from functools import partial
-from typing import Optional
+from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from ..nn import ReductionPolicy, ReductionState, block_forward
+from ..nn import ReductionPolicy, ReductionState, block_forward, size_weighted_mean
 
 __all__ = ["apply", "remove"]
 
@@ -21,7 +24,7 @@ class _Patch:
 
     def __init__(self, policy: ReductionPolicy, model: nn.Module):
         self.policy = policy
-        self.num_prefix = _num_prefix(model)
+        self.num_prefix, self.class_token = _prefix(model)
         self.depth = len(model.blocks)
         self.run: Optional[ReductionState] = None
 
@@ -52,7 +55,7 @@ class _TokredBlock(_NotScriptable):
             # The patches of this input, not patch_embed.num_patches (the size the model was
             # built for): with timm's dynamic_img_size they differ, and Top-K counts from them.
             patch.run = ReductionState(patch.policy, patch.depth, x.shape[1] - patch.num_prefix,
-                                       patch.num_prefix)
+                                       patch.num_prefix, patch.class_token)
         if patch.run is None:
             raise RuntimeError("a block patched by tokred_ext.patch.timm runs after block 0 of "
                                "its model's forward, not on its own")
@@ -69,6 +72,17 @@ class _TokredModel(_NotScriptable):
         self.sources = run.sources if run is not None else []
         return out
 
+    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+        """timm's pooling, except that average pooling weights each token by its ToMe size once
+        tokens merged (as upstream ToMe's MAE patch); with nothing merged it is timm's own."""
+        run = self._tokred_patch.run
+        size = run.pool_size() if run is not None else None
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if size is None or getattr(self, "attn_pool", None) is not None or pool_type != "avg":
+            return super().pool(x, pool_type)
+        p = self.num_prefix_tokens
+        return size_weighted_mean(x[:, p:], size[:, p:])
+
 
 def _subclass(obj: nn.Module, mixin: type) -> None:
     cls = obj.__class__
@@ -77,15 +91,35 @@ def _subclass(obj: nn.Module, mixin: type) -> None:
     obj.__class__ = type(f"Tokred{cls.__name__}", (mixin, cls), {"_tokred_base": cls})
 
 
-def _num_prefix(model: nn.Module) -> int:
-    if getattr(model, "cls_token", None) is None:
-        raise ValueError("tokred_ext.patch.timm needs a model with a class token (cls_token)")
-    n = 1 + int(getattr(model, "dist_token", None) is not None)
+def _prefix(model: nn.Module) -> Tuple[int, bool]:
+    """The model's prefix (class, distillation and register tokens, timm's order) and whether
+    it starts with a class token; refuses a layout or head the patch does not reproduce."""
+    has_cls = getattr(model, "cls_token", None) is not None
+    reg = getattr(model, "reg_token", None)
+    n = int(has_cls) + int(getattr(model, "dist_token", None) is not None)
+    n += 0 if reg is None else reg.shape[1]
     declared = getattr(model, "num_prefix_tokens", n)
     if declared != n:
-        raise ValueError(f"model has {declared} prefix tokens; only a class token and an "
-                         "optional distillation token are supported (no register tokens)")
-    return n
+        raise ValueError(f"model declares num_prefix_tokens={declared} but has {n} prefix tokens "
+                         "(cls_token, dist_token, reg_token); tokred_ext.patch.timm cannot tell "
+                         "which tokens to protect")
+    pool = getattr(model, "global_pool", "token")
+    if pool not in _POOLS:
+        raise ValueError(f"tokred_ext.patch.timm supports global_pool {', '.join(map(repr, _POOLS))}; "
+                         f"the model has global_pool={pool!r}, whose pooling of reduced tokens "
+                         "it does not reproduce")
+    if getattr(model, "pool_include_prefix", False):
+        raise ValueError("tokred_ext.patch.timm does not support pool_include_prefix=True (its "
+                         "pooling over the prefix tokens is not reproduced)")
+    if pool == "avg" and not hasattr(model, "pool"):
+        raise ValueError("tokred_ext.patch.timm needs timm's VisionTransformer.pool (timm >= 1.0) "
+                         "to weight global_pool='avg' by the merged tokens' sizes")
+    if pool == "token" and not has_cls:
+        raise ValueError("global_pool='token' needs a class token (cls_token); the model has none")
+    return n, has_cls
+
+
+_POOLS = ("token", "avg", "map", "")
 
 
 # The block and attention classes whose forward tokred's block reproduces exactly: timm's pre-norm
