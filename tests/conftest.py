@@ -1,10 +1,16 @@
 """Shared test parameters: every test runs on the CPU, and on CUDA where kernels and a GPU exist."""
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import tokred_ext
+
+# A compile cache of this session's own: Inductor's on-disk cache (/tmp/torchinductor_<user>)
+# served graphs compiled against another tokred build, which called an op with its old schema.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tokred-tests-inductor-"))
 
 CUDA = torch.cuda.is_available() and tokred_ext.build_info()["cuda_kernels"]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
