@@ -417,3 +417,112 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor, num_heads: 
 def routing_logits(q_win: Tensor, k_win: Tensor, scale: float) -> Tensor:
     """Upstream TopkRouting's region-to-region logits ``(q_win * scale) @ k_win^T``."""
     return (q_win * scale) @ k_win.transpose(-2, -1)
+
+
+# --------------------------------------------------------------------------- dense ToMe (ToMe-SD)
+
+def grid_destinations(h: int, w: int, sx: int, sy: int,
+                      choice: Optional[Tensor] = None) -> Tensor:
+    """tomesd's destination set, as ascending token positions: mark the chosen token of every
+    ``sx × sy`` cell (``choice [h // sy, w // sx]``, ``c = iy * sx + ix``; None = top-left) with
+    -1 in an ``h × w`` buffer, leftover rows and columns 0, and argsort (tomesd's ``idx_buffer``)."""
+    hsy, wsx = h // sy, w // sx
+    if choice is None:
+        choice = torch.zeros(hsy, wsx, dtype=torch.long)
+    cell = torch.zeros(hsy, wsx, sy * sx, dtype=torch.long)
+    cell.scatter_(2, choice.long().reshape(hsy, wsx, 1), -1)
+    buf = torch.zeros(h, w, dtype=torch.long)
+    buf[:hsy * sy, :wsx * sx] = cell.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    order = buf.flatten().argsort(stable=True)
+    return order[:hsy * wsx].sort().values
+
+
+def tomesd_match(metric: Tensor, dst_tokens: Tensor, r: int):
+    """tomesd's ``bipartite_soft_matching_random2d`` for a given destination set, with tokred's
+    tie rule. Returns ``(merge, unmerge, index)``: ``merge(x, mode="mean")`` and ``unmerge(x)``
+    closures and the matching ``dict(a=..., unm=..., src=..., dst=...)`` (set A's positions, then
+    ranks into A and partners into the destinations).
+
+    Set B = ``dst_tokens`` (ascending), set A = every other token, ascending; ``r`` is clamped to
+    ``|A|``. Cosine similarity ``dot * (1/|a|) * (1/|b|)`` in float32 (float64), no eps. Partner:
+    the lowest-index destination of largest similarity, NaN counting as the largest; A tokens
+    ranked by it, descending, ties to the lower A index. Merge = tomesd's gather + scatter_reduce
+    (``include_self``), layout ``[unmerged A in rank order | destinations]``; unmerge gives every
+    token its output's value."""
+    b, n, _ = metric.shape
+    dst_pos = dst_tokens.long().to(metric.device)
+    is_dst = torch.zeros(n, dtype=torch.bool, device=metric.device)
+    is_dst[dst_pos] = True
+    a_pos = (~is_dst).nonzero().flatten()
+    r = min(r, a_pos.numel())
+    if r <= 0:
+        return (lambda x, mode="mean": x), (lambda x: x), None
+    with torch.no_grad():
+        m = metric.to(torch.float64 if metric.dtype == torch.float64 else torch.float32)
+        inv = m.square().sum(-1).sqrt().reciprocal()
+        scores = (m[:, a_pos] @ m[:, dst_pos].transpose(-1, -2)) * inv[:, a_pos, None] \
+            * inv[:, None, dst_pos]
+        node_max = scores.max(dim=-1).values
+        best = (scores == node_max[..., None]) | (scores.isnan() & node_max.isnan()[..., None])
+        j = torch.arange(dst_pos.numel(), device=metric.device)
+        node_idx = torch.where(best, j, dst_pos.numel()).min(dim=-1).values
+        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+
+    def rows(idx: Tensor, c: int) -> Tensor:
+        return idx[..., None].expand(*idx.shape, c)
+
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        c = x.shape[-1]
+        src_all, dst = x[:, a_pos], x[:, dst_pos]
+        unm = src_all.gather(1, rows(unm_idx, c))
+        src = src_all.gather(1, rows(src_idx, c))
+        return torch.cat([unm, dst.scatter_reduce(1, rows(dst_idx, c), src, reduce=mode)], dim=1)
+
+    def unmerge(x: Tensor) -> Tensor:
+        c, u = x.shape[-1], unm_idx.shape[1]
+        unm, dst = x[:, :u], x[:, u:]
+        out = x.new_zeros(b, n, c)
+        out[:, dst_pos] = dst
+        out.scatter_(1, rows(a_pos[unm_idx], c), unm)
+        out.scatter_(1, rows(a_pos[src_idx], c), dst.gather(1, rows(dst_idx, c)))
+        return out
+
+    return merge, unmerge, dict(a=a_pos, unm=unm_idx, src=src_idx, dst=dst_idx)
+
+
+def tomesd_block(blk, hidden_states: Tensor, merge, unmerge, attn: bool = True,
+                 cross_attn: bool = False, mlp: bool = False,
+                 encoder_hidden_states: Optional[Tensor] = None, timestep=None,
+                 class_labels=None, encoder_attention_mask: Optional[Tensor] = None) -> Tensor:
+    """tomesd's patched diffusers ``BasicTransformerBlock`` (norm types "layer_norm" and
+    "ada_norm_zero", no positional embedding): each chosen sub-layer runs on merged tokens and its
+    output is unmerged before the residual add. ``merge``/``unmerge`` from :func:`tomesd_match`."""
+    def keep(x):
+        return x
+    m_a, u_a = (merge, unmerge) if attn else (keep, keep)
+    m_c, u_c = (merge, unmerge) if cross_attn else (keep, keep)
+    m_m, u_m = (merge, unmerge) if mlp else (keep, keep)
+    zero = blk.norm_type == "ada_norm_zero"
+    if zero:
+        norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = blk.norm1(
+            hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    else:
+        norm_hs = blk.norm1(hidden_states)
+    out = blk.attn1(m_a(norm_hs),
+                    encoder_hidden_states=encoder_hidden_states if blk.only_cross_attention else None)
+    if zero:
+        out = gate_msa.unsqueeze(1) * out
+    hidden_states = u_a(out) + hidden_states
+    if blk.attn2 is not None:
+        out = blk.attn2(m_c(blk.norm2(hidden_states)), encoder_hidden_states=encoder_hidden_states,
+                        attention_mask=encoder_attention_mask)
+        hidden_states = u_c(out) + hidden_states
+    norm_hs = blk.norm3(hidden_states)
+    if zero:
+        norm_hs = norm_hs * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    out = blk.ff(m_m(norm_hs))
+    if zero:
+        out = gate_mlp.unsqueeze(1) * out
+    return u_m(out) + hidden_states
