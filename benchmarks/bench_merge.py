@@ -25,7 +25,7 @@ N, D = 197, 64
 
 
 def tokred_step(x, metric, r, size):
-    idx = ops.bipartite_match(metric, r, True, False)
+    idx = ops.bipartite_match(metric, r, 1)
     return ops.merge(x, size, *idx, "wavg", False)
 
 

@@ -61,7 +61,7 @@ def summarise(target, case, times, goals):
 
 
 def tome_step(x, metric, r, size):
-    unm, src, dst = ops.bipartite_match(metric, r, True, False)
+    unm, src, dst = ops.bipartite_match(metric, r, 1)
     plan = ops.merge_plan(unm, src, dst, x.shape[1], False)
     return ops.merge_by_plan(x, size, plan, "wavg")
 

@@ -64,45 +64,45 @@ TensorPair prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using T = const at::Tensor&;
 
-TensorTriple bipartite_match(T metric, int64_t r, bool class_token, bool distill_token) {
-  static auto h = op<TensorTriple(T, c10::SymInt, bool, bool)>("tokred::bipartite_match");
-  return h.call(metric, r, class_token, distill_token);
+TensorTriple bipartite_match(T metric, int64_t r, int64_t num_protected) {
+  static auto h = op<TensorTriple(T, c10::SymInt, c10::SymInt)>("tokred::bipartite_match");
+  return h.call(metric, r, num_protected);
 }
 
 TensorPair merge(T x, const OptTensor& size, T unm_idx, T src_idx, T dst_idx,
-                 const std::string& mode, bool distill_token) {
-  static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view, bool)>(
+                 const std::string& mode, int64_t num_protected) {
+  static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view, c10::SymInt)>(
       "tokred::merge");
-  return h.call(x, size, unm_idx, src_idx, dst_idx, mode, distill_token);
+  return h.call(x, size, unm_idx, src_idx, dst_idx, mode, num_protected);
 }
 
 at::Tensor merge_backward(T grad_out, T x, const OptTensor& size, T unm_idx, T src_idx,
-                          T dst_idx, const std::string& mode, bool distill_token) {
-  static auto h = op<at::Tensor(T, T, const OptTensor&, T, T, T, c10::string_view, bool)>(
+                          T dst_idx, const std::string& mode, int64_t num_protected) {
+  static auto h = op<at::Tensor(T, T, const OptTensor&, T, T, T, c10::string_view, c10::SymInt)>(
       "tokred::_merge_backward");
-  return h.call(grad_out, x, size, unm_idx, src_idx, dst_idx, mode, distill_token);
+  return h.call(grad_out, x, size, unm_idx, src_idx, dst_idx, mode, num_protected);
 }
 
-at::Tensor unmerge(T x, T unm_idx, T src_idx, T dst_idx, int64_t n, bool distill_token) {
-  static auto h = op<at::Tensor(T, T, T, T, c10::SymInt, bool)>("tokred::unmerge");
-  return h.call(x, unm_idx, src_idx, dst_idx, n, distill_token);
+at::Tensor unmerge(T x, T unm_idx, T src_idx, T dst_idx, int64_t n, int64_t num_protected) {
+  static auto h = op<at::Tensor(T, T, T, T, c10::SymInt, c10::SymInt)>("tokred::unmerge");
+  return h.call(x, unm_idx, src_idx, dst_idx, n, num_protected);
 }
 
-at::Tensor unmerge_backward(T grad, T unm_idx, T src_idx, T dst_idx, bool distill_token) {
-  static auto h = op<at::Tensor(T, T, T, T, bool)>("tokred::_unmerge_backward");
-  return h.call(grad, unm_idx, src_idx, dst_idx, distill_token);
+at::Tensor unmerge_backward(T grad, T unm_idx, T src_idx, T dst_idx, int64_t num_protected) {
+  static auto h = op<at::Tensor(T, T, T, T, c10::SymInt)>("tokred::_unmerge_backward");
+  return h.call(grad, unm_idx, src_idx, dst_idx, num_protected);
 }
 
 at::Tensor merge_source(const OptTensor& source, T unm_idx, T src_idx, T dst_idx, int64_t n,
-                        bool distill_token) {
-  static auto h = op<at::Tensor(const OptTensor&, T, T, T, c10::SymInt, bool)>(
+                        int64_t num_protected) {
+  static auto h = op<at::Tensor(const OptTensor&, T, T, T, c10::SymInt, c10::SymInt)>(
       "tokred::merge_source");
-  return h.call(source, unm_idx, src_idx, dst_idx, n, distill_token);
+  return h.call(source, unm_idx, src_idx, dst_idx, n, num_protected);
 }
 
-MergePlan merge_plan(T unm_idx, T src_idx, T dst_idx, int64_t n, bool distill_token) {
-  static auto h = op<TensorTriple(T, T, T, c10::SymInt, bool)>("tokred::merge_plan");
-  auto [dest, offsets, members] = h.call(unm_idx, src_idx, dst_idx, n, distill_token);
+MergePlan merge_plan(T unm_idx, T src_idx, T dst_idx, int64_t n, int64_t num_protected) {
+  static auto h = op<TensorTriple(T, T, T, c10::SymInt, c10::SymInt)>("tokred::merge_plan");
+  auto [dest, offsets, members] = h.call(unm_idx, src_idx, dst_idx, n, num_protected);
   return MergePlan{dest, offsets, members};
 }
 

@@ -13,15 +13,15 @@ TORCH_LIBRARY(tokred, m) {
   m.def("_prune_tokens_backward(Tensor grad_out, Tensor x, Tensor scores, Tensor index, bool fuse, SymInt num_protected) -> (Tensor grad_x, Tensor grad_scores)");
 
   // Merging: ToMe.
-  m.def("bipartite_match(Tensor metric, SymInt r, bool class_token=True, bool distill_token=False) -> (Tensor unm_idx, Tensor src_idx, Tensor dst_idx)");
-  m.def("merge(Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode=\"wavg\", bool distill_token=False) -> (Tensor out, Tensor size_out)");
-  m.def("_merge_backward(Tensor grad_out, Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode, bool distill_token) -> Tensor");
-  m.def("unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
-  m.def("_unmerge_backward(Tensor grad, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, bool distill_token) -> Tensor");
-  m.def("merge_source(Tensor? source, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> Tensor");
+  m.def("bipartite_match(Tensor metric, SymInt r, SymInt num_protected=1) -> (Tensor unm_idx, Tensor src_idx, Tensor dst_idx)");
+  m.def("merge(Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode=\"wavg\", SymInt num_protected=1) -> (Tensor out, Tensor size_out)");
+  m.def("_merge_backward(Tensor grad_out, Tensor x, Tensor? size, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, str mode, SymInt num_protected) -> Tensor");
+  m.def("unmerge(Tensor x, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, SymInt num_protected=1) -> Tensor");
+  m.def("_unmerge_backward(Tensor grad, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt num_protected) -> Tensor");
+  m.def("merge_source(Tensor? source, Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, SymInt num_protected=1) -> Tensor");
   // The merge plan as a value: built once per ToMe step by merge_plan, then passed to the merge,
   // the unmerge, source tracking and the backward (the ops above build it again on every call).
-  m.def("merge_plan(Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, bool distill_token=False) -> (Tensor dest, Tensor offsets, Tensor members)");
+  m.def("merge_plan(Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, SymInt num_protected=1) -> (Tensor dest, Tensor offsets, Tensor members)");
   m.def("merge_by_plan(Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor members, str mode=\"wavg\") -> (Tensor out, Tensor size_out)");
   m.def("_merge_by_plan_backward(Tensor grad_out, Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor members, str mode) -> Tensor");
   m.def("unmerge_by_plan(Tensor x, Tensor dest, Tensor offsets, Tensor members) -> Tensor");

@@ -40,30 +40,32 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward(const at::Tensor& grad_
 
 // ---- Merging: ToMe (docs/merge.md).
 
-// metric [B, N, D] -> (unm_idx [B, ceil(N/2) - r], src_idx [B, r], dst_idx [B, r]).
+// metric [B, N, D] -> (unm_idx [B, ceil(N/2) - r], src_idx [B, r], dst_idx [B, r]). The first
+// num_protected tokens (the prefix: class, distillation, register tokens) never merge; the ops below
+// keep them first in their output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match(const at::Tensor& metric,
-                                                               int64_t r, bool class_token = true,
-                                                               bool distill_token = false);
+                                                               int64_t r,
+                                                               int64_t num_protected = 1);
 // x [B, N, C] -> (out [B, N - r, C], size_out [B, N - r, 1]).
 std::tuple<at::Tensor, at::Tensor> merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                                          const at::Tensor& unm_idx, const at::Tensor& src_idx,
                                          const at::Tensor& dst_idx,
                                          const std::string& mode = "wavg",
-                                         bool distill_token = false);
+                                         int64_t num_protected = 1);
 at::Tensor merge_backward(const at::Tensor& grad_out, const at::Tensor& x,
                           const std::optional<at::Tensor>& size, const at::Tensor& unm_idx,
                           const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const std::string& mode, bool distill_token);
+                          const std::string& mode, int64_t num_protected);
 // x [B, n - r, C] -> [B, n, C].
 at::Tensor unmerge(const at::Tensor& x, const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                   const at::Tensor& dst_idx, int64_t n, bool distill_token = false);
+                   const at::Tensor& dst_idx, int64_t n, int64_t num_protected = 1);
 at::Tensor unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
                             const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                            bool distill_token);
+                            int64_t num_protected);
 // source [B, N0] (nullopt: identity of n) -> [B, N0] int64.
 at::Tensor merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
                         const at::Tensor& src_idx, const at::Tensor& dst_idx, int64_t n,
-                        bool distill_token = false);
+                        int64_t num_protected = 1);
 
 // merge_plan: match -> (dest, offsets, members), the plan the *_by_plan functions take.
 struct MergePlan {
@@ -72,7 +74,7 @@ struct MergePlan {
   at::Tensor members;  // [B, N]: input tokens grouped by output, ascending within each
 };
 MergePlan merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                     const at::Tensor& dst_idx, int64_t n, bool distill_token = false);
+                     const at::Tensor& dst_idx, int64_t n, int64_t num_protected = 1);
 std::tuple<at::Tensor, at::Tensor> merge_by_plan(const at::Tensor& x,
                                                  const std::optional<at::Tensor>& size,
                                                  const MergePlan& plan,

@@ -2,8 +2,8 @@
 import torch
 
 
-def separated_metric(b, n, class_token=True, distill_token=False, dtype=torch.float32,
-                     device="cpu", generator=None, d=None):
+def separated_metric(b, n, num_protected=1, dtype=torch.float32, device="cpu", generator=None,
+                     d=None):
     """metric [b, n, d] whose similarity maxima are far apart (tie-free even in bfloat16).
 
     B tokens are scaled axis vectors; A token a points at one B partner with cosine c_a (distinct
@@ -13,7 +13,8 @@ def separated_metric(b, n, class_token=True, distill_token=False, dtype=torch.fl
     na, nb = (n + 1) // 2, n // 2
     d = d or nb + 2
     m = torch.zeros(b, n, d, dtype=torch.float64)
-    lo = 1 if distill_token and nb > 1 else 0
+    # Partners among the B tokens outside the prefix (where there are any).
+    lo = num_protected // 2 if num_protected // 2 < nb else 0
     for row in range(b):
         for j in range(nb):
             m[row, 2 * j + 1, j] = 0.5 + torch.rand(1, generator=generator).item()

@@ -31,14 +31,14 @@ def _g():
 
 def _match():
     metric = torch.randn(2, 10, 4, generator=_g())
-    return OPS.bipartite_match(metric, 3, True, False)  # unm [2, 2], src/dst [2, 3]
+    return OPS.bipartite_match(metric, 3, 1)  # unm [2, 2], src/dst [2, 3]
 
 
 def _valid():
     """A valid call of every op, as {op: {argument: value}} in schema order."""
     g = _g()
     unm, src, dst = _match()
-    plan = dict(zip(("dest", "offsets", "members"), OPS.merge_plan(unm, src, dst, 10, False)))
+    plan = dict(zip(("dest", "offsets", "members"), OPS.merge_plan(unm, src, dst, 10, 1)))
     x10 = torch.randn(2, 10, 4, generator=g)
     q = torch.randn(1, 3, 2, 8, generator=g)
     ridx = torch.tensor([[[0, 1], [1, 2], [2, 0]]])
@@ -58,19 +58,18 @@ def _valid():
         "_prune_tokens_backward": dict(grad_out=torch.randn(pruned.shape, generator=g),
                                        x=torch.randn(2, 7, 4, generator=g), scores=torch.rand(2, 6, generator=g),
                                        index=kept, fuse=True, num_protected=1),
-        "bipartite_match": dict(metric=torch.randn(2, 10, 4, generator=g), r=3, class_token=True,
-                                distill_token=False),
+        "bipartite_match": dict(metric=torch.randn(2, 10, 4, generator=g), r=3, num_protected=1),
         "merge": dict(x=x10, size=torch.rand(2, 10, 1, generator=g) + 0.5, unm_idx=unm, src_idx=src,
-                      dst_idx=dst, mode="wavg", distill_token=False),
+                      dst_idx=dst, mode="wavg", num_protected=1),
         "_merge_backward": dict(grad_out=torch.randn(2, 7, 4, generator=g), x=x10, size=None, unm_idx=unm,
-                                src_idx=src, dst_idx=dst, mode="amax", distill_token=False),
+                                src_idx=src, dst_idx=dst, mode="amax", num_protected=1),
         "unmerge": dict(x=torch.randn(2, 7, 4, generator=g), unm_idx=unm, src_idx=src, dst_idx=dst, n=10,
-                        distill_token=False),
+                        num_protected=1),
         "_unmerge_backward": dict(grad=torch.randn(2, 10, 4, generator=g), unm_idx=unm, src_idx=src,
-                                  dst_idx=dst, distill_token=False),
+                                  dst_idx=dst, num_protected=1),
         "merge_source": dict(source=torch.randint(0, 10, (2, 12), generator=g), unm_idx=unm, src_idx=src,
-                             dst_idx=dst, n=10, distill_token=False),
-        "merge_plan": dict(unm_idx=unm, src_idx=src, dst_idx=dst, n=10, distill_token=False),
+                             dst_idx=dst, n=10, num_protected=1),
+        "merge_plan": dict(unm_idx=unm, src_idx=src, dst_idx=dst, n=10, num_protected=1),
         "merge_by_plan": dict(x=x10, size=torch.rand(2, 10, 1, generator=g) + 0.5, **plan, mode="wavg"),
         "_merge_by_plan_backward": dict(grad_out=torch.randn(2, 7, 4, generator=g), x=x10, size=None, **plan,
                                         mode="amax"),
@@ -183,11 +182,15 @@ BAD = [
     ("merge", "dst_idx", "out of range", _set("dst_idx", lambda t: t.clone().fill_(5)), V()),
     ("merge", "src_idx", "out of range", _set("src_idx", lambda t: t.clone().fill_(-1)), V()),
     ("merge", "unm_idx", "a token twice", _set("unm_idx", lambda t: t[:, :1].repeat(1, 2)), V()),
-    ("merge", "unm_idx", "empty with distill_token",
+    ("merge", "unm_idx", "fewer than the prefix's A tokens",
      lambda a: a.update(unm_idx=torch.zeros(2, 0, dtype=torch.long),
                         src_idx=torch.tensor([[0, 1, 2, 3, 4]] * 2),
-                        dst_idx=torch.tensor([[0, 1, 2, 3, 4]] * 2), distill_token=True),
-     "class token"),
+                        dst_idx=torch.tensor([[0, 1, 2, 3, 4]] * 2), num_protected=2),
+     "prefix tokens"),
+    ("merge", "num_protected", "negative", _set("num_protected", -1), ">= 0"),
+    ("bipartite_match", "num_protected", "negative", _set("num_protected", -2), ">= 0"),
+    ("unmerge", "unm_idx", "fewer than the prefix's A tokens", _set("num_protected", 7), "prefix tokens"),
+    ("merge_plan", "num_protected", "negative", _set("num_protected", -1), ">= 0"),
     ("merge", "x", "on another device", _meta_one("x"), "same device"),
     ("_merge_backward", "grad_out", "another shape", _set("grad_out", lambda t: t[:, 1:]), "shape"),
     ("_merge_backward", "grad_out", "on another device", _meta_one("grad_out"), "same device"),
@@ -328,7 +331,7 @@ def _nan_cases():
     x[0, 3, 1], x[1, 4, 2], x[1, 6, 0] = NAN, INF, -INF
     metric = torch.randn(2, 10, 4, generator=g)
     metric[0, 2] = NAN
-    unm, src, dst = R.bipartite_match(torch.randn(2, 10, 4, generator=g), 3, True, False)
+    unm, src, dst = R.bipartite_match(torch.randn(2, 10, 4, generator=g), 3, 1)
     size = torch.rand(2, 10, 1, generator=g) + 0.5
     size[0, 1, 0], size[0, 3, 0], size[1, 5, 0] = 0.0, NAN, INF
     q = torch.randn(1, 3, 4, 8, generator=g, dtype=torch.float64)
@@ -342,10 +345,10 @@ def _nan_cases():
     for fuse in (False, True):
         xp = torch.cat([x[:, :1], x], dim=1)[:, :10]
         cases.append(("prune_tokens", (xp, scores[:2], 4, fuse, 1, False), R.prune_tokens))
-    cases.append(("bipartite_match", (metric, 3, True, False), R.bipartite_match))
+    cases.append(("bipartite_match", (metric, 3, 1), R.bipartite_match))
     for mode in ("sum", "mean", "amax", "wavg"):
         for sz in (None, size):
-            cases.append(("merge", (x, sz, unm, src, dst, mode, False), R.merge))
+            cases.append(("merge", (x, sz, unm, src, dst, mode, 1), R.merge))
     cases.append(("routed_attention", (q, k, v, ridx, 2, 0.5), R.routed_attention))
     cases.append(("routed_attention", (q.nan_to_num(0), k.nan_to_num(0), v, ridx, 2, NAN), R.routed_attention))
     cases.append(("routed_gather", (v, ridx, torch.tensor([[[1.0, NAN], [0.5, 1], [INF, 1]]])), R.routed_gather))
@@ -425,7 +428,7 @@ def test_reference_is_right_on_edge_cases_the_ops_accept():
     unm, src, dst = _match()
     x = torch.randn(2, 10, 0)
     for mode in ("sum", "mean", "amax", "wavg"):
-        _assert_same(OPS.merge(x, None, unm, src, dst, mode, False), R.merge(x, None, unm, src, dst, mode, False),
+        _assert_same(OPS.merge(x, None, unm, src, dst, mode, 1), R.merge(x, None, unm, src, dst, mode, 1),
                      f"merge C=0 {mode}")
     index = torch.full((2, 3), -1)
     _assert_same(OPS.gather_tokens(torch.randn(2, 0, 4), index), R.gather_tokens(torch.randn(2, 0, 4), index),

@@ -13,17 +13,18 @@ from conftest import TOL, tie_free
 from merge_cases import random_sizes, separated_metric
 
 MODES = ["sum", "mean", "amax", "wavg"]
-PROTECT = [(True, False), (False, False), (True, True), (False, True)]
-PROTECT_IDS = ["cls", "none", "cls+dist", "dist"]
+# num_protected: a class token, none, class + distillation token, class + 4 registers, and 3.
+PROTECT = [1, 0, 2, 5, 3]
+PROTECT_IDS = ["cls", "none", "cls+dist", "cls+reg4", "three"]
 
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _match_both(metric, r, cls, dist):
-    got = ops.bipartite_match(metric, r, cls, dist)
-    want = R.bipartite_match(metric, r, cls, dist)
+def _match_both(metric, r, p):
+    got = ops.bipartite_match(metric, r, p)
+    want = R.bipartite_match(metric, r, p)
     for g, w, name in zip(got, want, ("unm_idx", "src_idx", "dst_idx")):
         assert g.dtype == torch.long and g.device == metric.device, name
         assert torch.equal(g.cpu(), w.cpu()), (name, g, w)
@@ -32,53 +33,53 @@ def _match_both(metric, r, cls, dist):
 
 # --------------------------------------------------------------------------- bipartite_match
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 16, 17, 33])
-def test_bipartite_match_matches_reference(device, dtype, cls, dist, n):
+def test_bipartite_match_matches_reference(device, dtype, p, n):
     g = _gen(n)
-    metric = separated_metric(3, n, cls, dist, dtype, device, g)
-    cap = R.tome_clamp_r(10**6, n, cls, dist)
+    metric = separated_metric(3, n, p, dtype, device, g)
+    cap = R.tome_clamp_r(10**6, n, p)
     for r in sorted({-2, 0, 1, 3, cap, cap + 1, 10**6}):
-        unm, src, dst = _match_both(metric, r, cls, dist)
-        rr = R.tome_clamp_r(r, n, cls, dist)
+        unm, src, dst = _match_both(metric, r, p)
+        rr = R.tome_clamp_r(r, n, p)
         assert unm.shape == (3, (n + 1) // 2 - rr) and src.shape == dst.shape == (3, rr)
 
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_bipartite_match_random_metric_float64(device, cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_bipartite_match_random_metric_float64(device, p):
     g = _gen(1)
     for n, r in [(197, 16), (196, 13), (50, 24), (65, 8)]:
         metric = torch.randn(4, n, 64, dtype=torch.float64, generator=g).to(device)
-        _match_both(metric, r, cls, dist)
+        _match_both(metric, r, p)
 
 
 def test_bipartite_match_non_contiguous(device):
     metric = separated_metric(2, 17, d=16, generator=_gen(2)).to(device)
     wide = torch.zeros(17, 2, 32, device=device).transpose(0, 1)
     wide[..., ::2] = metric
-    _match_both(wide[..., ::2], 4, True, False)
+    _match_both(wide[..., ::2], 4, 1)
 
 
 # --------------------------------------------------------------------------- merge
 
-def _indices(device, b, n, r, cls, dist, g, int32=False):
-    metric = separated_metric(b, n, cls, dist, generator=g).to(device)
-    idx = R.bipartite_match(metric, r, cls, dist)
+def _indices(device, b, n, r, p, g, int32=False):
+    metric = separated_metric(b, n, p, generator=g).to(device)
+    idx = R.bipartite_match(metric, r, p)
     return tuple(i.int() for i in idx) if int32 else idx
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_merge_matches_reference(device, dtype, mode, cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_merge_matches_reference(device, dtype, mode, p):
     g = _gen(3)
     for n, r, with_size in [(17, 5, True), (16, 7, False), (9, 100, True), (8, 0, True),
                             (1, 1, False), (2, 1, True)]:
-        idx = _indices(device, 3, n, r, cls, dist, g, int32=n % 2 == 1)
+        idx = _indices(device, 3, n, r, p, g, int32=n % 2 == 1)
         x = tie_free((3, 6, n), dtype, device, g).transpose(1, 2)  # non-contiguous
         size = random_sizes(3, n, dtype, device, g) if with_size else None
-        out, size_out = ops.merge(x, size, *idx, mode, dist)
+        out, size_out = ops.merge(x, size, *idx, mode, p)
         want, want_size = R.merge(x.double(), None if size is None else size.double(), *idx, mode,
-                                  dist)
+                                  p)
         assert out.dtype == dtype and size_out.dtype == dtype
         assert_close(out.double(), want, **TOL[dtype])
         assert_close(size_out.double(), want_size, **TOL[dtype])
@@ -106,31 +107,31 @@ def test_empty_batch_and_single_token(device):
 
 # --------------------------------------------------------------------------- unmerge, sources
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_unmerge_matches_reference(device, dtype, cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_unmerge_matches_reference(device, dtype, p):
     g = _gen(4)
     for n, r in [(17, 5), (16, 8), (9, 100), (8, 0), (3, 1)]:
-        idx = _indices(device, 2, n, r, cls, dist, g, int32=n % 2 == 0)
+        idx = _indices(device, 2, n, r, p, g, int32=n % 2 == 0)
         rr = idx[1].shape[1]
         x = tie_free((2, 7, n - rr), dtype, device, g).transpose(1, 2)
-        got = ops.unmerge(x, *idx, n, dist)
-        assert torch.equal(got, R.unmerge(x, *idx, n, dist))
+        got = ops.unmerge(x, *idx, n, p)
+        assert torch.equal(got, R.unmerge(x, *idx, n, p))
         # merge then unmerge gives every token the value of the token it ended in
-        merged, _ = ops.merge(got, None, *idx, "mean", dist)
+        merged, _ = ops.merge(got, None, *idx, "mean", p)
         assert_close(merged, x, **TOL[dtype])
 
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_merge_source_matches_reference_and_upstream_onehot(device, cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_merge_source_matches_reference_and_upstream_onehot(device, p):
     g = _gen(5)
     n = 17
     src_map, onehot = None, None
     x = torch.zeros(2, n, 1, device=device)
     for r in [3, 2, 5, 1]:
-        idx = _indices(device, 2, n, r, cls, dist, g)
-        got = ops.merge_source(src_map, *idx, n, dist)
-        assert torch.equal(got, R.merge_source(src_map, *idx, n, dist))
-        onehot = R.merge_source_onehot(onehot, x, *idx, dist)
+        idx = _indices(device, 2, n, r, p, g)
+        got = ops.merge_source(src_map, *idx, n, p)
+        assert torch.equal(got, R.merge_source(src_map, *idx, n, p))
+        onehot = R.merge_source_onehot(onehot, x, *idx, p)
         src_map = got
         n -= idx[1].shape[1]
         x = x[:, :n]
@@ -139,32 +140,51 @@ def test_merge_source_matches_reference_and_upstream_onehot(device, cls, dist):
 
 
 def test_source_int32(device):
-    idx = _indices(device, 2, 9, 2, True, False, _gen(6))
+    idx = _indices(device, 2, 9, 2, 1, _gen(6))
     source = torch.arange(9, device=device, dtype=torch.int32).expand(2, 9)
     assert torch.equal(ops.merge_source(source, *idx, 9), ops.merge_source(None, *idx, 9))
 
 
 # --------------------------------------------------------------------------- ToMe over 12 layers
 
-@pytest.mark.parametrize("cls,dist", [(True, False), (True, True)], ids=["cls", "cls+dist"])
-def test_twelve_layers_equal_upstream_recipe(device, cls, dist):
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 5, 8])
+def test_prefix_tokens_never_merge_and_stay_first(device, p):
+    # Whatever the metric (here: every prefix token a duplicate of a patch, the best match there
+    # is), the first p tokens come out first, unchanged, with size 1, and hold only themselves.
+    g = _gen(12)
+    x = torch.randn(2, 29, 4, generator=g).to(device)
+    metric = torch.randn(2, 29, 6, generator=g).to(device)
+    metric[:, :p] = metric[:, p:2 * p]
+    start = torch.arange(29, device=device).expand(2, 29)
+    out, size, source = F.tome_merge(x, metric, 100, None, p, start)
+    r = (29 - p) // 2
+    assert out.shape == (2, 29 - r, 4)
+    assert torch.equal(out[:, :p], x[:, :p]) and torch.equal(size[:, :p], torch.ones_like(size[:, :p]))
+    assert torch.equal(source[:, :p], start[:, :p])
+    assert not (source[:, p:, None] == torch.arange(p, device=device)).any()
+
+
+@pytest.mark.parametrize("p", [1, 2, 5], ids=["cls", "cls+dist", "cls+reg4"])
+def test_twelve_layers_equal_upstream_recipe(device, p):
     g = _gen(7)
     b, n, c = 2, 197, 24
     x = torch.randn(b, n, c, dtype=torch.float64, generator=g).to(device)
     x_ref, size, size_ref, source_ref = x, None, None, None
     source = torch.arange(n, device=device).expand(b, n)  # tracing starts from the identity
+    left = n
     for r in F.parse_r(12, 16):
+        left -= R.tome_clamp_r(r, left, p)
         metric = torch.randn(b, x.shape[1], 16, dtype=torch.float64, generator=g).to(device)
         proj = torch.randn(c, c, dtype=torch.float64, generator=g).to(device) / c ** 0.5
-        idx = R.bipartite_match(metric, r, cls, dist)
+        idx = R.bipartite_match(metric, r, p)
         if idx[1].shape[1] > 0:  # upstream's block skips the merge when r is clamped to 0
-            source_ref = R.merge_source_onehot(source_ref, x_ref, *idx, dist)
-            x_ref, size_ref = R.merge(x_ref, size_ref, *idx, "wavg", dist)
-        x, size, source = F.tome_merge(x, metric, r, size, cls, dist, source)
+            source_ref = R.merge_source_onehot(source_ref, x_ref, *idx, p)
+            x_ref, size_ref = R.merge(x_ref, size_ref, *idx, "wavg", p)
+        x, size, source = F.tome_merge(x, metric, r, size, p, source)
         assert_close(x, x_ref)
         assert_close(size, size_ref)
         x, x_ref = torch.tanh(x @ proj), torch.tanh(x_ref @ proj)
-    assert x.shape[1] == (11 if not dist else 12)
+    assert x.shape[1] == left and left == {1: 11, 2: 12}.get(p, left)
     assert torch.equal(ops.source_onehot(source, x.shape[1], torch.float64),
                        source_ref.double())
 
@@ -180,27 +200,28 @@ def test_parse_r():
 # --------------------------------------------------------------------------- gradients
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dist", [False, True])
-def test_merge_gradcheck(device, mode, dist):
+@pytest.mark.parametrize("p", [1, 2, 5])
+def test_merge_gradcheck(device, mode, p):
     g = _gen(8)
-    idx = _indices(device, 2, 11, 4, True, dist, g)
+    idx = _indices(device, 2, 11, 4, p, g)
     x = tie_free((2, 11, 3), torch.float64, device, g).requires_grad_()
     size = random_sizes(2, 11, torch.float64, device, g)
     for s in (size, None):
-        assert torch.autograd.gradcheck(lambda t: ops.merge(t, s, *idx, mode, dist)[0], (x,))
+        assert torch.autograd.gradcheck(lambda t: ops.merge(t, s, *idx, mode, p)[0], (x,))
 
 
-@pytest.mark.parametrize("dist", [False, True])
-def test_unmerge_gradcheck(device, dist):
-    idx = _indices(device, 2, 11, 4, True, dist, _gen(9))
-    x = torch.randn(2, 7, 3, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.unmerge(t, *idx, 11, dist), (x,))
+@pytest.mark.parametrize("p", [1, 2, 5])
+def test_unmerge_gradcheck(device, p):
+    idx = _indices(device, 2, 11, 4, p, _gen(9))
+    x = torch.randn(2, 11 - idx[1].shape[1], 3, dtype=torch.float64, device=device,
+                    requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.unmerge(t, *idx, 11, p), (x,))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_merge_grad_matches_reference(device, dtype, mode):
     g = _gen(10)
-    idx = _indices(device, 3, 15, 6, True, False, g)
+    idx = _indices(device, 3, 15, 6, 1, g)
     x = tie_free((3, 15, 8), dtype, device, g)
     size = random_sizes(3, 15, dtype, device, g)
     grad = tie_free((3, 9, 8), dtype, device, g)
@@ -212,7 +233,7 @@ def test_merge_grad_matches_reference(device, dtype, mode):
 
 
 def test_amax_ties_split_gradient_like_torch(device):
-    idx = _indices(device, 1, 5, 2, False, False, _gen(11))
+    idx = _indices(device, 1, 5, 2, 0, _gen(11))
     x = torch.ones(1, 5, 2, dtype=torch.float64, device=device, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     ops.merge(x, None, *idx, "amax")[0].sum().backward()
@@ -247,7 +268,7 @@ def _opcheck_samples(device):
     metric = separated_metric(2, 9, generator=g).to(device)
     size = random_sizes(2, 9, generator=g).to(device)
     idx = ops.bipartite_match(metric, 3)
-    idx_d = ops.bipartite_match(metric, 3, True, True)
+    idx_d = ops.bipartite_match(metric, 3, 2)
     merged = torch.randn(2, 6, 4, device=device)
     return x, metric, size, idx, idx_d, merged
 
@@ -256,19 +277,20 @@ def test_opcheck(device):
     x, metric, size, idx, idx_d, merged = _opcheck_samples(device)
     xg = x.clone().requires_grad_()
     cases = [
-        (torch.ops.tokred.bipartite_match.default, (metric, 3, True, False)),
-        (torch.ops.tokred.bipartite_match.default, (metric, 100, False, True)),
-        (torch.ops.tokred.merge.default, (xg, size, *idx, "wavg", False)),
-        (torch.ops.tokred.merge.default, (xg, None, *idx, "mean", False)),
-        (torch.ops.tokred.merge.default, (xg, None, *idx_d, "amax", True)),
-        (torch.ops.tokred.merge.default, (xg, size, *idx, "sum", False)),
+        (torch.ops.tokred.bipartite_match.default, (metric, 3, 1)),
+        (torch.ops.tokred.bipartite_match.default, (metric, 100, 0)),
+        (torch.ops.tokred.bipartite_match.default, (metric, 100, 5)),
+        (torch.ops.tokred.merge.default, (xg, size, *idx, "wavg", 1)),
+        (torch.ops.tokred.merge.default, (xg, None, *idx, "mean", 1)),
+        (torch.ops.tokred.merge.default, (xg, None, *idx_d, "amax", 2)),
+        (torch.ops.tokred.merge.default, (xg, size, *idx, "sum", 1)),
         (torch.ops.tokred._merge_backward.default,
-         (merged, x, size, *idx, "wavg", False)),
-        (torch.ops.tokred.unmerge.default, (merged.clone().requires_grad_(), *idx, 9, False)),
-        (torch.ops.tokred._unmerge_backward.default, (x, *idx_d, True)),
-        (torch.ops.tokred.merge_source.default, (None, *idx, 9, False)),
+         (merged, x, size, *idx, "wavg", 1)),
+        (torch.ops.tokred.unmerge.default, (merged.clone().requires_grad_(), *idx, 9, 1)),
+        (torch.ops.tokred._unmerge_backward.default, (x, *idx_d, 2)),
+        (torch.ops.tokred.merge_source.default, (None, *idx, 9, 1)),
         (torch.ops.tokred.merge_source.default,
-         (torch.randint(0, 9, (2, 20), device=device), *idx, 9, False)),
+         (torch.randint(0, 9, (2, 20), device=device), *idx, 9, 1)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -282,7 +304,7 @@ def test_torchscript(device):
     x = torch.randn(2, 17, 8, generator=g).to(device)
     metric = separated_metric(2, 17, generator=g).to(device)
     source = torch.arange(17).expand(2, 17).to(device)
-    for a, b in zip(scripted(x, metric, 4, None, True, False, source),
+    for a, b in zip(scripted(x, metric, 4, None, 1, source),
                     F.tome_merge(x, metric, 4, source=source)):
         assert torch.equal(a, b)
     unm = torch.jit.script(ops.unmerge)
@@ -294,7 +316,7 @@ def test_torch_compile_dynamic_no_recompile(device):
     torch._dynamo.reset()
 
     def step(x, metric, r, size, source):
-        x, size, source = F.tome_merge(x, metric, r, size, True, False, source)
+        x, size, source = F.tome_merge(x, metric, r, size, 1, source)
         up = ops.unmerge(x, *ops.bipartite_match(metric, r), metric.shape[1])
         return x, size, source, up
 
@@ -333,8 +355,8 @@ def test_errors(device):
         (lambda: ops.unmerge(merged, unm, src, dst, 11), r"'unm_idx' and src_idx must together list the ceil\(N/2\) = 6"),
         (lambda: ops.merge_source(torch.full((2, 3), 9, device=device), unm, src, dst, 9), r"'source' holds 9 at \[0, 0\], expected a token position in \[0, 9\)"),
         (lambda: ops.merge_source(src.float(), unm, src, dst, 9), r"'source' must be an int64 or int32"),
-        (lambda: torch.ops.tokred._merge_backward(merged[:, 1:], x, size, unm, src, dst, "sum", False), r"'grad_out' must have shape \[B, N - r, C\]"),
-        (lambda: torch.ops.tokred._unmerge_backward(x[:, 1:], unm, src, dst, False), r"_unmerge_backward: argument 'unm_idx' and src_idx must together"),
+        (lambda: torch.ops.tokred._merge_backward(merged[:, 1:], x, size, unm, src, dst, "sum", 1), r"'grad_out' must have shape \[B, N - r, C\]"),
+        (lambda: torch.ops.tokred._unmerge_backward(x[:, 1:], unm, src, dst, 1), r"_unmerge_backward: argument 'unm_idx' and src_idx must together"),
     ]
     for fn, msg in bad:
         with pytest.raises(RuntimeError, match=msg):
@@ -343,9 +365,9 @@ def test_errors(device):
 
 def test_meta_shapes_with_clamped_r():
     metric = torch.empty(3, 197, 64, device="meta")
-    for r, cls, dist, want in [(16, True, False, 16), (200, True, False, 98), (200, True, True, 97),
-                               (-3, True, False, 0), (99, False, False, 98)]:
-        unm, src, dst = ops.bipartite_match(metric, r, cls, dist)
+    for r, p, want in [(16, 1, 16), (200, 1, 98), (200, 2, 97), (200, 5, 96), (-3, 1, 0),
+                       (99, 0, 98), (5, 197, 0), (5, 300, 0)]:
+        unm, src, dst = ops.bipartite_match(metric, r, p)
         assert unm.shape == (3, 99 - want) and src.shape == dst.shape == (3, want)
         out, size = ops.merge(torch.empty(3, 197, 8, device="meta"), None, unm, src, dst)
         assert out.shape == (3, 197 - want, 8) and size.shape == (3, 197 - want, 1)
@@ -364,24 +386,22 @@ def _tied_metric(b, n, d, dtype, g):
     return m.to(dtype)
 
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_bipartite_match_tie_rule(device, dtype, cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_bipartite_match_tie_rule(device, dtype, p):
     """Partner: the lowest-index B token of largest similarity (NaN largest). Ranking: by that
     similarity, descending, NaN first, ties to the lower A index. CPU, CUDA and the reference."""
     g = _gen(21)
     for n, d in [(12, 3), (40, 4), (197, 6)]:
         metric = _tied_metric(4, n, d, dtype, g).to(device)
-        cap = R.tome_clamp_r(10 ** 6, n, cls, dist)
+        cap = R.tome_clamp_r(10 ** 6, n, p)
         for r in sorted({1, cap // 2, cap}):
-            unm, src, dst = _match_both(metric, r, cls, dist)
+            unm, src, dst = _match_both(metric, r, p)
             # The rule, checked directly on exact similarities (integers over d).
             m = metric.double().cpu()
             a, bb = m[:, ::2], m[:, 1::2]
             sim = (a @ bb.transpose(1, 2)) / (a.norm(dim=-1)[..., None] * bb.norm(dim=-1)[:, None])
-            if cls:
-                sim[:, 0] = -math.inf
-            if dist:
-                sim[:, :, 0] = -math.inf
+            sim[:, :(p + 1) // 2] = -math.inf  # the prefix's A rows and B columns
+            sim[:, :, :p // 2] = -math.inf
             best = torch.where(sim.isnan(), math.inf, sim).amax(-1)
             for row in range(4):
                 for s_i, j in zip(src[row].tolist(), dst[row].tolist()):
@@ -395,52 +415,52 @@ def test_bipartite_match_tie_rule(device, dtype, cls, dist):
 
 def _plan_cases(device, g):
     """Matches of every protection kind and size, including r = 0 and the one-token sequence."""
-    for cls, dist in PROTECT:
+    for p in PROTECT:
         for n, r in [(17, 5), (16, 7), (9, 100), (8, 0), (1, 1), (2, 1)]:
-            yield cls, dist, n, _indices(device, 3, n, r, cls, dist, g, int32=n % 2 == 1)
+            yield p, n, _indices(device, 3, n, r, p, g, int32=n % 2 == 1)
 
 
 def test_merge_plan_matches_reference(device):
     g = _gen(21)
-    for cls, dist, n, idx in _plan_cases(device, g):
-        got = ops.merge_plan(*idx, n, dist)
-        want = R.merge_plan(*idx, n, dist)
+    for p, n, idx in _plan_cases(device, g):
+        got = ops.merge_plan(*idx, n, p)
+        want = R.merge_plan(*idx, n, p)
         for a, e, name in zip(got, want, ("dest", "offsets", "members")):
-            assert a.dtype == torch.long and torch.equal(a.cpu(), e.cpu()), (cls, dist, n, name)
+            assert a.dtype == torch.long and torch.equal(a.cpu(), e.cpu()), (p, n, name)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_by_plan_ops_equal_the_ops_that_build_it(device, dtype, mode):
     # The same plan, built once: every op given it equals the op that builds it again, bitwise.
     g = _gen(22)
-    for cls, dist, n, idx in _plan_cases(device, g):
-        plan = ops.merge_plan(*idx, n, dist)
+    for p, n, idx in _plan_cases(device, g):
+        plan = ops.merge_plan(*idx, n, p)
         x = tie_free((3, 6, n), dtype, device, g).transpose(1, 2)
         size = random_sizes(3, n, dtype, device, g)
         for s in (size, None):
             got = ops.merge_by_plan(x, s, plan, mode)
-            want = ops.merge(x, s, *idx, mode, dist)
-            assert all(torch.equal(a, e) for a, e in zip(got, want)), (cls, dist, n)
-            want_ref, _ = R.merge(x.double(), None if s is None else s.double(), *idx, mode, dist)
+            want = ops.merge(x, s, *idx, mode, p)
+            assert all(torch.equal(a, e) for a, e in zip(got, want)), (p, n)
+            want_ref, _ = R.merge(x.double(), None if s is None else s.double(), *idx, mode, p)
             assert_close(got[0].double(), want_ref, **TOL[dtype])
         merged = torch.randn(3, plan.offsets.shape[1] - 1, 6, generator=g).to(device, dtype)
-        assert torch.equal(ops.unmerge_by_plan(merged, plan), ops.unmerge(merged, *idx, n, dist))
+        assert torch.equal(ops.unmerge_by_plan(merged, plan), ops.unmerge(merged, *idx, n, p))
         source = torch.randint(0, n, (3, 11), generator=g).to(device)
         for src_map in (source, source.int(), None):
             assert torch.equal(ops.merge_source_by_plan(src_map, plan),
-                               ops.merge_source(src_map, *idx, n, dist))
+                               ops.merge_source(src_map, *idx, n, p))
         grad = torch.randn(3, plan.offsets.shape[1] - 1, 6, generator=g).to(device, dtype)
         assert torch.equal(
             torch.ops.tokred._merge_by_plan_backward(grad, x, size, *plan, mode),
-            torch.ops.tokred._merge_backward(grad, x, size, *idx, mode, dist))
+            torch.ops.tokred._merge_backward(grad, x, size, *idx, mode, p))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_merge_by_plan_gradcheck(device, mode):
     g = _gen(23)
-    for dist in (False, True):
-        idx = _indices(device, 2, 11, 3, True, dist, g)
-        plan = ops.merge_plan(*idx, 11, dist)
+    for p in (1, 2, 5):
+        idx = _indices(device, 2, 11, 3, p, g)
+        plan = ops.merge_plan(*idx, 11, p)
         x = tie_free((2, 11, 3), torch.float64, device, g).requires_grad_()
         size = random_sizes(2, 11, torch.float64, device, g)
         assert torch.autograd.gradcheck(lambda t: ops.merge_by_plan(t, size, plan, mode)[0], (x,))
@@ -450,11 +470,11 @@ def test_merge_by_plan_gradcheck(device, mode):
 
 def test_plan_opcheck(device):
     x, metric, size, idx, idx_d, merged = _opcheck_samples(device)
-    plan, plan_d = ops.merge_plan(*idx, 9), ops.merge_plan(*idx_d, 9, True)
+    plan, plan_d = ops.merge_plan(*idx, 9), ops.merge_plan(*idx_d, 9, 2)
     xg = x.clone().requires_grad_()
     cases = [
-        (torch.ops.tokred.merge_plan.default, (*idx, 9, False)),
-        (torch.ops.tokred.merge_plan.default, (*idx_d, 9, True)),
+        (torch.ops.tokred.merge_plan.default, (*idx, 9, 1)),
+        (torch.ops.tokred.merge_plan.default, (*idx_d, 9, 2)),
         (torch.ops.tokred.merge_by_plan.default, (xg, size, *plan, "wavg")),
         (torch.ops.tokred.merge_by_plan.default, (xg, None, *plan_d, "amax")),
         (torch.ops.tokred._merge_by_plan_backward.default, (merged, x, size, *plan, "mean")),
@@ -502,7 +522,7 @@ def test_tome_merge_traces_sources_only_when_asked(device):
 def test_plan_faults_are_named_on_the_cpu():
     # The CPU names the first faulty output of the first faulty row, in order.
     g = _gen(26)
-    plan = ops.merge_plan(*_indices("cpu", 2, 10, 3, True, False, g), 10)
+    plan = ops.merge_plan(*_indices("cpu", 2, 10, 3, 1, g), 10)
     x = torch.randn(2, 10, 4)
 
     def bad(field, index, value):

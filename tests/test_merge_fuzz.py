@@ -19,18 +19,18 @@ def test_fuzz_all_merge_ops(device):
     mismatches = []
     for case in range(CASES):
         b, n, d, c = rng.randint(0, 3), rng.randint(1, 24), rng.randint(2, 9), rng.randint(1, 6)
-        cls, dist = rng.random() < 0.6, rng.random() < 0.3
+        p = rng.choice([0, 1, 1, 2, 3, 5])
         r = rng.choice([rng.randint(-2, 14), rng.randint(0, n)])
         mode = rng.choice(["sum", "mean", "amax", "wavg"])
         dtype = rng.choice(DTYPES)
         int32 = rng.random() < 0.3
-        where = dict(case=case, b=b, n=n, d=d, c=c, cls=cls, dist=dist, r=r, mode=mode,
+        where = dict(case=case, b=b, n=n, d=d, c=c, p=p, r=r, mode=mode,
                      dtype=dtype)
         # float64 metrics in >= 2 dims: no exact ties (d = 1 makes every cosine +-1), and rounding
         # is far below the gaps between similarities
         metric = torch.randn(b, n, d, dtype=torch.float64, generator=gen).to(device)
-        got = ops.bipartite_match(metric, r, cls, dist)
-        want = R.bipartite_match(metric, r, cls, dist)
+        got = ops.bipartite_match(metric, r, p)
+        want = R.bipartite_match(metric, r, p)
         if not all(torch.equal(g.cpu(), w.cpu()) for g, w in zip(got, want)):
             mismatches.append(("bipartite_match", where))
             continue
@@ -40,20 +40,20 @@ def test_fuzz_all_merge_ops(device):
             x = x.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous
         size = (torch.randint(1, 4, (b, n, 1), generator=gen).to(dtype=dtype, device=device)
                 if rng.random() < 0.7 else None)
-        out, size_out = ops.merge(x, size, *idx, mode, dist)
+        out, size_out = ops.merge(x, size, *idx, mode, p)
         ref, ref_size = R.merge(x.double(), None if size is None else size.double(), *idx,
-                                mode, dist)
+                                mode, p)
         try:
             assert_close(out.double(), ref, **TOL[dtype])
             assert_close(size_out.double(), ref_size, **TOL[dtype])
         except AssertionError as e:
             mismatches.append(("merge", where, str(e)[:200]))
-        up = ops.unmerge(out, *idx, n, dist)
-        if not torch.equal(up, R.unmerge(out, *idx, n, dist)):
+        up = ops.unmerge(out, *idx, n, p)
+        if not torch.equal(up, R.unmerge(out, *idx, n, p)):
             mismatches.append(("unmerge", where))
         source = torch.randint(0, max(n, 1), (b, rng.randint(0, 30)), generator=gen).to(device)
         source = None if rng.random() < 0.3 or n == 0 else source
-        if not torch.equal(ops.merge_source(source, *idx, n, dist),
-                           R.merge_source(source, *idx, n, dist)):
+        if not torch.equal(ops.merge_source(source, *idx, n, p),
+                           R.merge_source(source, *idx, n, p)):
             mismatches.append(("merge_source", where))
     assert mismatches == []

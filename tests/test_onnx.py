@@ -121,24 +121,23 @@ def test_prune_tokens_fused_token_ignores_kept_infinities(tmp_path):
     assert_same(res)
 
 
-@pytest.mark.parametrize("n,r,cls,dist", [(17, 4, True, False), (16, 5, False, False),
-                                          (18, 3, True, True), (9, 20, True, False),
-                                          (9, 0, True, False)])
-def test_bipartite_match_and_merge_plan(tmp_path, n, r, cls, dist):
+@pytest.mark.parametrize("n,r,p", [(17, 4, 1), (16, 5, 0), (18, 3, 2), (19, 4, 5), (9, 20, 1),
+                                   (9, 0, 1)])
+def test_bipartite_match_and_merge_plan(tmp_path, n, r, p):
     g = _gen(5)
     metric = torch.randn(2, n, 6, generator=g)
 
     def fn(m):
-        unm, src, dst = ops.bipartite_match(m, r, cls, dist)
-        return (unm, src, dst) + tuple(ops.merge_plan(unm, src, dst, n, dist))
+        unm, src, dst = ops.bipartite_match(m, r, p)
+        return (unm, src, dst) + tuple(ops.merge_plan(unm, src, dst, n, p))
     res = export_run(fn, (metric,), (metric,), (torch.randn(3, n, 6, generator=g),),
                      path=tmp_path / "match.onnx")
     assert_same(res)
 
 
 @pytest.mark.parametrize("mode", ["wavg", "sum", "mean", "amax"])
-@pytest.mark.parametrize("with_size,dist", [(True, False), (False, False), (True, True)])
-def test_merge_by_plan(tmp_path, mode, with_size, dist):
+@pytest.mark.parametrize("with_size,p", [(True, 1), (False, 1), (True, 2), (True, 5)])
+def test_merge_by_plan(tmp_path, mode, with_size, p):
     g = _gen(6)
     n, r = 15, 5
     x = torch.randn(2, n, 8, generator=g)
@@ -146,7 +145,7 @@ def test_merge_by_plan(tmp_path, mode, with_size, dist):
     size = torch.rand(2, n, 1, generator=g) + 0.5
 
     def fn(x, m, s):
-        plan = ops.merge_plan(*ops.bipartite_match(m, r, True, dist), n, dist)
+        plan = ops.merge_plan(*ops.bipartite_match(m, r, p), n, p)
         return ops.merge_by_plan(x, s if with_size else None, plan, mode)
     res = export_run(fn, (x, metric, size), path=tmp_path / "merge.onnx")
     assert_same(res)

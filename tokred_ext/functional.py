@@ -83,20 +83,22 @@ def evit_prune(x: Tensor, attn_or_scores: Tensor, keep: Union[int, float], num_p
 
 
 def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
-               class_token: bool = True, distill_token: bool = False,
+               num_protected: int = 1,
                source: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """One ToMe step: bipartite matching on ``metric``, then the size-weighted merge of ``x``.
 
     Upstream's ``bipartite_soft_matching`` followed by ``merge_wavg`` (and ``merge_source`` when
     tracing sources): ``x`` ``[B, N, C]``, ``metric`` ``[B, N, D]`` (ToMe uses the keys averaged
     over heads), ``size`` ``[B, N, 1]`` (None: every token has size 1). The merge plan is built
-    once and serves the merge, its backward and the source map. Returns the merged tokens
-    ``[B, N - r, C]``, their sizes ``[B, N - r, 1]`` and, when ``source`` (``[B, N0]`` int64) is
-    given, the updated map (None otherwise, as upstream skips ``merge_source`` unless tracing).
+    once and serves the merge, its backward and the source map. The first ``num_protected``
+    tokens (the model's prefix: class, distillation, register tokens) never merge and stay first.
+    Returns the merged tokens ``[B, N - r, C]``, their sizes ``[B, N - r, 1]`` and, when
+    ``source`` (``[B, N0]`` int64) is given, the updated map (None otherwise, as upstream skips
+    ``merge_source`` unless tracing).
     Semantics of the ops it runs (the clamp of ``r``, the source map): docs/merge.md.
     """
-    unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, class_token, distill_token)
-    plan = ops.merge_plan(unm_idx, src_idx, dst_idx, x.shape[1], distill_token)
+    unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, num_protected)
+    plan = ops.merge_plan(unm_idx, src_idx, dst_idx, x.shape[1], num_protected)
     out, size = ops.merge_by_plan(x, size, plan, "wavg")
     if source is not None:
         source = ops.merge_source_by_plan(source, plan)

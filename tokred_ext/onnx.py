@@ -148,9 +148,9 @@ def _tome_dims(n: int, r: int) -> Tuple[int, int, int, int]:
     return na, nb, na - r, n - r  # |A|, |B|, unmerged A, outputs
 
 
-def bipartite_match(metric, r: int, class_token: bool = True, distill_token: bool = False):
+def bipartite_match(metric, r: int, num_protected: int = 1):
     n = _static(metric.shape[1], "token count")
-    r = tome_clamp_r(r, n, int(class_token) + int(distill_token))  # the kernel's own clamp
+    r = tome_clamp_r(r, n, num_protected)  # the kernel's own clamp
     na, nb, u, _ = _tome_dims(n, r)
     batch = op.Shape(metric, start=0, end=1)
     if r == 0:
@@ -165,9 +165,9 @@ def bipartite_match(metric, r: int, class_token: bool = True, distill_token: boo
     # dot · (1/|a|) · (1/|b|), in that order, as the kernels (docs/merge.md, tie rule).
     scores = op.Mul(op.Mul(dots, op.Unsqueeze(_slice(inv, 0, n, axis=1, step=2), _ints(-1))),
                     op.Unsqueeze(_slice(inv, 1, n, axis=1, step=2), _ints(1)))
-    # The class token's row and the distillation token's column score -inf (tome_excluded).
-    row_out = _ints(*[int(class_token and a == 0) for a in range(na)])
-    col_out = _ints(*[int(distill_token and j == 0) for j in range(nb)])
+    # The prefix tokens' rows and columns score -inf (tome_excluded).
+    row_out = _ints(*[int(2 * a < num_protected) for a in range(na)])
+    col_out = _ints(*[int(2 * j + 1 < num_protected) for j in range(nb)])
     excluded = op.Greater(op.Add(op.Unsqueeze(row_out, _ints(-1)), op.Unsqueeze(col_out, _ints(0))),
                           _int(0))
     scores = op.Where(excluded, _like(float("-inf"), scores), scores)
@@ -176,12 +176,12 @@ def bipartite_match(metric, r: int, class_token: bool = True, distill_token: boo
     _, ranked = op.TopK(node_max, _ints(na), axis=-1, largest=1, sorted=1)         # ties: lower a
     src = _slice(ranked, 0, r, axis=1)
     unm = _slice(ranked, r, na, axis=1)
-    if class_token:  # upstream sorts the unmerged tokens
+    if num_protected > 0:  # upstream sorts the unmerged tokens (with a class token)
         unm, _ = _smallest(unm, u)
     return unm, src, op.GatherElements(node_idx, src, axis=1)
 
 
-def merge_plan(unm_idx, src_idx, dst_idx, n: int, distill_token: bool = False):
+def merge_plan(unm_idx, src_idx, dst_idx, n: int, num_protected: int = 1):
     r = _static(src_idx.shape[1], "r")
     na, nb, u, nout = _tome_dims(n, r)
     batch = op.Shape(src_idx, start=0, end=1)
@@ -194,9 +194,12 @@ def merge_plan(unm_idx, src_idx, dst_idx, n: int, distill_token: bool = False):
     unm_idx = op.Cast(unm_idx, to=ir.DataType.INT64)
     src_idx = op.Cast(src_idx, to=ir.DataType.INT64)
     dst_idx = op.Cast(dst_idx, to=ir.DataType.INT64)
-    # Output positions (tome_unm_out / tome_dst_out in csrc/common/merge.h).
-    unm_out = [k + 1 if distill_token and k > 0 else k for k in range(u)]
-    dst_out = [1 if distill_token and j == 0 else u + j for j in range(nb)]
+    # Output positions (tome_unm_out / tome_dst_out in csrc/common/merge.h): the prefix's
+    # pa A and pb B tokens keep their positions, the others follow it.
+    p = min(num_protected, n)
+    pa, pb = (p + 1) // 2, p // 2
+    unm_out = [2 * k if k < pa else k + pb for k in range(u)]
+    dst_out = [2 * j + 1 if j < pb else u + j for j in range(nb)]
     listed = op.Concat(unm_idx, src_idx, axis=1)                              # a permutation of A
     listed_out = op.Concat(op.Expand(_ints(*unm_out), op.Concat(batch, _ints(u), axis=0)),
                            op.Gather(_ints(*dst_out), dst_idx, axis=0), axis=1)

@@ -95,43 +95,44 @@ torch.library.register_autograd("tokred::prune_tokens", _prune_backward,
 
 # --------------------------------------------------------------------------- merging
 
-def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
-                    distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+def bipartite_match(metric: Tensor, r: int, num_protected: int = 1
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """ToMe's bipartite soft matching: ``metric [B, N, D] -> (unm_idx, src_idx, dst_idx)``.
 
     ``unm_idx [B, ceil(N/2) - r]``, ``src_idx [B, r]``, ``dst_idx [B, r]``; ``r`` is clamped.
-    Semantics: docs/merge.md#semantics (matching, tie rule).
+    The first ``num_protected`` tokens (the prefix: class, distillation, register tokens) never
+    merge. Semantics: docs/merge.md#semantics (matching, tie rule).
     """
-    return _ops.bipartite_match(metric, r, class_token, distill_token)
+    return _ops.bipartite_match(metric, r, num_protected)
 
 
 def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
-          mode: str = "wavg", distill_token: bool = False) -> Tuple[Tensor, Tensor]:
+          mode: str = "wavg", num_protected: int = 1) -> Tuple[Tensor, Tensor]:
     """Merges by a match: ``x [B, N, C] -> (out [B, N - r, C], size_out [B, N - r, 1])``.
 
     ``mode``: ``"sum"``, ``"mean"``, ``"amax"`` or ``"wavg"``; to reuse a match, :func:`merge_plan`.
     Semantics: docs/merge.md#semantics (merge).
     """
-    return _ops.merge(x, size, unm_idx, src_idx, dst_idx, mode, distill_token)
+    return _ops.merge(x, size, unm_idx, src_idx, dst_idx, mode, num_protected)
 
 
 def unmerge(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
-            distill_token: bool = False) -> Tensor:
+            num_protected: int = 1) -> Tensor:
     """The inverse layout of :func:`merge`: ``[B, n - r, C] -> [B, n, C]``.
 
     Merged sources receive a copy of their destination.
     Semantics: docs/merge.md#semantics (unmerge).
     """
-    return _ops.unmerge(x, unm_idx, src_idx, dst_idx, n, distill_token)
+    return _ops.unmerge(x, unm_idx, src_idx, dst_idx, n, num_protected)
 
 
 def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
-                 n: int, distill_token: bool = False) -> Tensor:
+                 n: int, num_protected: int = 1) -> Tensor:
     """Source tracking: the map ``source [B, N0]`` (None: identity of ``n``) after the merge, int64.
 
     Semantics: docs/merge.md#semantics (source tracking).
     """
-    return _ops.merge_source(source, unm_idx, src_idx, dst_idx, n, distill_token)
+    return _ops.merge_source(source, unm_idx, src_idx, dst_idx, n, num_protected)
 
 
 def source_onehot(source: Tensor, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -156,12 +157,12 @@ class MergePlan(NamedTuple):
 
 
 def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
-               distill_token: bool = False) -> MergePlan:
+               num_protected: int = 1) -> MergePlan:
     """The merge plan of a match of ``n`` tokens, built once per step for the ``*_by_plan`` ops.
 
     Semantics: docs/merge.md#semantics (the plan as a value).
     """
-    dest, offsets, members = _ops.merge_plan(unm_idx, src_idx, dst_idx, n, distill_token)
+    dest, offsets, members = _ops.merge_plan(unm_idx, src_idx, dst_idx, n, num_protected)
     return MergePlan(dest, offsets, members)
 
 
@@ -215,29 +216,29 @@ def _unmerge_by_plan_backward(ctx, grad):
 
 
 def _merge_setup(ctx, inputs, output):
-    x, size, unm_idx, src_idx, dst_idx, mode, distill_token = inputs
+    x, size, unm_idx, src_idx, dst_idx, mode, num_protected = inputs
     ctx.mode = mode
-    ctx.distill_token = distill_token
+    ctx.num_protected = num_protected
     ctx.save_for_backward(x, size, unm_idx, src_idx, dst_idx)
 
 
 def _merge_backward(ctx, grad_out, grad_size):
     x, size, unm_idx, src_idx, dst_idx = ctx.saved_tensors
     grad_x = _ops._merge_backward(grad_out.contiguous(), x, size, unm_idx, src_idx, dst_idx,
-                                  ctx.mode, ctx.distill_token)
+                                  ctx.mode, ctx.num_protected)
     return grad_x, None, None, None, None, None, None
 
 
 def _unmerge_setup(ctx, inputs, output):
-    x, unm_idx, src_idx, dst_idx, n, distill_token = inputs
-    ctx.distill_token = distill_token
+    x, unm_idx, src_idx, dst_idx, n, num_protected = inputs
+    ctx.num_protected = num_protected
     ctx.save_for_backward(unm_idx, src_idx, dst_idx)
 
 
 def _unmerge_backward(ctx, grad):
     unm_idx, src_idx, dst_idx = ctx.saved_tensors
     grad_x = _ops._unmerge_backward(grad.contiguous(), unm_idx, src_idx, dst_idx,
-                                    ctx.distill_token)
+                                    ctx.num_protected)
     return grad_x, None, None, None, None, None
 
 

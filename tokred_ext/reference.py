@@ -119,24 +119,20 @@ def parse_r(num_layers: int, r: Union[int, List[int], Tuple[int, float]]) -> Lis
     return schedule
 
 
-def tome_clamp_r(r: int, n: int, class_token: bool = True, distill_token: bool = False) -> int:
+def tome_clamp_r(r: int, n: int, num_protected: int = 1) -> int:
     """Upstream's clamp: at most half of the unprotected tokens merge; r <= 0 means no merge."""
-    protected = 0
-    if class_token:
-        protected += 1
-    if distill_token:
-        protected += 1
-    limit = (n - protected) // 2
+    limit = max(n - num_protected, 0) // 2
     if r > limit:
         r = limit
     return r if r > 0 else 0
 
 
-def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
-                    distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """tokred::bipartite_match as upstream's bipartite_soft_matching (its index tensors)."""
+def bipartite_match(metric: Tensor, r: int, num_protected: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+    """tokred::bipartite_match as upstream's bipartite_soft_matching (its index tensors), with
+    upstream's class-token row and distillation-token column generalised to a prefix of
+    ``num_protected`` tokens: the rows and columns of every prefix token score -inf."""
     b, n, _ = metric.shape
-    r = tome_clamp_r(r, n, class_token, distill_token)
+    r = tome_clamp_r(r, n, num_protected)
     na = (n + 1) // 2
     if r == 0:
         none = torch.empty(b, 0, dtype=torch.long, device=metric.device)
@@ -148,10 +144,9 @@ def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
         inv = m.square().sum(-1).sqrt().reciprocal()
         scores = (m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)) * inv[..., ::2, None] \
             * inv[..., None, 1::2]
-        if class_token:
-            scores[..., 0, :] = -math.inf
-        if distill_token:
-            scores[..., :, 0] = -math.inf
+        # Prefix token t is A[t // 2] (t even) or B[t // 2] (t odd).
+        scores[..., :(num_protected + 1) // 2, :] = -math.inf
+        scores[..., :, :num_protected // 2] = -math.inf
         # The tie rule. Partner: the lowest-index B token of largest similarity, NaN counting as
         # the largest. Ranking: by that similarity, descending, NaN first, ties to the lower A index.
         node_max = scores.max(dim=-1).values
@@ -161,56 +156,63 @@ def bipartite_match(metric: Tensor, r: int, class_token: bool = True,
         edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
         unm_idx, src_idx = edge_idx[..., r:], edge_idx[..., :r]
         dst_idx = node_idx.gather(-1, src_idx)
-        if class_token:
+        if num_protected > 0:
             unm_idx = unm_idx.sort(dim=-1).values
     return unm_idx, src_idx, dst_idx
 
 
+def _prefix_split(n: int, num_protected: int) -> Tuple[int, int]:
+    """How many of the prefix's tokens are in set A (even positions) and in set B (odd)."""
+    p = min(num_protected, n)
+    return (p + 1) // 2, p // 2
+
+
 def _tome_apply(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, mode: str,
-                distill_token: bool) -> Tensor:
-    """Upstream's merge(x, mode): gather the A tokens, scatter_reduce (include_self) into B."""
-    b, _, c = x.shape
+                num_protected: int) -> Tensor:
+    """Upstream's merge(x, mode): gather the A tokens, scatter_reduce (include_self) into B; then
+    the prefix tokens (the first unmerged A and B tokens) go back to the front, in order."""
+    b, n, c = x.shape
     u, r = unm_idx.shape[1], src_idx.shape[1]
     a_tok, b_tok = x[:, ::2], x[:, 1::2]
     unm = a_tok.gather(1, unm_idx.long()[..., None].expand(b, u, c))
     src = a_tok.gather(1, src_idx.long()[..., None].expand(b, r, c))
     dst = b_tok.scatter_reduce(1, dst_idx.long()[..., None].expand(b, r, c), src, reduce=mode)
-    if distill_token:
-        return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
-    return torch.cat([unm, dst], dim=1)
+    pa, pb = _prefix_split(n, num_protected)
+    prefix = x.new_empty(b, pa + pb, c)
+    prefix[:, 0::2] = unm[:, :pa]
+    prefix[:, 1::2] = dst[:, :pb]
+    return torch.cat([prefix, unm[:, pa:], dst[:, pb:]], dim=1)
 
 
 def merge(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
-          mode: str = "wavg", distill_token: bool = False) -> Tuple[Tensor, Tensor]:
+          mode: str = "wavg", num_protected: int = 1) -> Tuple[Tensor, Tensor]:
     """tokred::merge: upstream merge (sum, mean, amax) or merge_wavg; also the summed sizes."""
     if size is None:
         size = x.new_ones(x.shape[0], x.shape[1], 1)
     if src_idx.shape[1] == 0:  # no merge: upstream's blocks skip merge_wavg, so x is unchanged
         return x.clone(), size.clone()
-    size_out = _tome_apply(size, unm_idx, src_idx, dst_idx, "sum", distill_token)
+    size_out = _tome_apply(size, unm_idx, src_idx, dst_idx, "sum", num_protected)
     if mode == "wavg":
-        out = _tome_apply(x * size, unm_idx, src_idx, dst_idx, "sum", distill_token) / size_out
+        out = _tome_apply(x * size, unm_idx, src_idx, dst_idx, "sum", num_protected) / size_out
     else:
-        out = _tome_apply(x, unm_idx, src_idx, dst_idx, mode, distill_token)
+        out = _tome_apply(x, unm_idx, src_idx, dst_idx, mode, num_protected)
     return out, size_out
 
 
 def unmerge(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
-            distill_token: bool = False) -> Tensor:
+            num_protected: int = 1) -> Tensor:
     """tokred::unmerge: upstream unmerge; every merged source gets a copy of its destination.
 
-    Upstream assumes the layout without distillation token; with ``distill_token`` the interleave
-    is undone first.
+    Upstream assumes the layout ``[unm | B]``; the prefix moved to the front is put back first.
     """
     u, r = unm_idx.shape[1], src_idx.shape[1]
     if r == 0:
         return x.clone()
     b, _, c = x.shape
-    if distill_token:
-        unm = torch.cat([x[:, :1], x[:, 2:u + 1]], dim=1)
-        dst = torch.cat([x[:, 1:2], x[:, u + 1:]], dim=1)
-    else:
-        unm, dst = x[:, :u], x[:, u:]
+    pa, pb = _prefix_split(n, num_protected)
+    p = pa + pb
+    unm = torch.cat([x[:, 0:p:2], x[:, p:p + u - pa]], dim=1)
+    dst = torch.cat([x[:, 1:p:2], x[:, p + u - pa:]], dim=1)
     src = dst.gather(1, dst_idx.long()[..., None].expand(b, r, c))
     out = x.new_zeros(b, n, c)
     out[:, 1::2] = dst
@@ -219,21 +221,21 @@ def unmerge(x: Tensor, unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int
 
 
 def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor,
-                 n: int, distill_token: bool = False) -> Tensor:
+                 n: int, num_protected: int = 1) -> Tensor:
     """tokred::merge_source: the output token of each original patch, as unmerge of positions."""
     b, r = src_idx.shape
     pos = torch.arange(n - r, device=src_idx.device, dtype=torch.float64)
     dest = unmerge(pos.expand(b, n - r)[..., None], unm_idx, src_idx, dst_idx, n,
-                   distill_token)[..., 0].long()
+                   num_protected)[..., 0].long()
     return dest if source is None else dest.gather(1, source.long())
 
 
 def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
-               distill_token: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+               num_protected: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """tokred::merge_plan: dest (merge_source's map), then each output's members in ascending
     order (a stable sort by dest) and where each output's run starts (a running count)."""
     b, r = src_idx.shape
-    dest = merge_source(None, unm_idx, src_idx, dst_idx, n, distill_token)
+    dest = merge_source(None, unm_idx, src_idx, dst_idx, n, num_protected)
     members = dest.argsort(dim=1, stable=True)
     counts = torch.zeros(b, n - r, dtype=torch.long, device=dest.device)
     counts.scatter_add_(1, dest, torch.ones_like(dest))
@@ -242,21 +244,21 @@ def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
 
 
 def merge_source_onehot(source: Optional[Tensor], x: Tensor, unm_idx: Tensor, src_idx: Tensor,
-                        dst_idx: Tensor, distill_token: bool = False) -> Tensor:
+                        dst_idx: Tensor, num_protected: int = 1) -> Tensor:
     """Upstream merge_source: the [B, N, N0] 0/1 matrix merged with mode amax."""
     if source is None:
         b, t, _ = x.shape
         source = torch.eye(t, device=x.device)[None].expand(b, t, t)
     if src_idx.shape[1] == 0:
         return source
-    return _tome_apply(source, unm_idx, src_idx, dst_idx, "amax", distill_token)
+    return _tome_apply(source, unm_idx, src_idx, dst_idx, "amax", num_protected)
 
 
 def tome_step(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
-              class_token: bool = True, distill_token: bool = False) -> Tuple[Tensor, Tensor]:
+              num_protected: int = 1) -> Tuple[Tensor, Tensor]:
     """One upstream ToMe step: bipartite_soft_matching, then merge_wavg."""
-    unm_idx, src_idx, dst_idx = bipartite_match(metric, r, class_token, distill_token)
-    return merge(x, size, unm_idx, src_idx, dst_idx, "wavg", distill_token)
+    unm_idx, src_idx, dst_idx = bipartite_match(metric, r, num_protected)
+    return merge(x, size, unm_idx, src_idx, dst_idx, "wavg", num_protected)
 
 # --------------------------------------------------------------------------- models
 
@@ -317,7 +319,7 @@ class ReferenceViT(torch.nn.Module):
             elif amount is not None and name == "evit":
                 x = _evit_step(x, attn, amount, p, self.policy.fuse)
             elif amount is not None and name == "tome":
-                x, size = tome_step(x, metric, amount, size, True, p > 1)
+                x, size = tome_step(x, metric, amount, size, p)
             x = x + blk.ls2(blk.mlp(blk.norm2(x)))
             self.token_counts.append(x.shape[1])
         x = m.norm(x)

@@ -1,11 +1,13 @@
 // ToMe's bipartite matching and merge plan, written once for the CPU and the CUDA kernels.
 //
 // A sequence of N tokens is split by position: set A = even positions (A[a] = token 2a), set B =
-// odd positions (B[j] = token 2j + 1). A match picks r A tokens (sources) and, for each, its most
-// similar B token (destination). The merged sequence has N - r tokens laid out as
-//   [unmerged A tokens (in unm_idx order) | every B token (in order)]
-// and, with a distillation token, upstream's interleave [unm[0], B[0], unm[1:], B[1:]] that keeps
-// the class token at 0 and the distillation token at 1.
+// odd positions (B[j] = token 2j + 1). The first P tokens (the model's prefix: class,
+// distillation and register tokens; P = num_protected) never merge: their A rows and B columns
+// are excluded from matching. A match picks r A tokens (sources) and, for each, its most similar
+// B token (destination). The merged sequence has N - r tokens laid out as
+//   [the P prefix tokens (in order) | other unmerged A tokens (unm_idx order) | other B tokens]
+// which is upstream's [unm | B] for P <= 1 and upstream's distillation interleave
+// [unm[0], B[0], unm[1:], B[1:]] for P = 2: the prefix stays where the model's head reads it.
 //
 // The merge plan maps every original token t to its output token dest[t]; each output token is
 // the reduction of its members {t : dest[t] = o}, taken in ascending t. As a value (the merge_plan
@@ -31,10 +33,12 @@ struct TomeDims {
   int64_t r;     // merged (source) tokens
   int64_t u;     // unmerged A tokens = na - r
   int64_t nout;  // tokens after the merge = n - r
-  bool distill;
+  int64_t pa;    // prefix tokens in A = ceil(min(P, n) / 2): the first pa unmerged A tokens
+  int64_t pb;    // prefix tokens in B = floor(min(P, n) / 2)
 };
 
-TOKRED_HD TomeDims tome_dims(int64_t n, int64_t r, bool distill) {
+TOKRED_HD TomeDims tome_dims(int64_t n, int64_t r, int64_t num_protected) {
+  const int64_t p = num_protected < n ? num_protected : n;
   TomeDims d;
   d.n = n;
   d.na = (n + 1) / 2;
@@ -42,24 +46,26 @@ TOKRED_HD TomeDims tome_dims(int64_t n, int64_t r, bool distill) {
   d.r = r;
   d.u = d.na - r;
   d.nout = n - r;
-  d.distill = distill;
+  d.pa = (p + 1) / 2;
+  d.pb = p / 2;
   return d;
 }
 
 // Upstream's clamp: at most half of the unprotected tokens merge; r <= 0 is no merge.
-TOKRED_HD int64_t tome_clamp_r(int64_t r, int64_t n, bool class_token, bool distill_token) {
-  const int64_t prot = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
-  const int64_t cap = n > prot ? (n - prot) / 2 : 0;
+TOKRED_HD int64_t tome_clamp_r(int64_t r, int64_t n, int64_t num_protected) {
+  const int64_t cap = n > num_protected ? (n - num_protected) / 2 : 0;
   const int64_t rr = r < cap ? r : cap;
   return rr > 0 ? rr : 0;
 }
 
-// Output position of the k-th unmerged A token and of B token j.
+// Output position of the k-th unmerged A token and of B token j. Prefix tokens keep their
+// position (unm_idx lists the pa prefix A tokens first: it ascends with a prefix); the others
+// follow: unmerged A from P on, then B from P + u - pa = u + pb on.
 TOKRED_HD int64_t tome_unm_out(int64_t k, const TomeDims& d) {
-  return (d.distill && k > 0) ? k + 1 : k;
+  return k < d.pa ? 2 * k : k + d.pb;
 }
 TOKRED_HD int64_t tome_dst_out(int64_t j, const TomeDims& d) {
-  return (d.distill && j == 0) ? 1 : d.u + j;
+  return j < d.pb ? 2 * j + 1 : d.u + j;
 }
 
 // Output o of a plan is a destination (it holds a B token, an odd position, which merged sources
@@ -92,10 +98,10 @@ TOKRED_HD PlanFault tome_plan_fault(const int64_t* offsets, const int64_t* membe
   return PlanFault::kNone;
 }
 
-// Pairs excluded from matching: the class token's row (A[0]) and the distillation token's
-// column (B[0]).
-TOKRED_HD bool tome_excluded(int64_t a, int64_t j, bool class_token, bool distill_token) {
-  return (class_token && a == 0) || (distill_token && j == 0);
+// Pairs excluded from matching: the rows of prefix A tokens and the columns of prefix B tokens
+// (upstream's class-token row and distillation-token column, for any prefix).
+TOKRED_HD bool tome_excluded(int64_t a, int64_t j, int64_t num_protected) {
+  return 2 * a < num_protected || 2 * j + 1 < num_protected;
 }
 
 // Cosine similarity from a raw dot product and the two inverse norms (no eps, as upstream: a zero
@@ -119,12 +125,12 @@ TOKRED_HD void tome_argmax_step(acc_t v, int64_t j, acc_t& best, int64_t& best_j
 
 // Where A token a goes, given the ranks (descending best similarity, ties to the lower index) of
 // all na A tokens: a source slot in [0, r) (returned as -1 - slot), or an unmerged slot in
-// [0, u). Unmerged tokens are in ascending order with a class token (upstream sorts them), in
-// rank order without.
+// [0, u). Unmerged tokens are in ascending order with a prefix (upstream sorts them with a class
+// token, which puts the prefix first), in rank order without.
 TOKRED_HD int64_t tome_slot(const int64_t* rank, int64_t a, int64_t na, int64_t r,
-                            bool class_token) {
+                            bool ascending) {
   if (rank[a] < r) return -1 - rank[a];
-  if (!class_token) return rank[a] - r;
+  if (!ascending) return rank[a] - r;
   int64_t slot = 0;
   for (int64_t i = 0; i < a; ++i) slot += rank[i] >= r ? 1 : 0;
   (void)na;

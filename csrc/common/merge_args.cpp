@@ -30,24 +30,31 @@ void check_size(const at::Tensor& x, const std::optional<at::Tensor>& size, cons
 
 }  // namespace
 
-c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n, bool class_token,
-                           bool distill_token) {
-  const int64_t prot = (class_token ? 1 : 0) + (distill_token ? 1 : 0);
-  const c10::SymInt cap = ((n - prot) / 2).max(c10::SymInt(0));
+c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n,
+                           const c10::SymInt& num_protected) {
+  const c10::SymInt cap = ((n - num_protected).max(c10::SymInt(0)) / 2);
   return r.min(cap).max(c10::SymInt(0));
 }
 
+void check_num_protected(const c10::SymInt& num_protected, const char* op) {
+  TOKRED_SYM_CHECK(num_protected.sym_ge(0), op, "num_protected", "must be >= 0, got ",
+                   num_protected);
+}
+
 c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r,
-                                  bool class_token, bool distill_token) {
+                                  const c10::SymInt& num_protected) {
   const char* op = "bipartite_match";
   check_float(metric, op, "metric");
   check_dim(metric, 3, op, "metric", "[B, N, D]");
-  return tome_clamped_r(r, metric.sym_size(1), class_token, distill_token);
+  check_num_protected(num_protected, op);
+  return tome_clamped_r(r, metric.sym_size(1), num_protected);
 }
 
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
                                 const at::Tensor& dst_idx, const c10::SymInt& batch,
-                                const c10::SymInt& n, bool distill, const char* op) {
+                                const c10::SymInt& n, const c10::SymInt& num_protected,
+                                const char* op) {
+  check_num_protected(num_protected, op);
   check_index(unm_idx, op, "unm_idx");
   check_index(src_idx, op, "src_idx");
   check_index(dst_idx, op, "dst_idx");
@@ -68,24 +75,25 @@ c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src
   TOKRED_SYM_CHECK((unm_idx.sym_size(1) + r).sym_eq(na), op, "unm_idx",
                    "and src_idx must together list the ceil(N/2) = ", na,
                    " tokens of set A, got ", unm_idx.sym_size(1), " + ", r);
-  // Without an unmerged token, output 0 (the class token's slot) would have no member.
-  if (distill) {
-    TOKRED_SYM_CHECK((unm_idx.sym_size(1).sym_ge(1)).sym_or(n.sym_eq(0)), op, "unm_idx",
-                     "must keep at least the class token with distill_token=True, got none");
-  }
+  // The layout gives the prefix's A tokens (the first ceil(min(P, n) / 2) unmerged ones) the even
+  // outputs below P; with fewer unmerged tokens, two tokens would share an output.
+  const c10::SymInt prefix_a = (num_protected.min(n) + 1) / 2;
+  TOKRED_SYM_CHECK(unm_idx.sym_size(1).sym_ge(prefix_a), op, "unm_idx",
+                   "must keep at least the ", prefix_a, " prefix tokens of set A with num_protected = ",
+                   num_protected, ", got ", unm_idx.sym_size(1));
   return r;
 }
 
 c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                        const at::Tensor& dst_idx, std::string_view mode, bool distill,
+                        const at::Tensor& dst_idx, std::string_view mode, const c10::SymInt& num_protected,
                         const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, N, C]");
   parse_merge_mode(mode, op);
   check_size(x, size, op);
   check_same_device(x, unm_idx, op, "x", "unm_idx");
-  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), distill, op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), num_protected, op);
 }
 
 void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
@@ -102,23 +110,23 @@ void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, cons
 
 c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
                                    const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                                   bool distill, const char* op) {
+                                   const c10::SymInt& num_protected, const char* op) {
   check_float(grad, op, "grad");
   check_dim(grad, 3, op, "grad", "[B, n, C]");
   check_same_device(grad, unm_idx, op, "grad", "unm_idx");
   return check_match_indices(unm_idx, src_idx, dst_idx, grad.sym_size(0), grad.sym_size(1),
-                             distill, op);
+                             num_protected, op);
 }
 
 c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
                           const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const c10::SymInt& n, bool distill, const char* op) {
+                          const c10::SymInt& n, const c10::SymInt& num_protected, const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, n - r, C]");
   check_same_device(x, unm_idx, op, "x", "unm_idx");
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
   const c10::SymInt r =
-      check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), n, distill, op);
+      check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), n, num_protected, op);
   TOKRED_SYM_CHECK(x.sym_size(1).sym_eq(n - r), op, "x", "must have n - r = ", n - r,
                    " tokens, got ", x.sym_size(1));
   return r;
@@ -126,7 +134,7 @@ c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
 
 c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
                                const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                               const c10::SymInt& n, bool distill) {
+                               const c10::SymInt& n, const c10::SymInt& num_protected) {
   const char* op = "merge_source";
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
   if (source.has_value()) {
@@ -137,7 +145,7 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
   // With a source map, the match indices must have its batch: a kernel reads one plan row per
   // source row.
   const c10::SymInt batch = source.has_value() ? source->sym_size(0) : unm_idx.sym_size(0);
-  return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, distill, op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, num_protected, op);
 }
 
 // ---- plans
@@ -167,10 +175,10 @@ c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
 }
 
 c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                             const at::Tensor& dst_idx, const c10::SymInt& n, bool distill) {
+                             const at::Tensor& dst_idx, const c10::SymInt& n, const c10::SymInt& num_protected) {
   const char* op = "merge_plan";
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
-  return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, distill, op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, num_protected, op);
 }
 
 c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,

@@ -15,25 +15,29 @@ namespace tokred {
 // "sum" | "mean" | "amax" | "wavg"; anything else is an error naming op.
 MergeMode parse_merge_mode(std::string_view mode, const char* op);
 
-// The clamped r of bipartite_match as a SymInt: max(0, min(r, (N - protected) // 2)).
-c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n, bool class_token,
-                           bool distill_token);
+// The clamped r of bipartite_match as a SymInt: max(0, min(r, (N - num_protected) // 2)).
+c10::SymInt tome_clamped_r(const c10::SymInt& r, const c10::SymInt& n,
+                           const c10::SymInt& num_protected);
+
+// num_protected >= 0: the prefix tokens that never merge.
+void check_num_protected(const c10::SymInt& num_protected, const char* op);
 
 // metric [B, N, D]; returns the clamped r.
 c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r,
-                                  bool class_token, bool distill_token);
+                                  const c10::SymInt& num_protected);
 
 // The three index tensors of a match for a sequence of n tokens: unm_idx [B, ceil(n/2) - r],
-// src_idx [B, r], dst_idx [B, r]. With a distillation token, unm_idx keeps at least the class
-// token (upstream's layout puts it first). Returns r.
+// src_idx [B, r], dst_idx [B, r], and num_protected >= 0. unm_idx keeps at least the prefix's A
+// tokens (the layout puts them first). Returns r.
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
                                 const at::Tensor& dst_idx, const c10::SymInt& batch,
-                                const c10::SymInt& n, bool distill, const char* op);
+                                const c10::SymInt& n, const c10::SymInt& num_protected,
+                                const char* op);
 
 // x [B, N, C], size None or [B, N, 1] of x's dtype. Returns r.
 c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                        const at::Tensor& dst_idx, std::string_view mode, bool distill,
+                        const at::Tensor& dst_idx, std::string_view mode, const c10::SymInt& num_protected,
                         const char* op);
 
 // grad_out [B, N - r, C] of x's dtype and batch, for a merge of x [B, N, C].
@@ -43,17 +47,17 @@ void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, cons
 // grad [B, n, C], the gradient of an unmerge to n tokens. Returns r.
 c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm_idx,
                                    const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                                   bool distill, const char* op);
+                                   const c10::SymInt& num_protected, const char* op);
 
 // x [B, n - r, C]. Returns r.
 c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
                           const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const c10::SymInt& n, bool distill, const char* op);
+                          const c10::SymInt& n, const c10::SymInt& num_protected, const char* op);
 
 // source None or [B, N0] int of token positions in [0, n). Returns r.
 c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
                                const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                               const c10::SymInt& n, bool distill);
+                               const c10::SymInt& n, const c10::SymInt& num_protected);
 
 // ---- ops that take a plan (dest, offsets, members) from merge_plan
 
@@ -65,7 +69,7 @@ c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
 
 // merge_plan: the match indices for n tokens. Returns r.
 c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                             const at::Tensor& dst_idx, const c10::SymInt& n, bool distill);
+                             const at::Tensor& dst_idx, const c10::SymInt& n, const c10::SymInt& num_protected);
 
 // x [B, n, C] and size None or [B, n, 1] for a plan of n tokens. Returns nout.
 c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,

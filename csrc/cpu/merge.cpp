@@ -32,8 +32,8 @@ TOKRED_SIMD_CLONES bool row_max_without_nan(const double* s, int64_t n, double& 
 // One batch row of the matching, given the row's raw dot products a·b [na, nb] and inverse norms
 // [N] (tokens interleaved: A at even positions, B at odd). Scores follow tome_score.
 template <typename acc_t>
-void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, bool class_token,
-               bool distill_token, int64_t* unm, int64_t* src, int64_t* dst) {
+void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, int64_t num_protected,
+               int64_t* unm, int64_t* src, int64_t* dst) {
   const int64_t na = d.na, nb = d.nb;
   std::vector<acc_t> node_max(na), inv_b(nb), scores(nb);
   std::vector<int64_t> node_idx(na), rank(na);
@@ -42,7 +42,7 @@ void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, bool clas
     const acc_t inv_a = inv[2 * a];
     for (int64_t j = 0; j < nb; ++j) {
       scores[j] = tome_score(dots[a * nb + j], inv_a, inv_b[j],
-                             tome_excluded(a, j, class_token, distill_token));
+                             tome_excluded(a, j, num_protected));
     }
     acc_t best = 0;
     int64_t best_j = -1;
@@ -73,18 +73,18 @@ void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, bool clas
       src[rank[a]] = a;
       dst[rank[a]] = node_idx[a];
     } else {
-      unm[class_token ? next_unmerged++ : rank[a] - d.r] = a;
+      unm[num_protected > 0 ? next_unmerged++ : rank[a] - d.r] = a;
     }
   }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Tensor& metric_in,
-                                                                   int64_t r_in, bool class_token,
-                                                                   bool distill_token) {
-  const int64_t r = check_bipartite_match(metric_in, r_in, class_token, distill_token).expect_int();
+                                                                   int64_t r_in,
+                                                                   int64_t num_protected) {
+  const int64_t r = check_bipartite_match(metric_in, r_in, num_protected).expect_int();
   const at::Tensor metric = metric_in.contiguous();
   const int64_t B = metric.size(0), N = metric.size(1);
-  const TomeDims d = tome_dims(N, r, distill_token);
+  const TomeDims d = tome_dims(N, r, num_protected);
   const auto opts = metric.options().dtype(at::kLong);
   at::Tensor unm = at::empty({B, d.u}, opts);
   at::Tensor src = at::empty({B, r}, opts);
@@ -110,8 +110,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
     int64_t* dp = dst.data_ptr<int64_t>();
     parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        match_row(dp_all + b * d.na * d.nb, inv_all + b * N, d, class_token, distill_token,
-                  up + b * d.u, sp + b * r, dp + b * r);
+        match_row(dp_all + b * d.na * d.nb, inv_all + b * N, d, num_protected, up + b * d.u,
+                  sp + b * r, dp + b * r);
       }
     });
   });
@@ -129,10 +129,10 @@ struct Plan {
 // The plan of a match, from validated indices: dest by tome_unm_out / tome_dst_out, then the
 // members of each output grouped in ascending order by the segment module.
 Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
-                int64_t n, bool distill, const char* op) {
+                int64_t n, int64_t num_protected, const char* op) {
   const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
   const int64_t B = src.size(0), r = src.size(1);
-  const TomeDims d = tome_dims(n, r, distill);
+  const TomeDims d = tome_dims(n, r, num_protected);
   at::Tensor dest = at::empty({B, n}, unm.options());
   const int64_t *up = unm.data_ptr<int64_t>(), *sp = src.data_ptr<int64_t>(),
                 *dp = dst.data_ptr<int64_t>();
@@ -363,9 +363,9 @@ at::Tensor gather_plan(const at::Tensor& x_in, const Plan& p) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_cpu(const at::Tensor& unm,
                                                               const at::Tensor& src,
                                                               const at::Tensor& dst, int64_t n,
-                                                              bool distill) {
-  check_merge_plan(unm, src, dst, n, distill);
-  const Plan p = build_plan(unm, src, dst, n, distill, "merge_plan");
+                                                              int64_t num_protected) {
+  check_merge_plan(unm, src, dst, n, num_protected);
+  const Plan p = build_plan(unm, src, dst, n, num_protected, "merge_plan");
   return {p.dest, p.offsets, p.members};
 }
 
@@ -440,45 +440,45 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x,
                                              const std::optional<at::Tensor>& size,
                                              const at::Tensor& unm, const at::Tensor& src,
                                              const at::Tensor& dst, c10::string_view mode,
-                                             bool distill) {
+                                             int64_t num_protected) {
   const char* op = "merge";
-  check_merge(x, size, unm, src, dst, mode, distill, op);
-  const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
+  check_merge(x, size, unm, src, dst, mode, num_protected, op);
+  const Plan p = build_plan(unm, src, dst, x.size(1), num_protected, op);
   return reduce_plan(x, size, p, parse_merge_mode(mode, op));
 }
 
 at::Tensor merge_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                               const std::optional<at::Tensor>& size, const at::Tensor& unm,
                               const at::Tensor& src, const at::Tensor& dst,
-                              c10::string_view mode, bool distill) {
+                              c10::string_view mode, int64_t num_protected) {
   const char* op = "_merge_backward";
-  const int64_t r = check_merge(x, size, unm, src, dst, mode, distill, op).expect_int();
+  const int64_t r = check_merge(x, size, unm, src, dst, mode, num_protected, op).expect_int();
   check_merge_backward_grad(grad, x, r, op);
-  const Plan p = build_plan(unm, src, dst, x.size(1), distill, op);
+  const Plan p = build_plan(unm, src, dst, x.size(1), num_protected, op);
   return merge_backward_over(grad, x, size, p, parse_merge_mode(mode, op));
 }
 
 at::Tensor unmerge_cpu(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
-                       const at::Tensor& dst, int64_t n, bool distill) {
+                       const at::Tensor& dst, int64_t n, int64_t num_protected) {
   const char* op = "unmerge";
-  check_unmerge(x, unm, src, dst, n, distill, op);
-  return gather_plan(x, build_plan(unm, src, dst, n, distill, op));
+  check_unmerge(x, unm, src, dst, n, num_protected, op);
+  return gather_plan(x, build_plan(unm, src, dst, n, num_protected, op));
 }
 
 at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& unm,
-                                const at::Tensor& src, const at::Tensor& dst, bool distill) {
+                                const at::Tensor& src, const at::Tensor& dst, int64_t num_protected) {
   const char* op = "_unmerge_backward";
-  check_unmerge_backward(grad, unm, src, dst, distill, op);
-  const Plan p = build_plan(unm, src, dst, grad.size(1), distill, op);
+  check_unmerge_backward(grad, unm, src, dst, num_protected, op);
+  const Plan p = build_plan(unm, src, dst, grad.size(1), num_protected, op);
   return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
 }
 
 at::Tensor merge_source_cpu(const std::optional<at::Tensor>& source, const at::Tensor& unm,
                             const at::Tensor& src, const at::Tensor& dst, int64_t n,
-                            bool distill) {
+                            int64_t num_protected) {
   const char* op = "merge_source";
-  check_merge_source(source, unm, src, dst, n, distill);
-  return source_over(source, build_plan(unm, src, dst, n, distill, op), op);
+  check_merge_source(source, unm, src, dst, n, num_protected);
+  return source_over(source, build_plan(unm, src, dst, n, num_protected, op), op);
 }
 
 }  // namespace

@@ -43,14 +43,14 @@ size_t match_smem_bytes(int64_t n) {
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict__ metric,
                                                       int64_t n, int64_t D, int64_t r,
-                                                      bool class_token, bool distill_token,
+                                                      int64_t num_protected,
                                                       int64_t* __restrict__ unm,
                                                       int64_t* __restrict__ src,
                                                       int64_t* __restrict__ dst) {
   __shared__ acc_t As[kRows][kTileK + 1];
   __shared__ acc_t Bs[kTileJ][kTileK];
   extern __shared__ __align__(16) unsigned char smem[];
-  const TomeDims d = tome_dims(n, r, distill_token);
+  const TomeDims d = tome_dims(n, r, num_protected);
   acc_t* inv = reinterpret_cast<acc_t*>(smem);
   acc_t* node_max = inv + n;
   int64_t* node_idx = reinterpret_cast<int64_t*>(
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
           const int64_t j = j0 + jj;
           if (j >= d.nb) break;
           const acc_t v = tome_score(acc[jj], inv[2 * a], inv[2 * j + 1],
-                                     tome_excluded(a, j, class_token, distill_token));
+                                     tome_excluded(a, j, num_protected));
           tome_argmax_step(v, j, best, best_j);
         }
       }
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
   for (int64_t a = tid; a < d.na; a += kRows) rank[a] = rank_in_row(node_max, d.na, a, true);
   __syncthreads();
   for (int64_t a = tid; a < d.na; a += kRows) {
-    const int64_t slot = tome_slot(rank, a, d.na, r, class_token);
+    const int64_t slot = tome_slot(rank, a, d.na, r, num_protected > 0);
     if (slot < 0) {
       src[b * r + (-1 - slot)] = a;
       dst[b * r + (-1 - slot)] = node_idx[a];
@@ -135,13 +135,12 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Tensor& metric_in,
                                                                     int64_t r_in,
-                                                                    bool class_token,
-                                                                    bool distill_token) {
-  const int64_t r = check_bipartite_match(metric_in, r_in, class_token, distill_token).expect_int();
+                                                                    int64_t num_protected) {
+  const int64_t r = check_bipartite_match(metric_in, r_in, num_protected).expect_int();
   const c10::cuda::OptionalCUDAGuard guard(metric_in.device());
   const at::Tensor metric = metric_in.contiguous();
   const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
-  const TomeDims d = tome_dims(N, r, distill_token);
+  const TomeDims d = tome_dims(N, r, num_protected);
   const auto opts = metric.options().dtype(at::kLong);
   at::Tensor unm = at::empty({B, d.u}, opts);
   at::Tensor src = at::empty({B, r}, opts);
@@ -172,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Te
                                           static_cast<int>(smem)));
     }
     kernel<<<static_cast<unsigned>(B), kRows, smem, stream>>>(
-        metric.data_ptr<scalar_t>(), N, D, r, class_token, distill_token,
+        metric.data_ptr<scalar_t>(), N, D, r, num_protected,
         unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -225,10 +224,10 @@ struct PlanCuda {
 
 // segments=false skips the CSR grouping (gathers need dest only).
 PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
-                    int64_t n, bool distill, bool segments = true) {
+                    int64_t n, int64_t num_protected, bool segments = true) {
   const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
   const int64_t B = src.size(0), r = src.size(1);
-  const TomeDims d = tome_dims(n, r, distill);
+  const TomeDims d = tome_dims(n, r, num_protected);
   PlanCuda p{at::Tensor(), at::Tensor(), at::Tensor(), B, n, d.nout};
   if (r == 0) {  // no merge: the identity, as upstream's do_nothing
     p.dest = at::arange(n, unm.options()).expand({B, n}).contiguous();
@@ -475,10 +474,10 @@ at::Tensor source_over(const std::optional<at::Tensor>& source_in, const PlanCud
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_cuda(const at::Tensor& unm,
                                                                const at::Tensor& src,
                                                                const at::Tensor& dst, int64_t n,
-                                                               bool distill) {
-  check_merge_plan(unm, src, dst, n, distill);
+                                                               int64_t num_protected) {
+  check_merge_plan(unm, src, dst, n, num_protected);
   const c10::cuda::OptionalCUDAGuard guard(unm.device());
-  const PlanCuda p = build_plan(unm, src, dst, n, distill);
+  const PlanCuda p = build_plan(unm, src, dst, n, num_protected);
   return {p.dest, p.offsets, p.order};
 }
 
@@ -527,49 +526,49 @@ std::tuple<at::Tensor, at::Tensor> merge_cuda(const at::Tensor& x,
                                               const std::optional<at::Tensor>& size,
                                               const at::Tensor& unm, const at::Tensor& src,
                                               const at::Tensor& dst, c10::string_view mode,
-                                              bool distill) {
+                                              int64_t num_protected) {
   const char* op = "merge";
-  check_merge(x, size, unm, src, dst, mode, distill, op);
+  check_merge(x, size, unm, src, dst, mode, num_protected, op);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const PlanCuda p = build_plan(unm, src, dst, x.size(1), distill);
+  const PlanCuda p = build_plan(unm, src, dst, x.size(1), num_protected);
   return reduce_plan(x, size, p, parse_merge_mode(mode, op));
 }
 
 at::Tensor merge_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                const std::optional<at::Tensor>& size, const at::Tensor& unm,
                                const at::Tensor& src, const at::Tensor& dst,
-                               c10::string_view mode_s, bool distill) {
+                               c10::string_view mode_s, int64_t num_protected) {
   const char* op = "_merge_backward";
-  const int64_t r = check_merge(x, size, unm, src, dst, mode_s, distill, op).expect_int();
+  const int64_t r = check_merge(x, size, unm, src, dst, mode_s, num_protected, op).expect_int();
   check_merge_backward_grad(grad, x, r, op);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   const MergeMode mode = parse_merge_mode(mode_s, op);
   const bool gathers = mode == MergeMode::kSum || r == 0;  // needs dest only
-  const PlanCuda p = build_plan(unm, src, dst, x.size(1), distill, /*segments=*/!gathers);
+  const PlanCuda p = build_plan(unm, src, dst, x.size(1), num_protected, /*segments=*/!gathers);
   return merge_backward_over(grad, x, size, p, mode);
 }
 
 at::Tensor unmerge_cuda(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
-                        const at::Tensor& dst, int64_t n, bool distill) {
-  check_unmerge(x, unm, src, dst, n, distill, "unmerge");
+                        const at::Tensor& dst, int64_t n, int64_t num_protected) {
+  check_unmerge(x, unm, src, dst, n, num_protected, "unmerge");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  return gather_plan(x, build_plan(unm, src, dst, n, distill, /*segments=*/false));
+  return gather_plan(x, build_plan(unm, src, dst, n, num_protected, /*segments=*/false));
 }
 
 at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& unm,
-                                 const at::Tensor& src, const at::Tensor& dst, bool distill) {
-  check_unmerge_backward(grad, unm, src, dst, distill, "_unmerge_backward");
+                                 const at::Tensor& src, const at::Tensor& dst, int64_t num_protected) {
+  check_unmerge_backward(grad, unm, src, dst, num_protected, "_unmerge_backward");
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
-  const PlanCuda p = build_plan(unm, src, dst, grad.size(1), distill);
+  const PlanCuda p = build_plan(unm, src, dst, grad.size(1), num_protected);
   return std::get<0>(reduce_plan(grad, std::nullopt, p, MergeMode::kSum));
 }
 
 at::Tensor merge_source_cuda(const std::optional<at::Tensor>& source, const at::Tensor& unm,
                              const at::Tensor& src, const at::Tensor& dst, int64_t n,
-                             bool distill) {
-  check_merge_source(source, unm, src, dst, n, distill);
+                             int64_t num_protected) {
+  check_merge_source(source, unm, src, dst, n, num_protected);
   const c10::cuda::OptionalCUDAGuard guard(unm.device());
-  return source_over(source, build_plan(unm, src, dst, n, distill, /*segments=*/false));
+  return source_over(source, build_plan(unm, src, dst, n, num_protected, /*segments=*/false));
 }
 
 }  // namespace

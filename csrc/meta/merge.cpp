@@ -9,9 +9,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_meta(const at::Tensor& metric,
                                                                     c10::SymInt r,
-                                                                    bool class_token,
-                                                                    bool distill_token) {
-  const c10::SymInt rr = check_bipartite_match(metric, r, class_token, distill_token);
+                                                                    c10::SymInt num_protected) {
+  const c10::SymInt rr = check_bipartite_match(metric, r, num_protected);
   const c10::SymInt B = metric.sym_size(0), na = (metric.sym_size(1) + 1) / 2;
   const auto opts = metric.options().dtype(at::kLong);
   return {at::empty_symint({B, na - rr}, opts), at::empty_symint({B, rr}, opts),
@@ -22,8 +21,8 @@ std::tuple<at::Tensor, at::Tensor> merge_meta(const at::Tensor& x,
                                               const std::optional<at::Tensor>& size,
                                               const at::Tensor& unm, const at::Tensor& src,
                                               const at::Tensor& dst, c10::string_view mode,
-                                              bool distill) {
-  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, distill, "merge");
+                                              c10::SymInt num_protected) {
+  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, num_protected, "merge");
   const c10::SymInt nout = x.sym_size(1) - r;
   return {at::empty_symint({x.sym_size(0), nout, x.sym_size(2)}, x.options()),
           at::empty_symint({x.sym_size(0), nout, c10::SymInt(1)}, x.options())};
@@ -32,29 +31,29 @@ std::tuple<at::Tensor, at::Tensor> merge_meta(const at::Tensor& x,
 at::Tensor merge_backward_meta(const at::Tensor& grad, const at::Tensor& x,
                                const std::optional<at::Tensor>& size, const at::Tensor& unm,
                                const at::Tensor& src, const at::Tensor& dst, c10::string_view mode,
-                               bool distill) {
+                               c10::SymInt num_protected) {
   const char* op = "_merge_backward";
-  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, distill, op);
+  const c10::SymInt r = check_merge(x, size, unm, src, dst, mode, num_protected, op);
   check_merge_backward_grad(grad, x, r, op);
   return at::empty_symint(x.sym_sizes(), grad.options());
 }
 
 at::Tensor unmerge_meta(const at::Tensor& x, const at::Tensor& unm, const at::Tensor& src,
-                        const at::Tensor& dst, c10::SymInt n, bool distill) {
-  check_unmerge(x, unm, src, dst, n, distill, "unmerge");
+                        const at::Tensor& dst, c10::SymInt n, c10::SymInt num_protected) {
+  check_unmerge(x, unm, src, dst, n, num_protected, "unmerge");
   return at::empty_symint({x.sym_size(0), n, x.sym_size(2)}, x.options());
 }
 
 at::Tensor unmerge_backward_meta(const at::Tensor& grad, const at::Tensor& unm,
-                                 const at::Tensor& src, const at::Tensor& dst, bool distill) {
-  const c10::SymInt r = check_unmerge_backward(grad, unm, src, dst, distill, "_unmerge_backward");
+                                 const at::Tensor& src, const at::Tensor& dst, c10::SymInt num_protected) {
+  const c10::SymInt r = check_unmerge_backward(grad, unm, src, dst, num_protected, "_unmerge_backward");
   return at::empty_symint({grad.sym_size(0), grad.sym_size(1) - r, grad.sym_size(2)},
                           grad.options());
 }
 
 at::Tensor merge_source_meta(const std::optional<at::Tensor>& source, const at::Tensor& unm,
-                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n, bool distill) {
-  check_merge_source(source, unm, src, dst, n, distill);
+                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n, c10::SymInt num_protected) {
+  check_merge_source(source, unm, src, dst, n, num_protected);
   if (source.has_value()) return at::empty_symint(source->sym_sizes(), source->options().dtype(at::kLong));
   return at::empty_symint({unm.sym_size(0), n}, unm.options().dtype(at::kLong));
 }
@@ -62,8 +61,8 @@ at::Tensor merge_source_meta(const std::optional<at::Tensor>& source, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_meta(const at::Tensor& unm,
                                                                const at::Tensor& src,
                                                                const at::Tensor& dst, c10::SymInt n,
-                                                               bool distill) {
-  const c10::SymInt r = check_merge_plan(unm, src, dst, n, distill);
+                                                               c10::SymInt num_protected) {
+  const c10::SymInt r = check_merge_plan(unm, src, dst, n, num_protected);
   const c10::SymInt B = unm.sym_size(0);
   const auto opts = unm.options().dtype(at::kLong);
   return {at::empty_symint({B, n}, opts), at::empty_symint({B, n - r + 1}, opts),

@@ -11,8 +11,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from merge_cases import random_sizes, separated_metric  # noqa: E402
 
 MODES = ["sum", "mean", "amax", "wavg"]
-PROTECT = [(True, False), (False, False), (True, True), (False, True)]
-PROTECT_IDS = ["cls", "none", "cls+dist", "dist"]
+# num_protected: a class token, none, class + distillation token, class + 4 registers, and 3.
+PROTECT = [1, 0, 2, 5, 3]
+PROTECT_IDS = ["cls", "none", "cls+dist", "cls+reg4", "three"]
 
 
 def sign_metric(b, n, d, g, dtype):
@@ -33,36 +34,36 @@ def sign_metric(b, n, d, g, dtype):
 # N > 256: several chunks of 128 A tokens; N / 2 > 32: several B tiles; D > 16 and D % 16 != 0:
 # several channel tiles with a ragged last one.
 @pytest.mark.parametrize("n,d", [(2, 3), (3, 5), (9, 16), (17, 20), (197, 40), (300, 7), (601, 33)])
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bipartite_match(n, d, cls, dist, dtype):
+def test_bipartite_match(n, d, p, dtype):
     g = torch.Generator().manual_seed(n * d)
     metric = sign_metric(3, n, d, g, dtype)
-    cap = (n - cls - dist) // 2
+    cap = max(n - p, 0) // 2
     for r in sorted({0, 1, cap // 2, cap, cap + 3}):
-        compare("bipartite_match", metric, r, cls, dist)
+        compare("bipartite_match", metric, r, p)
 
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_bipartite_match_separated_float_metric(cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_bipartite_match_separated_float_metric(p):
     g = torch.Generator().manual_seed(7)
     for n in (16, 197):
-        metric = separated_metric(2, n, cls, dist, torch.float32, generator=g)
-        compare("bipartite_match", metric, n // 3, cls, dist)
-        compare("bipartite_match", metric.transpose(1, 2).contiguous().transpose(1, 2), n // 3, cls, dist)
+        metric = separated_metric(2, n, p, torch.float32, generator=g)
+        compare("bipartite_match", metric, n // 3, p)
+        compare("bipartite_match", metric.transpose(1, 2).contiguous().transpose(1, 2), n // 3, p)
 
 
 def test_bipartite_match_over_default_shared_memory():
     # float64 with N = 2500 needs 50,000 B of shared memory: the launch opts in past 48 KiB.
     g = torch.Generator().manual_seed(8)
-    compare("bipartite_match", sign_metric(1, 2500, 3, g, torch.float64), 1000, True, False)
+    compare("bipartite_match", sign_metric(1, 2500, 3, g, torch.float64), 1000, 1)
 
 
 # --------------------------------------------------------------------------- merge family
 
-def _match(b, n, r, cls, dist, g, index_dtype=torch.int64):
-    metric = separated_metric(b, n, cls, dist, generator=g)
-    return tuple(i.to(index_dtype) for i in torch.ops.tokred.bipartite_match(metric, r, cls, dist))
+def _match(b, n, r, p, g, index_dtype=torch.int64):
+    metric = separated_metric(b, n, p, generator=g)
+    return tuple(i.to(index_dtype) for i in torch.ops.tokred.bipartite_match(metric, r, p))
 
 
 def _tokens(b, n, c, dtype, g, ties):
@@ -75,65 +76,65 @@ CASES = [(17, 5), (16, 7), (9, 100), (8, 0), (2, 1), (197, 60)]
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_and_backward(mode, cls, dist, dtype):
+def test_merge_and_backward(mode, p, dtype):
     g = torch.Generator().manual_seed(9)
     for n, r in CASES:
         index_dtype = torch.int32 if n % 2 else torch.int64
-        idx = _match(3, n, r, cls, dist, g, index_dtype)
+        idx = _match(3, n, r, p, g, index_dtype)
         for ties in (False, True):
             x = _tokens(3, n, 12, dtype, g, ties)
             for size in (None, random_sizes(3, n, dtype, generator=g)):
-                out, _ = compare("merge", x, size, *idx, mode, dist, scale=4)
+                out, _ = compare("merge", x, size, *idx, mode, p, scale=4)
                 grad = torch.randn(out.shape, generator=g).to(dtype)
-                compare("_merge_backward", grad, x, size, *idx, mode, dist, scale=4)
+                compare("_merge_backward", grad, x, size, *idx, mode, p, scale=4)
                 strided = x.transpose(1, 2).contiguous().transpose(1, 2)
-                compare("merge", strided, size, *idx, mode, dist, scale=4)
+                compare("merge", strided, size, *idx, mode, p, scale=4)
 
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unmerge_and_backward(cls, dist, dtype):
+def test_unmerge_and_backward(p, dtype):
     g = torch.Generator().manual_seed(10)
     for n, r in CASES:
-        idx = _match(2, n, r, cls, dist, g, torch.int32 if n % 2 else torch.int64)
+        idx = _match(2, n, r, p, g, torch.int32 if n % 2 else torch.int64)
         r_eff = idx[1].shape[1]
         y = torch.randn(2, n - r_eff, 10, generator=g).to(dtype)
-        compare("unmerge", y, *idx, n, dist, exact=(0,))
+        compare("unmerge", y, *idx, n, p, exact=(0,))
         grad = torch.randn(2, n, 10, generator=g).to(dtype)
-        compare("_unmerge_backward", grad, *idx, dist)
+        compare("_unmerge_backward", grad, *idx, p)
 
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_merge_source(cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_merge_source(p):
     g = torch.Generator().manual_seed(11)
     for n, r in CASES:
-        idx = _match(2, n, r, cls, dist, g, torch.int32 if n % 2 else torch.int64)
-        compare("merge_source", None, *idx, n, dist)
+        idx = _match(2, n, r, p, g, torch.int32 if n % 2 else torch.int64)
+        compare("merge_source", None, *idx, n, p)
         source = torch.randint(0, n, (2, 3 * n), generator=g)
-        compare("merge_source", source, *idx, n, dist)
-        compare("merge_source", source.int(), *idx, n, dist)
+        compare("merge_source", source, *idx, n, p)
+        compare("merge_source", source.int(), *idx, n, p)
 
 
 # --------------------------------------------------------------------------- the plan as a value
 
-@pytest.mark.parametrize("cls,dist", PROTECT, ids=PROTECT_IDS)
-def test_merge_plan(cls, dist):
+@pytest.mark.parametrize("p", PROTECT, ids=PROTECT_IDS)
+def test_merge_plan(p):
     g = torch.Generator().manual_seed(15)
     for n, r in CASES:
-        idx = _match(3, n, r, cls, dist, g, torch.int32 if n % 2 else torch.int64)
-        compare("merge_plan", *idx, n, dist)
+        idx = _match(3, n, r, p, g, torch.int32 if n % 2 else torch.int64)
+        compare("merge_plan", *idx, n, p)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cls,dist", [(True, False), (False, True)], ids=["cls", "dist"])
+@pytest.mark.parametrize("p", [1, 5], ids=["cls", "cls+reg4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_ops_by_plan(mode, cls, dist, dtype):
+def test_ops_by_plan(mode, p, dtype):
     # The CPU's plan feeds both backends: the kernels must agree on plans they did not build.
     g = torch.Generator().manual_seed(16)
     for n, r in CASES:
-        plan = torch.ops.tokred.merge_plan(*_match(3, n, r, cls, dist, g), n, dist)
+        plan = torch.ops.tokred.merge_plan(*_match(3, n, r, p, g), n, p)
         int32_plan = tuple(t.int() for t in plan)
         x = _tokens(3, n, 12, dtype, g, ties=True)
         for size in (None, random_sizes(3, n, dtype, generator=g)):
@@ -149,7 +150,7 @@ def test_ops_by_plan(mode, cls, dist, dtype):
 def test_bad_plans_raise_clear_errors():
     g = torch.Generator().manual_seed(17)
     n = 10
-    dest, offsets, members = torch.ops.tokred.merge_plan(*_match(2, n, 3, True, False, g), n, False)
+    dest, offsets, members = torch.ops.tokred.merge_plan(*_match(2, n, 3, 1, g), n, 1)
     x = torch.randn(2, n, 4)
 
     def edited(t, i, v):  # in the second batch row: every row is checked, not only the first
@@ -179,57 +180,57 @@ def test_bad_plans_raise_clear_errors():
 def test_bad_indices_raise_clear_errors():
     g = torch.Generator().manual_seed(12)
     n = 10
-    unm, src, dst = _match(1, n, 2, True, False, g)
+    unm, src, dst = _match(1, n, 2, 1, g)
     x = torch.randn(1, n, 4)
     bad_dst = dst.clone()
     bad_dst[0, 0] = 7
-    assert_both_raise("merge", x, None, unm, src, bad_dst, "sum", False, match=r"dst_idx")
+    assert_both_raise("merge", x, None, unm, src, bad_dst, "sum", 1, match=r"dst_idx")
     bad_src = src.clone()
     bad_src[0, 0] = -4
-    assert_both_raise("merge", x, None, unm, bad_src, dst, "mean", False, match=r"src_idx")
+    assert_both_raise("merge", x, None, unm, bad_src, dst, "mean", 1, match=r"src_idx")
     # A token listed twice leaves another without an output.
     dup_unm = unm.clone()
     dup_unm[0, 1] = dup_unm[0, 2]
-    assert_both_raise("merge", x, None, dup_unm, src, dst, "wavg", False, match=r"merge")
+    assert_both_raise("merge", x, None, dup_unm, src, dst, "wavg", 1, match=r"merge")
     grad = torch.randn(1, n - 2, 4)
-    assert_both_raise("_merge_backward", grad, x, None, dup_unm, src, dst, "amax", False, match=r"merge")
-    assert_both_raise("unmerge", grad, dup_unm, src, dst, n, False, match=r"unmerge|unm_idx")
-    assert_both_raise("_unmerge_backward", x, dup_unm, src, dst, False, match=r"merge|unm_idx")
-    assert_both_raise("merge_source", None, dup_unm, src, dst, n, False, match=r"lists an A token twice")
-    assert_both_raise("merge_source", torch.tensor([[0, n]]), unm, src, dst, n, False,
+    assert_both_raise("_merge_backward", grad, x, None, dup_unm, src, dst, "amax", 1, match=r"merge")
+    assert_both_raise("unmerge", grad, dup_unm, src, dst, n, 1, match=r"unmerge|unm_idx")
+    assert_both_raise("_unmerge_backward", x, dup_unm, src, dst, 1, match=r"merge|unm_idx")
+    assert_both_raise("merge_source", None, dup_unm, src, dst, n, 1, match=r"lists an A token twice")
+    assert_both_raise("merge_source", torch.tensor([[0, n]]), unm, src, dst, n, 1,
                       match=r"merge_source.*source")
     # Regressions: CUDA merge_source returned -1 as a token id for a duplicated index, and read
     # past the plan for a source map with more rows than the match.
-    assert_both_raise("merge_source", torch.zeros(1, 3, dtype=torch.long), dup_unm, src, dst, n, False,
+    assert_both_raise("merge_source", torch.zeros(1, 3, dtype=torch.long), dup_unm, src, dst, n, 1,
                       match=r"lists an A token twice")
-    assert_both_raise("merge_source", torch.zeros(64, 8, dtype=torch.long), unm, src, dst, n, False,
+    assert_both_raise("merge_source", torch.zeros(64, 8, dtype=torch.long), unm, src, dst, n, 1,
                       match=r"merge_source.*batch size 64")
 
 
 def test_empty_shapes():
-    compare("bipartite_match", torch.randn(0, 6, 3), 2, True, False)
-    compare("bipartite_match", torch.randn(2, 1, 3), 2, True, False)
-    idx = torch.ops.tokred.bipartite_match(torch.randn(2, 6, 3), 2, True, False)
+    compare("bipartite_match", torch.randn(0, 6, 3), 2, 1)
+    compare("bipartite_match", torch.randn(2, 1, 3), 2, 1)
+    idx = torch.ops.tokred.bipartite_match(torch.randn(2, 6, 3), 2, 1)
     for mode in MODES:
         # Regression: with C = 0 the CUDA merge returned size_out uninitialised.
         for size in (None, torch.rand(2, 6, 1)):
-            compare("merge", torch.randn(2, 6, 0), size, *idx, mode, False)
-            compare("_merge_backward", torch.randn(2, 4, 0), torch.randn(2, 6, 0), size, *idx, mode, False)
-    compare("unmerge", torch.randn(2, 4, 0), *idx, 6, False)
-    compare("_unmerge_backward", torch.randn(2, 6, 0), *idx, False)
-    compare("merge_source", torch.zeros(2, 0, dtype=torch.long), *idx, 6, False)
-    empty = torch.ops.tokred.bipartite_match(torch.randn(0, 6, 3), 2, True, False)
-    compare("merge", torch.randn(0, 6, 4), None, *empty, "wavg", False)
-    compare("merge_source", None, *empty, 6, False)
+            compare("merge", torch.randn(2, 6, 0), size, *idx, mode, 1)
+            compare("_merge_backward", torch.randn(2, 4, 0), torch.randn(2, 6, 0), size, *idx, mode, 1)
+    compare("unmerge", torch.randn(2, 4, 0), *idx, 6, 1)
+    compare("_unmerge_backward", torch.randn(2, 6, 0), *idx, 1)
+    compare("merge_source", torch.zeros(2, 0, dtype=torch.long), *idx, 6, 1)
+    empty = torch.ops.tokred.bipartite_match(torch.randn(0, 6, 3), 2, 1)
+    compare("merge", torch.randn(0, 6, 4), None, *empty, "wavg", 1)
+    compare("merge_source", None, *empty, 6, 1)
     for b, tokens in [(0, 6), (2, 0), (2, 1)]:
         plan = torch.ops.tokred.merge_plan(
-            *torch.ops.tokred.bipartite_match(torch.randn(b, tokens, 3), 2, True, False), tokens, False)
-        compare("merge_plan", *torch.ops.tokred.bipartite_match(torch.randn(b, tokens, 3), 2, True, False),
-                tokens, False)
+            *torch.ops.tokred.bipartite_match(torch.randn(b, tokens, 3), 2, 1), tokens, 1)
+        compare("merge_plan", *torch.ops.tokred.bipartite_match(torch.randn(b, tokens, 3), 2, 1),
+                tokens, 1)
         compare("merge_by_plan", torch.randn(b, tokens, 4), None, *plan, "wavg")
         compare("unmerge_by_plan", torch.randn(b, plan[1].shape[1] - 1, 4), *plan)
         compare("merge_source_by_plan", None, *plan)
-    compare("merge_by_plan", torch.randn(2, 6, 0), torch.rand(2, 6, 1), *torch.ops.tokred.merge_plan(*idx, 6, False),
+    compare("merge_by_plan", torch.randn(2, 6, 0), torch.rand(2, 6, 1), *torch.ops.tokred.merge_plan(*idx, 6, 1),
             "mean")
 
 
@@ -239,12 +240,12 @@ def test_nan_tokens_sizes_and_metric(mode):
     g = torch.Generator().manual_seed(14)
     metric = torch.randn(2, 9, 4, generator=g)
     metric[0, 2], metric[1, 3, 1] = nan, nan
-    compare("bipartite_match", metric, 3, True, False)
-    idx = torch.ops.tokred.bipartite_match(torch.randn(2, 9, 4, generator=g), 3, True, False)
+    compare("bipartite_match", metric, 3, 1)
+    idx = torch.ops.tokred.bipartite_match(torch.randn(2, 9, 4, generator=g), 3, 1)
     x = torch.randn(2, 9, 5, generator=g)
     x[0, 1, 2], x[1, :, 0] = nan, nan
     size = torch.rand(2, 9, 1, generator=g) + 0.5
     size[0, 3, 0], size[1, 4, 0] = nan, 0.0
     for sz in (None, size):
-        out, _ = compare("merge", x, sz, *idx, mode, False)
-        compare("_merge_backward", torch.randn(out.shape, generator=g), x, sz, *idx, mode, False)
+        out, _ = compare("merge", x, sz, *idx, mode, 1)
+        compare("_merge_backward", torch.randn(out.shape, generator=g), x, sz, *idx, mode, 1)

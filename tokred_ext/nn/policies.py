@@ -307,8 +307,8 @@ class ToMe(ReductionPolicy):
             return x, size, source
         if metric is None:
             raise ValueError("ToMe needs the attention's metric (the keys averaged over heads)")
-        return functional.tome_merge(x, metric, r, size=size, class_token=True,
-                                     distill_token=num_prefix > 1, source=source)
+        return functional.tome_merge(x, metric, r, size=size, num_protected=num_prefix,
+                                     source=source)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
