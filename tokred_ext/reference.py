@@ -528,3 +528,43 @@ def tomesd_block(blk, hidden_states: Tensor, merge, unmerge, attn: bool = True,
     if zero:
         out = gate_mlp.unsqueeze(1) * out
     return u_m(out) + hidden_states
+
+
+def tomesd_patch(model, ratio: float, sx: int = 2, sy: int = 2, seed: Optional[int] = None,
+                 attn: bool = True, cross_attn: bool = False, mlp: bool = False,
+                 max_downsample: int = 1):
+    """tomesd's ``apply_patch`` for a diffusers UNet or DiT, on ``model`` in place (pass a copy):
+    a forward pre-hook records the input grid (the latent over a DiT's ``patch_size``), and every
+    ``BasicTransformerBlock`` runs :func:`tomesd_block` with its own matching per call: downsample
+    ``ceil(sqrt(N0 // N))`` up to ``max_downsample``, ``r = int(N * ratio)``, destinations from
+    :func:`grid_destinations`, drawn as tomesd draws (``randint(sx*sy, (h//sy, w//sx, 1))`` from a
+    CPU generator seeded with ``seed``, one draw per merging call; None: top-left)."""
+    p = getattr(getattr(model, "config", None), "patch_size", None) or 1
+    state = dict(gen=None if seed is None else torch.Generator().manual_seed(seed))
+
+    def record(module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        state["size"] = (x.shape[2] // p, x.shape[3] // p)
+
+    def block_forward(blk, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                      encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                      class_labels=None, added_cond_kwargs=None):
+        (h0, w0), n = state["size"], hidden_states.shape[1]
+        ds = int(math.ceil(math.sqrt(h0 * w0 // n)))
+        h, w, r = math.ceil(h0 / ds), math.ceil(w0 / ds), int(n * ratio)
+        merge = unmerge = None
+        if ds <= max_downsample and r > 0 and h >= sy and w >= sx:
+            choice = None
+            if state["gen"] is not None:
+                choice = torch.randint(sx * sy, (h // sy, w // sx, 1), generator=state["gen"])[..., 0]
+            merge, unmerge, _ = tomesd_match(hidden_states, grid_destinations(h, w, sx, sy, choice), r)
+        if merge is None:
+            merge = unmerge = (lambda x: x)
+        return tomesd_block(blk, hidden_states, merge, unmerge, attn, cross_attn, mlp,
+                            encoder_hidden_states, timestep, class_labels, encoder_attention_mask)
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    for m in model.modules():
+        if type(m).__name__ == "BasicTransformerBlock":
+            m.forward = block_forward.__get__(m)
+    return model
