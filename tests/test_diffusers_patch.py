@@ -243,3 +243,44 @@ def test_unsupported_configurations_are_refused():
         tokred_ext.patch.diffusers(holder)
     assert type(holder.block) is BasicTransformerBlock
 
+
+# --------------------------------------------------------------------------- visualize
+
+def test_dense_trace_groups_follow_the_plan():
+    from tokred_ext import visualize as vis
+
+    model = vis.tiny_unet()
+    latent = vis.image_latent(vis.load_image(vis.DEFAULT_IMAGE, 64))
+    assert latent.shape == (1, 4, 8, 8)
+    tr = vis.dense_trace(model, latent, ratio=0.4, sx=2, sy=2, seed=3)
+    dst, dest = tr["destinations"], tr["dest"]
+    choice = functional.grid_choice(8, 8, 2, 2, torch.Generator().manual_seed(3))
+    assert torch.equal(dst, functional.grid_destinations(8, 8, 2, 2, choice))
+    assert tr["r"] == int(64 * 0.4) and tr["grid"] == (8, 8)
+    # Outputs: the u unmerged A tokens first, then the 16 destinations in ascending order; the
+    # r merged tokens map to a destination's output.
+    u = 64 - 16 - tr["r"]
+    assert torch.equal(dest[dst], torch.arange(u, u + 16))
+    is_a = torch.ones(64, dtype=torch.bool)
+    is_a[dst] = False
+    assert int((dest[is_a] >= u).sum()) == tr["r"]
+    assert torch.equal(dest[is_a & (dest < u)].sort().values, torch.arange(u))
+
+
+def test_cli_visualize_dense(tmp_path, capsys):
+    from tokred_ext import cli
+
+    out = tmp_path / "dense.png"
+    assert cli.main(["visualize", "--method", "dense", "-o", str(out), "--ratio", "0.6",
+                     "--sx", "4", "--sy", "2", "--draw-seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "153 of 256 tokens merged into 32 destinations (random weights)" in printed
+    from PIL import Image
+    assert Image.open(out).size[0] == 768
+    for bad, msg in [(["--r", "4"], "--r is not for --method dense"),
+                     (["--ratio", "1.5"], "must be in \\[0, 1\\]")]:
+        assert cli.main(["visualize", "--method", "dense", "-o", str(out)] + bad) == 2
+        assert msg.replace("\\", "") in capsys.readouterr().err
+    assert cli.main(["visualize", "--method", "tome", "-o", str(out), "--draw-seed", "2"]) == 2
+    assert "--draw-seed: for --method dense only" in capsys.readouterr().err
+
