@@ -6,6 +6,9 @@ group (the token now holding it): a patch still alone keeps its pixels, every gr
 more patches (ToMe merges, EViT's fused token) is filled with one colour (the group's mean,
 made unique within the panel) and outlined, and pruned patches are dark. Works with random
 weights (the groups then follow random features); load timm weights with ``checkpoint``.
+
+``visualize_dense`` draws dense ToMe (``tokred_ext.patch.diffusers``) on a diffusers model's
+first full-resolution block: which token merged into which destination, on the token grid.
 """
 import os
 from typing import Dict, List, Optional, Tuple
