@@ -163,12 +163,19 @@ def test_unet_options_equal_reference(kw):
 
 
 def test_odd_latent_leftover_rows_and_columns():
-    model, x = tiny_unet(), unet_inputs(hw=(12, 20))
-    # 12 % 5 = 2 rows and 20 % 3 = 2 columns hold no destination.
-    kw = dict(ratio=0.6, sx=3, sy=5, seed=3, mlp=True)
+    # A 15x21 latent: the full-resolution blocks see 15x21 tokens, the next level 8x11 (tomesd's
+    # ceil rule); with 5x3 cells, 15 % 5 = 0 rows and 21 % 3 = 0 columns, then 8 % 5 = 3 rows
+    # and 11 % 3 = 2 columns hold no destination.
+    model, x = tiny_unet(), unet_inputs(hw=(15, 21))
+    kw = dict(ratio=0.6, sx=3, sy=5, seed=3, mlp=True, max_downsample=2)
     ref_out = run_unet(oracle(model, **kw), x)
     tokred_ext.patch.diffusers(model, **kw)
     torch.testing.assert_close(run_unet(model, x), ref_out, **TOL)
+    # The 8x11 block (the mid block) merged too: without it the output differs (no draws, so
+    # only max_downsample differs).
+    outs = [run_unet(tokred_ext.patch.diffusers(model, **dict(kw, seed=None, max_downsample=d)), x)
+            for d in (1, 2)]
+    assert not torch.allclose(*outs)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -62,7 +62,8 @@ class _DensePatch:
                                "its token grid is unknown")
         h0, w0 = self.size
         n = x.shape[1]
-        downsample = int(math.ceil(math.sqrt((h0 * w0) // n)))
+        # max(1, ...): more tokens than the input grid fails the grid check below, not here.
+        downsample = max(1, int(math.ceil(math.sqrt((h0 * w0) // n))))
         if downsample > self.max_downsample:
             return None
         h, w = int(math.ceil(h0 / downsample)), int(math.ceil(w0 / downsample))
