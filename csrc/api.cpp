@@ -106,6 +106,12 @@ MergePlan merge_plan(T unm_idx, T src_idx, T dst_idx, int64_t n, int64_t num_pro
   return MergePlan{dest, offsets, members};
 }
 
+MergePlan bipartite_match_plan(T metric, T dst_tokens, int64_t r) {
+  static auto h = op<TensorTriple(T, T, c10::SymInt)>("tokred::bipartite_match_plan");
+  auto [dest, offsets, members] = h.call(metric, dst_tokens, r);
+  return MergePlan{dest, offsets, members};
+}
+
 TensorPair merge_by_plan(T x, const OptTensor& size, const MergePlan& plan,
                          const std::string& mode) {
   static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view)>(

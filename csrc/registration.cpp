@@ -22,6 +22,9 @@ TORCH_LIBRARY(tokred, m) {
   // The merge plan as a value: built once per ToMe step by merge_plan, then passed to the merge,
   // the unmerge, source tracking and the backward (the ops above build it again on every call).
   m.def("merge_plan(Tensor unm_idx, Tensor src_idx, Tensor dst_idx, SymInt n, SymInt num_protected=1) -> (Tensor dest, Tensor offsets, Tensor members)");
+  // ToMe for dense models (tomesd): the match over an explicit partition (destinations =
+  // dst_tokens, sources = the rest), returned as its plan; merge_by_plan / unmerge_by_plan apply it.
+  m.def("bipartite_match_plan(Tensor metric, Tensor dst_tokens, SymInt r) -> (Tensor dest, Tensor offsets, Tensor members)");
   m.def("merge_by_plan(Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor members, str mode=\"wavg\") -> (Tensor out, Tensor size_out)");
   m.def("_merge_by_plan_backward(Tensor grad_out, Tensor x, Tensor? size, Tensor dest, Tensor offsets, Tensor members, str mode) -> Tensor");
   m.def("unmerge_by_plan(Tensor x, Tensor dest, Tensor offsets, Tensor members) -> Tensor");

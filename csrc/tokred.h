@@ -75,6 +75,9 @@ struct MergePlan {
 };
 MergePlan merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
                      const at::Tensor& dst_idx, int64_t n, int64_t num_protected = 1);
+// Dense models (tomesd): the match over an explicit partition, destinations = dst_tokens [Nb]
+// (strictly ascending), sources = the rest; outputs [unmerged sources (rank order) | destinations].
+MergePlan bipartite_match_plan(const at::Tensor& metric, const at::Tensor& dst_tokens, int64_t r);
 std::tuple<at::Tensor, at::Tensor> merge_by_plan(const at::Tensor& x,
                                                  const std::optional<at::Tensor>& size,
                                                  const MergePlan& plan,

@@ -97,6 +97,13 @@ CASES = [
     # N = 2 with a class token: r clamps to (2 - 1) // 2 = 0, nothing is computed.
     ("bipartite_match r=0", lambda: _match(n=2), {"tokred.bipartite_match": 0}),
     ("merge_plan", lambda: _plan(), {"tokred.bipartite_match": 580, "tokred.merge_plan": 0}),
+    # Destinations 1 and 4 of N = 9: 7 sources x 2 destinations and 9 norms, D = 5, per row.
+    ("bipartite_match_plan",
+     lambda: T.bipartite_match_plan(_x(2, 9, 5), torch.tensor([1, 4]), 3),
+     {"tokred.bipartite_match_plan": 2 * 2 * (7 * 2 + 9) * 5}),
+    ("bipartite_match_plan r=0",
+     lambda: T.bipartite_match_plan(_x(2, 9, 5), torch.tensor([1, 4]), 0),
+     {"tokred.bipartite_match_plan": 0}),
     # wavg with sizes: every one of the 9 tokens times its size, summed: 9 * C = 36 multiply-adds
     # per row.
     ("merge_by_plan wavg", lambda: T.merge_by_plan(_x(2, 9, 4), _x(2, 9, 1).abs(), _plan()),

@@ -536,3 +536,92 @@ def test_plan_faults_are_named_on_the_cpu():
                             (bad("dest", (0, 0), 1), r"row 0, output 0: 'dest' must map")]:
         with pytest.raises(RuntimeError, match=message):
             ops.merge_by_plan(x, None, broken)
+
+
+# --------------------------------------------------------------------------- dense partitions
+
+def _partitions(n, g):
+    """Destination lists of n tokens: a 2x2 grid's top-left cells (as tomesd's), random subsets,
+    one token, all but one, none and all."""
+    side = int(n ** 0.5)
+    grid = [y * side + x for y in range(0, side - side % 2, 2) for x in range(0, side - side % 2, 2)]
+    yield torch.tensor(grid, dtype=torch.long)
+    for k in (1, n // 3, n - 1, 0, n):
+        yield torch.randperm(n, generator=g)[:k].sort().values
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 16, 37, 64])
+def test_bipartite_match_plan_matches_reference(device, dtype, n):
+    g = _gen(31)
+    for dst_tokens in _partitions(n, g):
+        metric = tie_free((3, n, 5), dtype, device, g)
+        for r in sorted({0, 1, n // 4, n, -1}):
+            for tokens in (dst_tokens, dst_tokens.int()):
+                got = ops.bipartite_match_plan(metric, tokens.to(device), r)
+                want = R.bipartite_match_plan(metric, tokens, r)
+                for a, e, name in zip(got, want, ("dest", "offsets", "members")):
+                    assert a.dtype == torch.long and torch.equal(a.cpu(), e.cpu()), (n, r, name)
+
+
+def test_bipartite_match_plan_tie_rule(device, dtype):
+    # Duplicated tokens, +-1 entries and a zero token: exact ties and NaN, decided by the rule.
+    g = _gen(32)
+    for n, d in [(16, 3), (64, 4)]:
+        metric = _tied_metric(2, n, d, dtype, g).to(device)
+        for dst_tokens in _partitions(n, g):
+            for r in (1, n // 4, n // 2):
+                got = ops.bipartite_match_plan(metric, dst_tokens.to(device), r)
+                want = R.bipartite_match_plan(metric, dst_tokens, r)
+                assert all(torch.equal(a.cpu(), e) for a, e in zip(got, want)), (n, r)
+
+
+def test_bipartite_match_plan_merges_and_unmerges_as_tomesd(device):
+    # tomesd's merge ("mean", include_self) and unmerge, written out with its index tensors.
+    g = _gen(33)
+    h = w = 8
+    n = h * w
+    dst_tokens = torch.tensor([y * w + x for y in range(0, h, 2) for x in range(1, w, 2)])
+    metric = tie_free((2, n, 6), torch.float64, device, g)
+    x = torch.randn(2, n, 5, dtype=torch.float64, generator=g).to(device)
+    plan = ops.bipartite_match_plan(metric, dst_tokens.to(device), 24)
+    merged, size = ops.merge_by_plan(x, None, plan, "mean")
+    is_src = torch.ones(n, dtype=torch.bool)
+    is_src[dst_tokens] = False
+    src_rows = is_src.nonzero()[:, 0].to(device)
+    unm_idx, src_idx, dst_idx = R._rank_matches(R._cosine_scores(metric, src_rows, dst_tokens.to(device)), 24)
+    a, b = x[:, src_rows], x[:, dst_tokens.to(device)]
+    c = x.shape[-1]
+    unm = a.gather(1, unm_idx[..., None].expand(-1, -1, c))
+    src = a.gather(1, src_idx[..., None].expand(-1, -1, c))
+    dst = b.scatter_reduce(1, dst_idx[..., None].expand(-1, -1, c), src, reduce="mean")
+    assert_close(merged, torch.cat([unm, dst], dim=1))
+    assert merged.shape == (2, n - 24, 5) and size.sum().item() == 2 * n
+    back = ops.unmerge_by_plan(merged, plan)
+    assert torch.equal(back[:, dst_tokens.to(device)], merged[:, -dst_tokens.numel():])
+    assert torch.equal(back, merged.gather(1, plan.dest[..., None].expand(-1, -1, c)))
+
+
+def test_bipartite_match_plan_opcheck_meta_and_compile(device):
+    g = _gen(34)
+    metric = tie_free((2, 16, 4), torch.float32, device, g)
+    dst_tokens = torch.tensor([0, 2, 8, 10], device=device)
+    for r in (0, 5, 100):
+        torch.library.opcheck(torch.ops.tokred.bipartite_match_plan.default, (metric, dst_tokens, r))
+    dest, offsets, members = ops.bipartite_match_plan(metric.to("meta"), dst_tokens.to("meta"), 100)
+    assert dest.shape == members.shape == (2, 16) and offsets.shape == (2, 16 - 12 + 1)
+    torch._dynamo.reset()
+
+    def step(x, m, d):
+        plan = ops.bipartite_match_plan(m, d, m.shape[1] // 2)
+        return ops.unmerge_by_plan(ops.merge_by_plan(x, None, plan, "mean")[0], plan)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for b, side in [(2, 4), (3, 6)]:
+            n = side * side
+            d = torch.tensor([y * side + x for y in range(0, side, 2) for x in range(0, side, 2)],
+                             device=device)
+            # D = 5, C = 3: no size equal to the destination count (duck sizing would tie them).
+            m = tie_free((b, n, 5), torch.float32, device, g)
+            x = torch.randn(b, n, 3, generator=g).to(device)
+            assert torch.equal(compiled(x, m, d), step(x, m, d))
+

@@ -135,6 +135,25 @@ def test_bipartite_match_and_merge_plan(tmp_path, n, r, p):
     assert_same(res)
 
 
+@pytest.mark.parametrize("side,r", [(4, 5), (6, 100), (5, 0)])
+def test_bipartite_match_plan_merge_and_unmerge(tmp_path, side, r):
+    # tomesd's step in ONNX: the dense match, the mean merge, a sub-layer, the unmerge.
+    g = _gen(9)
+    n = side * side
+    dst_tokens = torch.tensor([y * side + x for y in range(0, side - 1, 2) for x in range(1, side, 2)])
+    metric = torch.randn(2, n, 6, generator=g)
+    x = torch.randn(2, n, 8, generator=g)
+
+    def fn(x, m):  # the destinations are a constant of the graph, as in a patched model
+        plan = ops.bipartite_match_plan(m, dst_tokens.clone(), r)
+        merged, _ = ops.merge_by_plan(x, None, plan, "mean")
+        return tuple(plan) + (ops.unmerge_by_plan(torch.tanh(merged), plan),)
+    res = export_run(fn, (x, metric), (x, metric),
+                     (torch.randn(3, n, 8, generator=g), torch.randn(3, n, 6, generator=g)),
+                     path=tmp_path / "dense.onnx")
+    assert_same(res)
+
+
 @pytest.mark.parametrize("mode", ["wavg", "sum", "mean", "amax"])
 @pytest.mark.parametrize("with_size,p", [(True, 1), (False, 1), (True, 2), (True, 5)])
 def test_merge_by_plan(tmp_path, mode, with_size, p):

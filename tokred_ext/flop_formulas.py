@@ -87,6 +87,16 @@ def _bipartite_match(a: Args, out: Any) -> int:
     return 2 * b * (na * nb + n) * d
 
 
+def _bipartite_match_plan(a: Args, out: Any) -> int:
+    # The same count over the partition: (N - Nb)·Nb similarities and the N norms; r = 0 (an
+    # offsets row of N + 1 entries) computes nothing.
+    b, n, d = a["metric"]
+    nb = a["dst_tokens"][0]
+    if out[1][1] == n + 1:
+        return 0
+    return 2 * b * ((n - nb) * nb + n) * d
+
+
 def _weighted(mode: str, size: Optional[Shape], x: Shape, merged: bool) -> int:
     """A merge of ``x [B, N, C]``: ``wavg`` with sizes multiplies every token by its size and sums
     (N·C multiply-adds per batch row); the division by the summed size, like ``sum``, ``mean``
@@ -149,6 +159,7 @@ FORMULAS: Dict[str, Formula] = {
     "unmerge": _zero, "_unmerge_backward": _zero,
     "merge_source": _zero,
     "merge_plan": _zero,
+    "bipartite_match_plan": _bipartite_match_plan,
     "merge_by_plan": _merge, "_merge_by_plan_backward": _merge_backward,
     "unmerge_by_plan": _zero,
     "merge_source_by_plan": _zero,

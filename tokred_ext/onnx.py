@@ -186,11 +186,7 @@ def merge_plan(unm_idx, src_idx, dst_idx, n: int, num_protected: int = 1):
     na, nb, u, nout = _tome_dims(n, r)
     batch = op.Shape(src_idx, start=0, end=1)
     if r == 0:  # the identity
-        ident = op.Expand(_range(n),
-                          op.Concat(batch, _ints(n), axis=0))
-        offsets = op.Expand(_range(n + 1),
-                            op.Concat(batch, _ints(n + 1), axis=0))
-        return ident, offsets, ident
+        return _identity_plan(src_idx, n)
     unm_idx = op.Cast(unm_idx, to=ir.DataType.INT64)
     src_idx = op.Cast(src_idx, to=ir.DataType.INT64)
     dst_idx = op.Cast(dst_idx, to=ir.DataType.INT64)
@@ -208,17 +204,77 @@ def merge_plan(unm_idx, src_idx, dst_idx, n: int, num_protected: int = 1):
     dest_b = op.Expand(_ints(*(dst_out + [0] * (na - nb))), op.Concat(batch, _ints(na), axis=0))
     pairs = op.Concat(op.Unsqueeze(dest_a, _ints(-1)), op.Unsqueeze(dest_b, _ints(-1)), axis=-1)
     dest = _slice(op.Reshape(pairs, op.Concat(batch, _ints(2 * na), axis=0)), 0, n, axis=1)
-    _, members = _smallest(dest, n)            # grouped by output, ascending within one
+    return _plan_of_dest(dest, n, nout)
+
+
+def _plan_of_dest(dest, n: int, nout: int):
+    """(dest, offsets, members) of dest [B, n]: members grouped by output, ascending within one."""
+    _, members = _smallest(dest, n)
     bounds = _range(nout + 1)
     below = op.Less(op.Unsqueeze(dest, _ints(1)), op.Unsqueeze(bounds, _ints(-1)))  # [B, nout+1, n]
     offsets = op.ReduceSum(op.Cast(below, to=ir.DataType.INT64), _ints(-1), keepdims=0)
     return dest, offsets, members
 
 
+def _identity_plan(like, n: int):
+    batch = op.Shape(like, start=0, end=1)
+    ident = op.Expand(_range(n), op.Concat(batch, _ints(n), axis=0))
+    offsets = op.Expand(_range(n + 1), op.Concat(batch, _ints(n + 1), axis=0))
+    return ident, offsets, ident
+
+
+def bipartite_match_plan(metric, dst_tokens, r: int):
+    n = _static(metric.shape[1], "token count")
+    nb = _static(dst_tokens.shape[0], "destination count")
+    r = max(0, min(r, n - nb if nb > 0 else 0))  # the kernel's clamp
+    if r == 0:
+        return _identity_plan(metric, n)
+    na, u = n - nb, n - nb - r
+    batch = op.Shape(metric, start=0, end=1)
+    b_tok = op.Cast(dst_tokens, to=ir.DataType.INT64)
+    # The sources: the na smallest of (is destination) * n + position, i.e. the other tokens in order.
+    is_b = op.ReduceMax(op.Cast(op.Equal(op.Unsqueeze(_range(n), _ints(-1)), op.Unsqueeze(b_tok, _ints(0))),
+                                to=ir.DataType.INT64), _ints(-1), keepdims=0)            # [n]
+    _, a_tok = _smallest(op.Add(op.Mul(is_b, _int(n)), _range(n)), na)
+    m = _accumulator(metric)
+    inv = op.Reciprocal(op.Sqrt(op.ReduceSum(op.Mul(m, m), _ints(-1), keepdims=0)))  # [B, n]
+    dots = op.MatMul(op.Gather(m, a_tok, axis=1),
+                     op.Transpose(op.Gather(m, b_tok, axis=1), perm=[0, 2, 1]))     # [B, na, nb]
+    scores = op.Mul(op.Mul(dots, op.Unsqueeze(op.Gather(inv, a_tok, axis=1), _ints(-1))),
+                    op.Unsqueeze(op.Gather(inv, b_tok, axis=1), _ints(1)))
+    node_max = op.ReduceMax(scores, _ints(-1), keepdims=0)
+    node_idx = op.ArgMax(scores, axis=-1, keepdims=0, select_last_index=0)
+    _, ranked = op.TopK(node_max, _ints(na), axis=-1, largest=1, sorted=1)
+    src, unm = _slice(ranked, 0, r, axis=1), _slice(ranked, r, na, axis=1)
+    dst = op.GatherElements(node_idx, src, axis=1)
+    # dest: unmerged source k -> k, merged source -> u + its partner, destination j -> u + j.
+    tokens = op.Concat(op.Gather(a_tok, unm, axis=0), op.Gather(a_tok, src, axis=0),
+                       op.Expand(b_tok, op.Concat(batch, _ints(nb), axis=0)), axis=1)
+    outputs = op.Concat(op.Expand(_range(u), op.Concat(batch, _ints(u), axis=0)),
+                        op.Add(dst, _int(u)),
+                        op.Expand(op.Range(_int(u), _int(u + nb), _int(1)),
+                                  op.Concat(batch, _ints(nb), axis=0)), axis=1)
+    _, inverse = _smallest(tokens, n)  # tokens is a permutation: its argsort is the inverse
+    return _plan_of_dest(op.GatherElements(outputs, inverse, axis=1), n, n - r)
+
+
+def unmerge_by_plan(x, dest, offsets, members):
+    """Every token takes its output's value: a gather by dest."""
+    return _gather_rows(x, dest)
+
+
+def _shift_right(t, n: int, s: int, fill):
+    """t [B, n, ...] moved s places along the token axis, the first s entries set to fill."""
+    pad = op.Expand(fill, op.Concat(op.Shape(t, start=0, end=1), _ints(s),
+                                    op.Shape(t, start=2), axis=0))
+    return op.Concat(pad, _slice(t, 0, n - s, axis=1), axis=1)
+
+
 def merge_by_plan(x, size, dest, offsets, members, mode: str = "wavg"):
-    """Each output reduces its members in ascending order, one member rank at a time: an output
-    has at most r + 1 members, so r + 1 gathers of the outputs' next member (clamped to the first
-    one, and masked, past the last)."""
+    """Each output reduces its members: the tokens in members order (grouped by output,
+    ascending), an inclusive scan within each output's run by doubling (round s adds the value s
+    places back where it belongs to the same output: ceil(log2(r + 1)) rounds, so a dense merge
+    of half the tokens stays small), and each output's total at the end of its run."""
     n = _static(x.shape[1], "token count")
     nout = _static(offsets.shape[1], "plan size") - 1
     if mode not in ("sum", "mean", "amax", "wavg"):
@@ -229,39 +285,41 @@ def merge_by_plan(x, size, dest, offsets, members, mode: str = "wavg"):
     offsets = op.Cast(offsets, to=ir.DataType.INT64)
     members = op.Cast(members, to=ir.DataType.INT64)
     start = _slice(offsets, 0, nout, axis=1)
+    last = op.Sub(_slice(offsets, 1, nout + 1, axis=1), _int(1))
     count = op.Sub(_slice(offsets, 1, nout + 1, axis=1), start)              # [B, nout]
-    acc = wsum = first_row = first_w = None
-    for t in range(n - nout + 1):
-        valid = op.Less(_int(t), count)
-        position = op.Where(valid, op.Add(start, _int(t)), start)
-        member = op.GatherElements(members, position, axis=1)
-        row = _gather_rows(xa, member)
-        w = op.GatherElements(weight, member, axis=1)
-        if t == 0:
-            first_row, first_w = row, w
-            wsum = w
-            acc = op.Mul(row, op.Unsqueeze(w, _ints(-1))) if mode == "wavg" else row
-            continue
-        wsum = op.Add(wsum, op.Where(valid, w, _like(0.0, w)))
-        if mode == "amax":  # tome_accumulate: NaN propagates. A clamped row repeats the first
-            # member, which cannot exceed the running maximum.
-            take = op.Or(op.IsNaN(row), op.And(op.Not(op.IsNaN(acc)), op.Greater(row, acc)))
-            acc = op.Where(take, row, acc)
-            continue
-        term = op.Mul(row, op.Unsqueeze(w, _ints(-1))) if mode == "wavg" else row
-        acc = op.Add(acc, op.Where(op.Unsqueeze(valid, _ints(-1)), term, _like(0.0, term)))
+    rows = _gather_rows(xa, members)                                         # [B, n, C]
+    w = op.GatherElements(weight, members, axis=1)                           # [B, n]
+    run = op.GatherElements(op.Cast(dest, to=ir.DataType.INT64), members, axis=1)  # output ids
+    acc = op.Mul(rows, op.Unsqueeze(w, _ints(-1))) if mode == "wavg" else rows
+    wscan = w
+    s = 1
+    while s < n - nout + 1:  # an output has at most r + 1 members
+        same = op.Equal(run, _shift_right(run, n, s, _ints(-1)))                # [B, n]
+        same3 = op.Unsqueeze(same, _ints(-1))
+        prev = _shift_right(acc, n, s, _like(0.0, acc))
+        if mode == "amax":  # tome_accumulate: NaN propagates
+            take = op.Or(op.IsNaN(prev), op.And(op.Not(op.IsNaN(acc)), op.Greater(prev, acc)))
+            acc = op.Where(op.And(same3, take), prev, acc)
+        else:
+            acc = op.Add(acc, op.Where(same3, prev, _like(0.0, prev)))
+        wscan = op.Add(wscan, op.Where(same, _shift_right(wscan, n, s, _like(0.0, wscan)),
+                                       _like(0.0, wscan)))
+        s *= 2
+    acc = _gather_rows(acc, last)                                            # [B, nout, C]
+    wsum = op.GatherElements(wscan, last, axis=1)
     if mode == "mean":
         acc = op.Div(acc, op.Unsqueeze(op.CastLike(count, acc), _ints(-1)))
     elif mode == "wavg":
-        out = op.Div(acc, op.Unsqueeze(wsum, _ints(-1)))
+        first_row = _gather_rows(rows, start)
         if nout < n:  # a lone member of finite, non-zero weight is copied, not (w·x)/w
+            first_w = op.GatherElements(w, start, axis=1)
+            out = op.Div(acc, op.Unsqueeze(wsum, _ints(-1)))
             lone = op.And(op.Equal(count, _int(1)),
                           op.And(op.Not(op.Equal(first_w, _like(0.0, first_w))),
                                  op.Equal(op.Sub(first_w, first_w), _like(0.0, first_w))))
-            out = op.Where(op.Unsqueeze(lone, _ints(-1)), first_row, out)
+            acc = op.Where(op.Unsqueeze(lone, _ints(-1)), first_row, out)
         else:
-            out = first_row
-        acc = out
+            acc = first_row
     return op.CastLike(acc, x), op.CastLike(op.Unsqueeze(wsum, _ints(-1)), x)
 
 
@@ -310,7 +368,9 @@ def _translations() -> Dict[Any, Any]:
         t.prune_tokens.default: prune_tokens,
         t.bipartite_match.default: bipartite_match,
         t.merge_plan.default: merge_plan,
+        t.bipartite_match_plan.default: bipartite_match_plan,
         t.merge_by_plan.default: merge_by_plan,
+        t.unmerge_by_plan.default: unmerge_by_plan,
         t.routed_attention.default: routed_attention,
     }
 

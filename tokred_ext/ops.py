@@ -166,6 +166,19 @@ def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
     return MergePlan(dest, offsets, members)
 
 
+def bipartite_match_plan(metric: Tensor, dst_tokens: Tensor, r: int) -> MergePlan:
+    """ToMe's matching over an explicit partition (tomesd's, for dense models), as its plan.
+
+    Destinations are the tokens ``dst_tokens [Nb]`` (strictly ascending positions, shared by the
+    batch), sources every other token; ``r`` is clamped to the sources. The plan's outputs are
+    ``[unmerged sources (rank order) | destinations]``; ``merge_by_plan(x, None, plan, "mean")``
+    merges and ``unmerge_by_plan`` gives every token its output back.
+    Semantics: docs/merge.md#semantics (dense partitions).
+    """
+    dest, offsets, members = _ops.bipartite_match_plan(metric, dst_tokens, r)
+    return MergePlan(dest, offsets, members)
+
+
 def merge_by_plan(x: Tensor, size: Optional[Tensor], plan: MergePlan,
                   mode: str = "wavg") -> Tuple[Tensor, Tensor]:
     """:func:`merge` with a plan from :func:`merge_plan`: ``[B, N, C] -> [B, N - r, C]``.

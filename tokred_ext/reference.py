@@ -127,6 +127,28 @@ def tome_clamp_r(r: int, n: int, num_protected: int = 1) -> int:
     return r if r > 0 else 0
 
 
+def _cosine_scores(metric: Tensor, a_rows: Tensor, b_rows: Tensor) -> Tensor:
+    """Cosine similarity of every A/B pair ``[B, na, nb]`` as dot * (1/|a|) * (1/|b|) in the
+    op-math dtype, the kernels' formula: the same rounding, so exact ties stay ties."""
+    m = metric.to(torch.float32 if metric.dtype in (torch.float16, torch.bfloat16) else metric.dtype)
+    inv = m.square().sum(-1).sqrt().reciprocal()
+    return (m[:, a_rows] @ m[:, b_rows].transpose(-1, -2)) * inv[:, a_rows, None] \
+        * inv[:, None, b_rows]
+
+
+def _rank_matches(scores: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(unm_idx, src_idx, dst_idx) by the tie rule. Partner: the lowest-index B token of largest
+    similarity, NaN counting as the largest. Ranking: by that similarity, descending, NaN first,
+    ties to the lower A index. Unmerged A tokens in rank order."""
+    node_max = scores.max(dim=-1).values
+    best = (scores == node_max[..., None]) | (scores.isnan() & node_max.isnan()[..., None])
+    j = torch.arange(scores.shape[-1], device=scores.device)
+    node_idx = torch.where(best, j, scores.shape[-1]).min(dim=-1).values
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_idx = edge_idx[..., :r]
+    return edge_idx[..., r:], src_idx, node_idx.gather(-1, src_idx)
+
+
 def bipartite_match(metric: Tensor, r: int, num_protected: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     """tokred::bipartite_match as upstream's bipartite_soft_matching (its index tensors), with
     upstream's class-token row and distillation-token column generalised to a prefix of
@@ -138,27 +160,49 @@ def bipartite_match(metric: Tensor, r: int, num_protected: int = 1) -> Tuple[Ten
         none = torch.empty(b, 0, dtype=torch.long, device=metric.device)
         return torch.arange(na, device=metric.device).expand(b, na).clone(), none, none.clone()
     with torch.no_grad():
-        # Cosine similarity as dot * (1/|a|) * (1/|b|) in the op-math dtype, the kernels' formula:
-        # the same rounding, so exact ties stay ties and the tie rule below decides them.
-        m = metric.to(torch.float32 if metric.dtype in (torch.float16, torch.bfloat16) else metric.dtype)
-        inv = m.square().sum(-1).sqrt().reciprocal()
-        scores = (m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)) * inv[..., ::2, None] \
-            * inv[..., None, 1::2]
+        tokens = torch.arange(n, device=metric.device)
+        scores = _cosine_scores(metric, tokens[::2], tokens[1::2])
         # Prefix token t is A[t // 2] (t even) or B[t // 2] (t odd).
         scores[..., :(num_protected + 1) // 2, :] = -math.inf
         scores[..., :, :num_protected // 2] = -math.inf
-        # The tie rule. Partner: the lowest-index B token of largest similarity, NaN counting as
-        # the largest. Ranking: by that similarity, descending, NaN first, ties to the lower A index.
-        node_max = scores.max(dim=-1).values
-        best = (scores == node_max[..., None]) | (scores.isnan() & node_max.isnan()[..., None])
-        j = torch.arange(scores.shape[-1], device=scores.device)
-        node_idx = torch.where(best, j, scores.shape[-1]).min(dim=-1).values
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-        unm_idx, src_idx = edge_idx[..., r:], edge_idx[..., :r]
-        dst_idx = node_idx.gather(-1, src_idx)
+        unm_idx, src_idx, dst_idx = _rank_matches(scores, r)
         if num_protected > 0:
             unm_idx = unm_idx.sort(dim=-1).values
     return unm_idx, src_idx, dst_idx
+
+
+def _plan_of_dest(dest: Tensor, nout: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dest, offsets, members): each output's members in ascending order (a stable sort by dest)
+    and where each output's run starts (a running count)."""
+    b = dest.shape[0]
+    members = dest.argsort(dim=1, stable=True)
+    counts = torch.zeros(b, nout, dtype=torch.long, device=dest.device)
+    counts.scatter_add_(1, dest, torch.ones_like(dest))
+    offsets = torch.cat([counts.new_zeros(b, 1), counts.cumsum(1)], dim=1)
+    return dest, offsets, members
+
+
+def bipartite_match_plan(metric: Tensor, dst_tokens: Tensor, r: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """tokred::bipartite_match_plan: tomesd's matching (destinations ``dst_tokens``, sources the
+    other tokens, each ascending) by the tie rule, as the plan of the layout
+    ``[unmerged sources (rank order) | destinations]``."""
+    b, n, _ = metric.shape
+    dst_rows = dst_tokens.long().to(metric.device)
+    nb = dst_rows.shape[0]
+    is_src = torch.ones(n, dtype=torch.bool, device=metric.device)
+    is_src[dst_rows] = False
+    src_rows = is_src.nonzero()[:, 0]
+    r = max(0, min(r, n - nb if nb > 0 else 0))
+    if r == 0:
+        return _plan_of_dest(torch.arange(n, device=metric.device).expand(b, n).clone(), n)
+    with torch.no_grad():
+        unm_idx, src_idx, dst_idx = _rank_matches(_cosine_scores(metric, src_rows, dst_rows), r)
+    u = unm_idx.shape[1]
+    dest = torch.empty(b, n, dtype=torch.long, device=metric.device)
+    dest[:, dst_rows] = u + torch.arange(nb, device=metric.device)
+    dest.scatter_(1, src_rows[unm_idx], torch.arange(u, device=metric.device).expand(b, u))
+    dest.scatter_(1, src_rows[src_idx], u + dst_idx)
+    return _plan_of_dest(dest, n - r)
 
 
 def _prefix_split(n: int, num_protected: int) -> Tuple[int, int]:
@@ -232,15 +276,9 @@ def merge_source(source: Optional[Tensor], unm_idx: Tensor, src_idx: Tensor, dst
 
 def merge_plan(unm_idx: Tensor, src_idx: Tensor, dst_idx: Tensor, n: int,
                num_protected: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-    """tokred::merge_plan: dest (merge_source's map), then each output's members in ascending
-    order (a stable sort by dest) and where each output's run starts (a running count)."""
-    b, r = src_idx.shape
+    """tokred::merge_plan: dest (merge_source's map), then its members and offsets."""
     dest = merge_source(None, unm_idx, src_idx, dst_idx, n, num_protected)
-    members = dest.argsort(dim=1, stable=True)
-    counts = torch.zeros(b, n - r, dtype=torch.long, device=dest.device)
-    counts.scatter_add_(1, dest, torch.ones_like(dest))
-    offsets = torch.cat([counts.new_zeros(b, 1), counts.cumsum(1)], dim=1)
-    return dest, offsets, members
+    return _plan_of_dest(dest, n - src_idx.shape[1])
 
 
 def merge_source_onehot(source: Optional[Tensor], x: Tensor, unm_idx: Tensor, src_idx: Tensor,

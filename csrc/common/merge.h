@@ -58,6 +58,38 @@ TOKRED_HD int64_t tome_clamp_r(int64_t r, int64_t n, int64_t num_protected) {
   return rr > 0 ? rr : 0;
 }
 
+// An explicit partition (bipartite_match_plan, tomesd's): set B = given destination tokens,
+// set A = every other token, each in ascending position; no prefix, so the layout is
+// [unmerged A (rank order) | every B token]. At most |A| tokens merge, none without a B token.
+TOKRED_HD TomeDims tome_partition_dims(int64_t n, int64_t nb, int64_t r) {
+  TomeDims d = tome_dims(n, r, 0);
+  d.na = n - nb;
+  d.nb = nb;
+  d.u = d.na - r;
+  return d;
+}
+TOKRED_HD int64_t tome_partition_clamp_r(int64_t r, int64_t n, int64_t nb) {
+  const int64_t cap = nb > 0 ? n - nb : 0;
+  const int64_t rr = r < cap ? r : cap;
+  return rr > 0 ? rr : 0;
+}
+
+// True if entry j of a partition's destination tokens is a position in [0, n) above the entry
+// before it (the list ascends strictly, so A is its complement in order).
+TOKRED_HD bool tome_dst_token_ok(const int64_t* dst_tokens, int64_t j, int64_t n) {
+  const int64_t t = dst_tokens[j];
+  return t >= 0 && t < n && (j == 0 || t > dst_tokens[j - 1]);
+}
+
+// The token of A row a and of B column j: alternating positions (2a, 2j + 1), or a partition's
+// lists (one row shared by the batch).
+struct TomeTokens {
+  const int64_t* a = nullptr;  // [na], nullptr: alternating
+  const int64_t* b = nullptr;  // [nb]
+  TOKRED_HD int64_t of_a(int64_t i) const { return a ? a[i] : 2 * i; }
+  TOKRED_HD int64_t of_b(int64_t j) const { return b ? b[j] : 2 * j + 1; }
+};
+
 // Output position of the k-th unmerged A token and of B token j. Prefix tokens keep their
 // position (unm_idx lists the pa prefix A tokens first: it ascends with a prefix); the others
 // follow: unmerged A from P on, then B from P + u - pa = u + pb on.

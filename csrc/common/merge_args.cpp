@@ -50,6 +50,22 @@ c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r
   return tome_clamped_r(r, metric.sym_size(1), num_protected);
 }
 
+c10::SymInt check_bipartite_match_plan(const at::Tensor& metric, const at::Tensor& dst_tokens,
+                                       const c10::SymInt& r) {
+  const char* op = "bipartite_match_plan";
+  check_float(metric, op, "metric");
+  check_dim(metric, 3, op, "metric", "[B, N, D]");
+  check_index(dst_tokens, op, "dst_tokens");
+  check_dim(dst_tokens, 1, op, "dst_tokens", "[Nb]");
+  check_same_device(metric, dst_tokens, op, "metric", "dst_tokens");
+  const c10::SymInt n = metric.sym_size(1), nb = dst_tokens.sym_size(0);
+  TOKRED_SYM_CHECK(nb.sym_le(n), op, "dst_tokens", "must list at most N = ", n,
+                   " tokens, got ", nb);
+  // tome_partition_clamp_r: at most N - Nb (the A tokens), and 0 without destinations, written
+  // as min(N - Nb, Nb * N) so that it stays one symbolic expression.
+  return r.min((n - nb).min(nb * n)).max(c10::SymInt(0));
+}
+
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
                                 const at::Tensor& dst_idx, const c10::SymInt& batch,
                                 const c10::SymInt& n, const c10::SymInt& num_protected,

@@ -26,6 +26,11 @@ void check_num_protected(const c10::SymInt& num_protected, const char* op);
 c10::SymInt check_bipartite_match(const at::Tensor& metric, const c10::SymInt& r,
                                   const c10::SymInt& num_protected);
 
+// bipartite_match_plan: metric [B, N, D] and dst_tokens [Nb] (an index tensor on metric's device,
+// Nb <= N; its values are checked by the backends with tome_dst_token_ok). Returns the clamped r.
+c10::SymInt check_bipartite_match_plan(const at::Tensor& metric, const at::Tensor& dst_tokens,
+                                       const c10::SymInt& r);
+
 // The three index tensors of a match for a sequence of n tokens: unm_idx [B, ceil(n/2) - r],
 // src_idx [B, r], dst_idx [B, r], and num_protected >= 0. unm_idx keeps at least the prefix's A
 // tokens (the layout puts them first). Returns r.

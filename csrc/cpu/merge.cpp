@@ -29,17 +29,19 @@ TOKRED_SIMD_CLONES bool row_max_without_nan(const double* s, int64_t n, double& 
   return vec::max_without_nan<double>(s, n, out);
 }
 
-// One batch row of the matching, given the row's raw dot products a·b [na, nb] and inverse norms
-// [N] (tokens interleaved: A at even positions, B at odd). Scores follow tome_score.
+// One batch row of the matching, given the row's raw dot products a·b [na, nb] and the inverse
+// norms of A row a (inv_a[a * stride]) and B column j (inv_b[j * stride]). Scores follow
+// tome_score.
 template <typename acc_t>
-void match_row(const acc_t* dots, const acc_t* inv, const TomeDims& d, int64_t num_protected,
-               int64_t* unm, int64_t* src, int64_t* dst) {
+void match_row(const acc_t* dots, const acc_t* inv_a_all, const acc_t* inv_b_all, int64_t stride,
+               const TomeDims& d, int64_t num_protected, int64_t* unm, int64_t* src,
+               int64_t* dst) {
   const int64_t na = d.na, nb = d.nb;
   std::vector<acc_t> node_max(na), inv_b(nb), scores(nb);
   std::vector<int64_t> node_idx(na), rank(na);
-  for (int64_t j = 0; j < nb; ++j) inv_b[j] = inv[2 * j + 1];
+  for (int64_t j = 0; j < nb; ++j) inv_b[j] = inv_b_all[j * stride];
   for (int64_t a = 0; a < na; ++a) {
-    const acc_t inv_a = inv[2 * a];
+    const acc_t inv_a = inv_a_all[a * stride];
     for (int64_t j = 0; j < nb; ++j) {
       scores[j] = tome_score(dots[a * nb + j], inv_a, inv_b[j],
                              tome_excluded(a, j, num_protected));
@@ -110,8 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
     int64_t* dp = dst.data_ptr<int64_t>();
     parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        match_row(dp_all + b * d.na * d.nb, inv_all + b * N, d, num_protected, up + b * d.u,
-                  sp + b * r, dp + b * r);
+        // Tokens interleaved: A at even positions, B at odd.
+        match_row(dp_all + b * d.na * d.nb, inv_all + b * N, inv_all + b * N + 1, 2, d,
+                  num_protected, up + b * d.u, sp + b * r, dp + b * r);
       }
     });
   });
@@ -126,13 +129,12 @@ struct Plan {
   bool merging() const { return nout < n; }  // r > 0 (r = 0 is upstream's do_nothing)
 };
 
-// The plan of a match, from validated indices: dest by tome_unm_out / tome_dst_out, then the
-// members of each output grouped in ascending order by the segment module.
+// The plan of a match, from validated indices: dest by tome_unm_out / tome_dst_out at the tokens
+// of tok, then the members of each output grouped in ascending order by the segment module.
 Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
-                int64_t n, int64_t num_protected, const char* op) {
+                const TomeDims& d, const TomeTokens& tok, const char* op) {
   const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
-  const int64_t B = src.size(0), r = src.size(1);
-  const TomeDims d = tome_dims(n, r, num_protected);
+  const int64_t B = src.size(0), r = src.size(1), n = d.n;
   at::Tensor dest = at::empty({B, n}, unm.options());
   const int64_t *up = unm.data_ptr<int64_t>(), *sp = src.data_ptr<int64_t>(),
                 *dp = dst.data_ptr<int64_t>();
@@ -148,10 +150,11 @@ Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Te
       auto place_a = [&](int64_t a, int64_t o, const char* arg, int64_t k) {
         TORCH_CHECK(a >= 0 && a < d.na, "tokred::", op, ": argument '", arg, "' holds ", a,
                     " at [", b, ", ", k, "], expected an index of set A in [0, ", d.na, ")");
-        TORCH_CHECK(de[2 * a] < 0, "tokred::", op, ": argument '", arg, "' holds A token ", a,
-                    " at [", b, ", ", k,
-                    "], which unm_idx and src_idx already list: expected each A token once");
-        de[2 * a] = o;
+        int64_t& slot = de[tok.of_a(a)];
+        TORCH_CHECK(slot < 0, "tokred::", op, ": argument '", arg, "' holds A token ", a, " at [",
+                    b, ", ", k, "], which unm_idx and src_idx already list: expected each A token ",
+                    "once");
+        slot = o;
       };
       for (int64_t k = 0; k < d.u; ++k) place_a(up[b * d.u + k], tome_unm_out(k, d), "unm_idx", k);
       for (int64_t k = 0; k < r; ++k) {
@@ -160,11 +163,17 @@ Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Te
                     b, ", ", k, "], expected an index of set B in [0, ", d.nb, ")");
         place_a(sp[b * r + k], tome_dst_out(j, d), "src_idx", k);
       }
-      for (int64_t j = 0; j < d.nb; ++j) de[2 * j + 1] = tome_dst_out(j, d);
+      for (int64_t j = 0; j < d.nb; ++j) de[tok.of_b(j)] = tome_dst_out(j, d);
     }
   });
   auto [members, offsets] = build_segments_cpu(dest, d.nout, op, "unm_idx");
   return Plan{dest, offsets, members, B, n, d.nout};
+}
+
+// The plan of a match over alternating positions with a prefix of num_protected tokens.
+Plan build_plan(const at::Tensor& unm, const at::Tensor& src, const at::Tensor& dst, int64_t n,
+                int64_t num_protected, const char* op) {
+  return build_plan(unm, src, dst, tome_dims(n, src.size(1), num_protected), TomeTokens{}, op);
 }
 
 // A plan given as tensors (a public op's arguments): every row must pass tome_plan_fault.
@@ -369,6 +378,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_cpu(const at::Tensor& 
   return {p.dest, p.offsets, p.members};
 }
 
+// bipartite_match_plan: the match over an explicit partition (tomesd's destinations), straight
+// to its plan. A = the complement of dst_tokens, in order; then bipartite_match's scoring and
+// ranking (match_row) on the gathered rows, and the plan at the partition's tokens.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cpu(
+    const at::Tensor& metric_in, const at::Tensor& dst_tokens, int64_t r_in) {
+  const char* op = "bipartite_match_plan";
+  const int64_t r = check_bipartite_match_plan(metric_in, dst_tokens, r_in).expect_int();
+  const at::Tensor metric = metric_in.contiguous();
+  const at::Tensor b_tok = as_int64(dst_tokens).contiguous();
+  const int64_t B = metric.size(0), N = metric.size(1), nb = b_tok.size(0);
+  const int64_t* bt = b_tok.data_ptr<int64_t>();
+  at::Tensor a_tok = at::empty({N - nb}, b_tok.options());
+  int64_t* at_p = a_tok.data_ptr<int64_t>();
+  for (int64_t j = 0, a = 0, t = 0; t < N; ++t) {
+    if (j < nb) {
+      TORCH_CHECK(tome_dst_token_ok(bt, j, N), "tokred::", op, ": argument 'dst_tokens' holds ",
+                  bt[j], " at [", j, "], expected strictly ascending token positions in [0, ", N,
+                  ")");
+    }
+    if (j < nb && bt[j] == t) {
+      ++j;
+    } else {
+      at_p[a++] = t;
+    }
+  }
+  const TomeDims d = tome_partition_dims(N, nb, r);
+  const auto opts = metric.options().dtype(at::kLong);
+  at::Tensor unm = at::empty({B, d.u}, opts), src = at::empty({B, r}, opts),
+             dst = at::empty({B, r}, opts);
+  if (B > 0 && r > 0) {
+    const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
+    const at::Tensor inv = at::reciprocal(at::sqrt(mf.square().sum(-1)));
+    const at::Tensor inv_a = inv.index_select(1, a_tok).contiguous();
+    const at::Tensor inv_b = inv.index_select(1, b_tok).contiguous();
+    const at::Tensor dots =
+        at::bmm(mf.index_select(1, a_tok), mf.index_select(1, b_tok).transpose(1, 2)).contiguous();
+    TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_plan_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const acc_t *dp_all = dots.data_ptr<acc_t>(), *ia = inv_a.data_ptr<acc_t>(),
+                  *ib = inv_b.data_ptr<acc_t>();
+      int64_t *up = unm.data_ptr<int64_t>(), *sp = src.data_ptr<int64_t>(),
+              *dp = dst.data_ptr<int64_t>();
+      parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          match_row(dp_all + b * d.na * d.nb, ia + b * d.na, ib + b * d.nb, 1, d,
+                    /*num_protected=*/0, up + b * d.u, sp + b * r, dp + b * r);
+        }
+      });
+    });
+  }
+  const Plan p = build_plan(unm, src, dst, d, TomeTokens{at_p, bt}, op);
+  return {p.dest, p.offsets, p.members};
+}
+
 // The merge backward over a plan: sum mode and r = 0 (the identity) gather the gradient.
 at::Tensor merge_backward_over(const at::Tensor& grad, const at::Tensor& x,
                                const std::optional<at::Tensor>& size, const Plan& p,
@@ -491,6 +554,7 @@ TORCH_LIBRARY_IMPL(tokred, CPU, m) {
   m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_cpu));
   m.impl("merge_source", TORCH_FN(merge_source_cpu));
   m.impl("merge_plan", TORCH_FN(merge_plan_cpu));
+  m.impl("bipartite_match_plan", TORCH_FN(bipartite_match_plan_cpu));
   m.impl("merge_by_plan", TORCH_FN(merge_by_plan_cpu));
   m.impl("_merge_by_plan_backward", TORCH_FN(merge_by_plan_backward_cpu));
   m.impl("unmerge_by_plan", TORCH_FN(unmerge_by_plan_cpu));

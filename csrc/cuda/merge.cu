@@ -34,15 +34,21 @@ constexpr int kTileK = 16;   // channels per tile
 using cuda::blocks_for;
 using cuda::kThreads;
 
+// Inverse norms of all n tokens, then node maxima, partners and ranks of the na A tokens.
 template <typename acc_t>
-size_t match_smem_bytes(int64_t n) {
-  const int64_t na = (n + 1) / 2;
+size_t match_smem_bytes(int64_t n, int64_t na) {
   return sizeof(acc_t) * (n + na) + sizeof(int64_t) * 2 * na;
+}
+
+// A token position read from a partition's list (tok.of_a / of_b) is used only inside [0, n): a
+// bad list trips partition_kernel's assert, and its entries read token 0 instead of out of bounds.
+__device__ __forceinline__ int64_t in_row(int64_t t, int64_t n) {
+  return (t >= 0 && t < n) ? t : 0;
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict__ metric,
-                                                      int64_t n, int64_t D, int64_t r,
+                                                      TomeDims d, TomeTokens tok, int64_t D,
                                                       int64_t num_protected,
                                                       int64_t* __restrict__ unm,
                                                       int64_t* __restrict__ src,
@@ -50,7 +56,7 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
   __shared__ acc_t As[kRows][kTileK + 1];
   __shared__ acc_t Bs[kTileJ][kTileK];
   extern __shared__ __align__(16) unsigned char smem[];
-  const TomeDims d = tome_dims(n, r, num_protected);
+  const int64_t n = d.n, r = d.r;
   acc_t* inv = reinterpret_cast<acc_t*>(smem);
   acc_t* node_max = inv + n;
   int64_t* node_idx = reinterpret_cast<int64_t*>(
@@ -86,12 +92,14 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
         for (int i = tid; i < kRows * kTileK; i += kRows) {
           const int64_t row = a0 + i / kTileK, k = k0 + i % kTileK;
           As[i / kTileK][i % kTileK] =
-              (row < d.na && k < D) ? static_cast<acc_t>(m[2 * row * D + k]) : acc_t(0);
+              (row < d.na && k < D) ? static_cast<acc_t>(m[in_row(tok.of_a(row), n) * D + k])
+                                    : acc_t(0);
         }
         for (int i = tid; i < kTileJ * kTileK; i += kRows) {
           const int64_t j = j0 + i / kTileK, k = k0 + i % kTileK;
           Bs[i / kTileK][i % kTileK] =
-              (j < d.nb && k < D) ? static_cast<acc_t>(m[(2 * j + 1) * D + k]) : acc_t(0);
+              (j < d.nb && k < D) ? static_cast<acc_t>(m[in_row(tok.of_b(j), n) * D + k])
+                                  : acc_t(0);
         }
         __syncthreads();
 #pragma unroll
@@ -106,7 +114,8 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
         for (int jj = 0; jj < kTileJ; ++jj) {
           const int64_t j = j0 + jj;
           if (j >= d.nb) break;
-          const acc_t v = tome_score(acc[jj], inv[2 * a], inv[2 * j + 1],
+          const acc_t v = tome_score(acc[jj], inv[in_row(tok.of_a(a), n)],
+                                     inv[in_row(tok.of_b(j), n)],
                                      tome_excluded(a, j, num_protected));
           tome_argmax_step(v, j, best, best_j);
         }
@@ -133,13 +142,45 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
   }
 }
 
+// Runs match_kernel, one block per batch row: unm [B, u], src [B, r], dst [B, r] of a match
+// with r > 0 over the tokens of tok.
+void launch_match(const at::Tensor& metric, const TomeDims& d, const TomeTokens& tok,
+                  int64_t num_protected, at::Tensor& unm, at::Tensor& src, at::Tensor& dst,
+                  const char* op) {
+  const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
+  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "tokred::", op,
+              ": argument 'metric' has too many rows for the CUDA grid, got B = ", B);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_match_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = match_smem_bytes<acc_t>(N, d.na) + 8;
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          metric.get_device()));
+    const size_t limit = static_cast<size_t>(optin) -
+                         sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
+    TORCH_CHECK(smem <= limit, "tokred::", op, ": argument 'metric' has N = ", N,
+                " tokens; the CUDA kernel keeps a row in shared memory and supports at most ",
+                "about ", limit / (2 * sizeof(acc_t) + 8), " tokens");
+    auto kernel = match_kernel<scalar_t, acc_t>;
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned>(B), kRows, smem, stream>>>(
+        metric.data_ptr<scalar_t>(), d, tok, D, num_protected, unm.data_ptr<int64_t>(),
+        src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Tensor& metric_in,
                                                                     int64_t r_in,
                                                                     int64_t num_protected) {
   const int64_t r = check_bipartite_match(metric_in, r_in, num_protected).expect_int();
   const c10::cuda::OptionalCUDAGuard guard(metric_in.device());
   const at::Tensor metric = metric_in.contiguous();
-  const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
+  const int64_t B = metric.size(0), N = metric.size(1);
   const TomeDims d = tome_dims(N, r, num_protected);
   const auto opts = metric.options().dtype(at::kLong);
   at::Tensor unm = at::empty({B, d.u}, opts);
@@ -150,31 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Te
     unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
     return {unm, src, dst};
   }
-  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(),
-              "tokred::bipartite_match: argument 'metric' has too many rows for the CUDA grid, ",
-              "got B = ", B);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = match_smem_bytes<acc_t>(N) + 8;
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          metric.get_device()));
-    const size_t limit = static_cast<size_t>(optin) -
-                         sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
-    TORCH_CHECK(smem <= limit, "tokred::bipartite_match: argument 'metric' has N = ", N,
-                " tokens; the CUDA kernel keeps a row in shared memory and supports at most ",
-                "about ", limit / (2 * sizeof(acc_t) + 8), " tokens");
-    auto kernel = match_kernel<scalar_t, acc_t>;
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
-    kernel<<<static_cast<unsigned>(B), kRows, smem, stream>>>(
-        metric.data_ptr<scalar_t>(), N, D, r, num_protected,
-        unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_match(metric, d, TomeTokens{}, num_protected, unm, src, dst, "bipartite_match");
   return {unm, src, dst};
 }
 
@@ -182,27 +199,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Te
 
 __global__ void plan_kernel(const int64_t* __restrict__ unm, const int64_t* __restrict__ src,
                             const int64_t* __restrict__ dst, int64_t B, TomeDims d,
-                            int64_t* __restrict__ dest) {
+                            TomeTokens tok, int64_t* __restrict__ dest) {
   const int64_t per_row = d.u + d.r + d.nb;
   TOKRED_GRID_STRIDE(i, B * per_row) {
     const int64_t b = i / per_row, e = i % per_row;
-    int64_t t, o;
+    int64_t a = -1, t, o;
     if (e < d.u) {  // unmerged A token
-      t = 2 * unm[b * d.u + e];
+      a = unm[b * d.u + e];
       o = tome_unm_out(e, d);
     } else if (e < d.u + d.r) {  // merged A token and its destination
       const int64_t k = e - d.u, j = dst[b * d.r + k];
       CUDA_KERNEL_ASSERT(j >= 0 && j < d.nb && "tokred::merge: dst_idx out of range");
       if (j < 0 || j >= d.nb) continue;
-      t = 2 * src[b * d.r + k];
+      a = src[b * d.r + k];
       o = tome_dst_out(j, d);
     } else {  // B token
       const int64_t j = e - d.u - d.r;
-      t = 2 * j + 1;
+      t = tok.of_b(j);
       o = tome_dst_out(j, d);
     }
-    CUDA_KERNEL_ASSERT(t >= 0 && t < d.n && "tokred::merge: unm_idx or src_idx out of range");
-    if (t < 0 || t >= d.n) continue;
+    if (e < d.u + d.r) {
+      CUDA_KERNEL_ASSERT(a >= 0 && a < d.na && "tokred::merge: unm_idx or src_idx out of range");
+      if (a < 0 || a >= d.na) continue;
+      t = tok.of_a(a);
+    }
+    if (t < 0 || t >= d.n) continue;  // a bad partition list (partition_kernel asserts)
     dest[b * d.n + t] = o;
   }
 }
@@ -222,12 +243,12 @@ struct PlanCuda {
   bool merging() const { return nout < n; }  // r > 0 (r = 0 is upstream's do_nothing)
 };
 
-// segments=false skips the CSR grouping (gathers need dest only).
+// The plan of a match over the tokens of tok; segments=false skips the CSR grouping (gathers
+// need dest only).
 PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Tensor& dst_in,
-                    int64_t n, int64_t num_protected, bool segments = true) {
+                    const TomeDims& d, const TomeTokens& tok, bool segments = true) {
   const at::Tensor unm = as_int64(unm_in), src = as_int64(src_in), dst = as_int64(dst_in);
-  const int64_t B = src.size(0), r = src.size(1);
-  const TomeDims d = tome_dims(n, r, num_protected);
+  const int64_t B = src.size(0), r = src.size(1), n = d.n;
   PlanCuda p{at::Tensor(), at::Tensor(), at::Tensor(), B, n, d.nout};
   if (r == 0) {  // no merge: the identity, as upstream's do_nothing
     p.dest = at::arange(n, unm.options()).expand({B, n}).contiguous();
@@ -237,7 +258,7 @@ PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at
     const int64_t total = B * (d.u + d.r + d.nb);
     if (total > 0) {
       plan_kernel<<<blocks_for(total), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), B, d,
+          unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>(), B, d, tok,
           p.dest.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -249,6 +270,62 @@ PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at
   }
   if (segments) std::tie(p.order, p.offsets) = build_segments_cuda(p.dest, p.nout);
   return p;
+}
+
+// The plan of a match over alternating positions with a prefix of num_protected tokens.
+PlanCuda build_plan(const at::Tensor& unm, const at::Tensor& src, const at::Tensor& dst,
+                    int64_t n, int64_t num_protected, bool segments = true) {
+  return build_plan(unm, src, dst, tome_dims(n, src.size(1), num_protected), TomeTokens{},
+                    segments);
+}
+
+// A partition's A tokens, the complement of its destination list b_tok in ascending order:
+// token t that is not in b_tok is A token t - #(b_tok < t). A bad list (tome_dst_token_ok) trips
+// the assert; a_tok then keeps zeros where nothing landed, and no write leaves it.
+__global__ void partition_kernel(const int64_t* __restrict__ b_tok, int64_t nb, int64_t n,
+                                 int64_t* __restrict__ a_tok) {
+  TOKRED_GRID_STRIDE(t, n) {
+    if (t < nb) {
+      CUDA_KERNEL_ASSERT(tome_dst_token_ok(b_tok, t, n) &&
+                         "tokred::bipartite_match_plan: 'dst_tokens' must ascend strictly in [0, N)");
+    }
+    int64_t lo = 0, hi = nb;  // lower bound of t in b_tok
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (b_tok[mid] < t) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    const int64_t slot = t - lo;
+    if (!(lo < nb && b_tok[lo] == t) && slot >= 0 && slot < n - nb) a_tok[slot] = t;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cuda(
+    const at::Tensor& metric_in, const at::Tensor& dst_tokens, int64_t r_in) {
+  const int64_t r = check_bipartite_match_plan(metric_in, dst_tokens, r_in).expect_int();
+  const c10::cuda::OptionalCUDAGuard guard(metric_in.device());
+  const at::Tensor metric = metric_in.contiguous();
+  const at::Tensor b_tok = as_int64(dst_tokens).contiguous();
+  const int64_t B = metric.size(0), N = metric.size(1), nb = b_tok.size(0);
+  at::Tensor a_tok = at::zeros({N - nb}, b_tok.options());
+  if (N > 0) {
+    partition_kernel<<<blocks_for(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        b_tok.data_ptr<int64_t>(), nb, N, a_tok.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const TomeDims d = tome_partition_dims(N, nb, r);
+  const TomeTokens tok{a_tok.data_ptr<int64_t>(), b_tok.data_ptr<int64_t>()};
+  const auto opts = metric.options().dtype(at::kLong);
+  at::Tensor unm = at::empty({B, d.u}, opts), src = at::empty({B, r}, opts),
+             dst = at::empty({B, r}, opts);
+  if (B > 0 && r > 0) {
+    launch_match(metric, d, tok, /*num_protected=*/0, unm, src, dst, "bipartite_match_plan");
+  }
+  const PlanCuda p = build_plan(unm, src, dst, d, tok);
+  return {p.dest, p.offsets, p.order};
 }
 
 // Every output of a plan given as tensors must pass tome_plan_fault (common/merge.h); the
@@ -581,6 +658,7 @@ TORCH_LIBRARY_IMPL(tokred, CUDA, m) {
   m.impl("_unmerge_backward", TORCH_FN(unmerge_backward_cuda));
   m.impl("merge_source", TORCH_FN(merge_source_cuda));
   m.impl("merge_plan", TORCH_FN(merge_plan_cuda));
+  m.impl("bipartite_match_plan", TORCH_FN(bipartite_match_plan_cuda));
   m.impl("merge_by_plan", TORCH_FN(merge_by_plan_cuda));
   m.impl("_merge_by_plan_backward", TORCH_FN(merge_by_plan_backward_cuda));
   m.impl("unmerge_by_plan", TORCH_FN(unmerge_by_plan_cuda));

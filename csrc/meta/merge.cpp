@@ -17,6 +17,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_meta(const at::Te
           at::empty_symint({B, rr}, opts)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_meta(
+    const at::Tensor& metric, const at::Tensor& dst_tokens, c10::SymInt r) {
+  const c10::SymInt rr = check_bipartite_match_plan(metric, dst_tokens, r);
+  const c10::SymInt B = metric.sym_size(0), n = metric.sym_size(1);
+  const auto opts = metric.options().dtype(at::kLong);
+  return {at::empty_symint({B, n}, opts), at::empty_symint({B, n - rr + 1}, opts),
+          at::empty_symint({B, n}, opts)};
+}
+
 std::tuple<at::Tensor, at::Tensor> merge_meta(const at::Tensor& x,
                                               const std::optional<at::Tensor>& size,
                                               const at::Tensor& unm, const at::Tensor& src,
@@ -111,6 +120,7 @@ at::Tensor merge_source_by_plan_meta(const std::optional<at::Tensor>& source,
 
 TORCH_LIBRARY_IMPL(tokred, Meta, m) {
   m.impl("bipartite_match", TORCH_FN(bipartite_match_meta));
+  m.impl("bipartite_match_plan", TORCH_FN(bipartite_match_plan_meta));
   m.impl("merge", TORCH_FN(merge_meta));
   m.impl("_merge_backward", TORCH_FN(merge_backward_meta));
   m.impl("unmerge", TORCH_FN(unmerge_meta));

@@ -147,6 +147,22 @@ def test_ops_by_plan(mode, p, dtype):
         compare("merge_source_by_plan", None, *plan)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bipartite_match_plan(dtype):
+    # tomesd's partitions (one destination per 2x2 cell), random ones, none and all: N up to 529
+    # (several chunks of 128 sources), ties and a zero token from sign_metric.
+    g = torch.Generator().manual_seed(18)
+    for side, d in [(3, 3), (8, 20), (16, 33), (23, 5)]:
+        n = side * side
+        grid = torch.tensor([y * side + x for y in range(0, side - 1, 2) for x in range(0, side - 1, 2)])
+        metric = sign_metric(2, n, d, g, dtype)
+        partitions = (grid, grid.int(), torch.randperm(n, generator=g)[:n // 3].sort().values,
+                      torch.zeros(0, dtype=torch.long), torch.arange(n))
+        for dst_tokens in partitions:
+            for r in sorted({0, 1, n // 4, n}):
+                compare("bipartite_match_plan", metric, dst_tokens, r)
+
+
 def test_bad_plans_raise_clear_errors():
     g = torch.Generator().manual_seed(17)
     n = 10
