@@ -309,7 +309,6 @@ def test_onnx_export_of_a_patched_dit(tmp_path):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
-    from onnx_dense import translations
     from test_onnx import FORBIDDEN, _node_types
 
     from tokred_ext import onnx as tokred_onnx
@@ -317,8 +316,7 @@ def test_onnx_export_of_a_patched_dit(tmp_path):
     model = _Sample(tokred_ext.patch.diffusers(tiny_dit(), ratio=0.5, seed=None, mlp=True)).eval()
     x, t, labels = dit_inputs(hw=(8, 8))  # 16 tokens, r = 8: merge_by_plan's graph is r + 1 gathers
     path = str(tmp_path / "dit.onnx")
-    # Until tokred_ext/onnx.py translates the two dense ops, the test passes them (tests/onnx_dense.py).
-    tokred_onnx.export(model, (x, t, labels), path, custom_translation_table=translations())
+    tokred_onnx.export(model, (x, t, labels), path)
     used = _node_types(onnx.load(path))
     assert not used & set(FORBIDDEN), used & set(FORBIDDEN)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -484,9 +484,8 @@ def tomesd_match(metric: Tensor, dst_tokens: Tensor, r: int):
     ranks into A and partners into the destinations).
 
     Set B = ``dst_tokens`` (ascending), set A = every other token, ascending; ``r`` is clamped to
-    ``|A|``. Cosine similarity ``dot * (1/|a|) * (1/|b|)`` in float32 (float64), no eps. Partner:
-    the lowest-index destination of largest similarity, NaN counting as the largest; A tokens
-    ranked by it, descending, ties to the lower A index. Merge = tomesd's gather + scatter_reduce
+    ``|A|`` (no destinations: no merge). Scores and tie rule as :func:`bipartite_match`
+    (``_cosine_scores``, ``_rank_matches``). Merge = tomesd's gather + scatter_reduce
     (``include_self``), layout ``[unmerged A in rank order | destinations]``; unmerge gives every
     token its output's value."""
     b, n, _ = metric.shape
@@ -494,21 +493,11 @@ def tomesd_match(metric: Tensor, dst_tokens: Tensor, r: int):
     is_dst = torch.zeros(n, dtype=torch.bool, device=metric.device)
     is_dst[dst_pos] = True
     a_pos = (~is_dst).nonzero().flatten()
-    r = min(r, a_pos.numel())
+    r = min(r, a_pos.numel()) if dst_pos.numel() else 0
     if r <= 0:
         return (lambda x, mode="mean": x), (lambda x: x), None
     with torch.no_grad():
-        m = metric.to(torch.float64 if metric.dtype == torch.float64 else torch.float32)
-        inv = m.square().sum(-1).sqrt().reciprocal()
-        scores = (m[:, a_pos] @ m[:, dst_pos].transpose(-1, -2)) * inv[:, a_pos, None] \
-            * inv[:, None, dst_pos]
-        node_max = scores.max(dim=-1).values
-        best = (scores == node_max[..., None]) | (scores.isnan() & node_max.isnan()[..., None])
-        j = torch.arange(dst_pos.numel(), device=metric.device)
-        node_idx = torch.where(best, j, dst_pos.numel()).min(dim=-1).values
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-    unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
-    dst_idx = node_idx.gather(1, src_idx)
+        unm_idx, src_idx, dst_idx = _rank_matches(_cosine_scores(metric, a_pos, dst_pos), r)
 
     def rows(idx: Tensor, c: int) -> Tensor:
         return idx[..., None].expand(*idx.shape, c)
