@@ -29,7 +29,8 @@ def test_parse_r(layers, r):
 def test_tome_clamp(n):
     for r in (-3, 0, 1, 2, 5, 10**6):
         for cls, dist in ((True, False), (True, True), (False, False)):
-            assert rules.tome_clamp_r(r, n, int(cls) + int(dist)) == R.tome_clamp_r(r, n, cls, dist)
+            p = int(cls) + int(dist)
+            assert rules.tome_clamp_r(r, n, p) == R.tome_clamp_r(r, n, p)
 
 
 @pytest.mark.parametrize("p", [1, 2])
