@@ -55,6 +55,16 @@ def _seconds(value: str) -> float:
     return f
 
 
+def _ratio(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"merge ratio {value} must be in [0, 1]")
+    return f
+
+
 def _rate(value: str) -> float:
     try:
         f = float(value)
@@ -135,13 +145,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="image file (default: the sample shipped with tokred)")
     v.add_argument("-o", "--output", required=True,
                    help="output image; its suffix picks the format (.png, .jpg, .webp, ...)")
-    v.add_argument("--method", choices=["tome", "evit", "topk"], default="tome")
+    v.add_argument("--method", choices=["tome", "evit", "topk", "dense"], default="tome",
+                   help="dense: dense ToMe (ToMe-SD) on a tiny diffusers UNet's first block")
     group = v.add_mutually_exclusive_group()
     group.add_argument("--r", type=_nonneg_int, default=None, help="ToMe: tokens merged per layer")
     group.add_argument("--keep-rate", type=_rate, default=None, help="Top-K/EViT keep rate")
     v.add_argument("--model", default="deit_small", help="model name (default: deit_small)")
     v.add_argument("--checkpoint", default=None, help="state dict to load (e.g. timm weights)")
     v.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    v.add_argument("--ratio", type=_ratio, default=None, help="dense: share of tokens merged "
+                   "(default 0.5)")
+    v.add_argument("--sx", type=_positive_int, default=2, help="dense: cell width (default 2)")
+    v.add_argument("--sy", type=_positive_int, default=2, help="dense: cell height (default 2)")
+    v.add_argument("--draw-seed", type=int, default=None,
+                   help="dense: draw the destinations with this seed (default: top-left)")
     return p
 
 
@@ -407,6 +424,13 @@ def _visualize(args) -> int:
 
     if args.image is not None and not os.path.isfile(args.image):
         raise UsageError(f"image {args.image!r} does not exist")
+    if args.method == "dense":
+        return _visualize_dense(args)
+    dense_only = [o for o, v in (("--ratio", args.ratio), ("--draw-seed", args.draw_seed),
+                                 ("--sx", args.sx != 2 or None), ("--sy", args.sy != 2 or None))
+                  if v is not None]
+    if dense_only:
+        raise UsageError(f"{', '.join(dense_only)}: for --method dense only")
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise UsageError(f"checkpoint {args.checkpoint!r} does not exist")
     if ALIASES.get(args.model, args.model) not in MODELS:
@@ -431,6 +455,33 @@ def _visualize(args) -> int:
         raise UsageError(str(e).splitlines()[0]) from None
     counts = ", ".join(f"block {b + 1}: {t}" for b, t, _ in panels)
     print(f"wrote {args.output} ({img.width}x{img.height}); tokens after {counts}")
+    return 0
+
+
+def _visualize_dense(args) -> int:
+    """``tokred visualize --method dense``: a tiny diffusers UNet with random weights."""
+    for option, value in (("--r", args.r), ("--keep-rate", args.keep_rate),
+                          ("--checkpoint", args.checkpoint)):
+        if value is not None:
+            raise UsageError(f"{option} is not for --method dense (a tiny UNet with random "
+                             "weights; --ratio, --sx, --sy, --draw-seed set the merge)")
+    if args.model != "deit_small":
+        raise UsageError("--model is not for --method dense (it draws a tiny diffusers UNet)")
+    _check_writable(args.output, "--output")
+    from .visualize import image_format, visualize_dense
+    try:
+        image_format(args.output)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ratio = 0.5 if args.ratio is None else args.ratio
+    try:
+        img, tr = visualize_dense(args.image, args.output, ratio, args.sx, args.sy, args.draw_seed,
+                                  weights_seed=args.seed)
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable image, no diffusers
+        raise UsageError(str(e).splitlines()[0]) from None
+    h, w = tr["grid"]
+    print(f"wrote {args.output} ({img.width}x{img.height}); {tr['r']} of {h * w} tokens merged "
+          f"into {tr['destinations'].numel()} destinations (random weights)")
     return 0
 
 

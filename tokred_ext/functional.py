@@ -14,7 +14,8 @@ from torch import Tensor
 from . import ops
 from .rules import evit_keep_count, parse_r, topk_keep_count
 
-__all__ = ["class_attention", "mean_attention", "scores_from", "topk_prune", "evit_prune", "tome_merge", "parse_r"]
+__all__ = ["class_attention", "mean_attention", "scores_from", "topk_prune", "evit_prune",
+           "tome_merge", "parse_r", "grid_choice", "grid_destinations", "dense_merge_plan"]
 
 
 def class_attention(attn: Tensor, num_protected: int = 1) -> Tensor:
@@ -116,3 +117,56 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     if source is not None:
         source = ops.merge_source_by_plan(source, plan)
     return out, size, source
+
+
+# --------------------------------------------------------------------------- dense ToMe (ToMe-SD)
+
+def grid_choice(h: int, w: int, sx: int, sy: int, generator: torch.Generator) -> Tensor:
+    """Draws the destination of every ``sx × sy`` cell of an ``h × w`` token grid: an int64
+    ``[h // sy, w // sx]`` of values in ``[0, sx * sy)``, from ``generator`` (on its device; the
+    diffusers patch keeps a CPU one, so the draw is the same on every device). One
+    ``torch.randint`` call, so a generator seeded alike gives tomesd's draw."""
+    return torch.randint(sx * sy, (h // sy, w // sx), generator=generator,
+                         device=generator.device)
+
+
+def grid_destinations(h: int, w: int, sx: int, sy: int, choice: Optional[Tensor] = None,
+                      device: Optional[torch.device] = None) -> Tensor:
+    """The destination set of dense ToMe (tomesd's 2D partition): one token per ``sx × sy`` cell
+    of the row-major ``h × w`` token grid, as ascending int64 token positions
+    ``[(h // sy) * (w // sx)]``.
+
+    ``choice`` ``[h // sy, w // sx]`` picks the token within each cell, ``c = iy * sx + ix``
+    (None: the top-left token of every cell, tomesd's ``use_rand=False``). The rows and columns
+    left over when ``sy`` does not divide ``h`` or ``sx`` does not divide ``w`` hold no
+    destination, as in tomesd.
+    """
+    if sx < 1 or sy < 1:
+        raise ValueError(f"grid_destinations: the strides sx, sy must be positive, got {sx}, {sy}")
+    hc, wc = h // sy, w // sx
+    if choice is None:
+        # No value check here: nothing data-dependent, so export traces it with symbolic sizes.
+        choice = torch.zeros(hc, wc, dtype=torch.long, device=device)
+    else:
+        if tuple(choice.shape) != (hc, wc):
+            raise ValueError(f"grid_destinations: choice must have shape [{hc}, {wc}] (one entry "
+                             f"per {sx}x{sy} cell of a {h}x{w} grid), got {list(choice.shape)}")
+        if choice.numel() and (bool((choice < 0).any()) or bool((choice >= sx * sy).any())):
+            raise ValueError(f"grid_destinations: choice values must lie in [0, {sx * sy}), got "
+                             f"{int(choice.min())}..{int(choice.max())}")
+        choice = choice.to(device=device if device is not None else choice.device, dtype=torch.long)
+    cy = torch.arange(hc, device=choice.device)[:, None]
+    cx = torch.arange(wc, device=choice.device)[None, :]
+    rows = cy * sy + torch.div(choice, sx, rounding_mode="floor")
+    cols = cx * sx + choice % sx
+    return (rows * w + cols).flatten().sort().values
+
+
+def dense_merge_plan(metric: Tensor, dst_tokens: Tensor, r: int) -> ops.MergePlan:
+    """Dense ToMe's matching (tomesd's ``bipartite_soft_matching_random2d``) as a merge plan:
+    ``dst_tokens`` (ascending positions, e.g. from :func:`grid_destinations`) is set B, every
+    other token is set A, and the ``r`` best-matched A tokens (``r`` clamped to ``|A|``) merge
+    into their most similar destination. The plan serves ``ops.merge_by_plan(x, None, plan,
+    "mean")`` (layout ``[unmerged A in rank order | destinations ascending]``) and
+    ``ops.unmerge_by_plan``. Semantics and tie rule: docs/merge.md."""
+    return ops.bipartite_match_plan(metric, dst_tokens, r)

@@ -510,3 +510,141 @@ def routed_attention(q: Tensor, k: Tensor, v: Tensor, r_idx: Tensor, num_heads: 
 def routing_logits(q_win: Tensor, k_win: Tensor, scale: float) -> Tensor:
     """Upstream TopkRouting's region-to-region logits ``(q_win * scale) @ k_win^T``."""
     return (q_win * scale) @ k_win.transpose(-2, -1)
+
+
+# --------------------------------------------------------------------------- dense ToMe (ToMe-SD)
+
+def grid_destinations(h: int, w: int, sx: int, sy: int,
+                      choice: Optional[Tensor] = None) -> Tensor:
+    """tomesd's destination set, as ascending token positions: mark the chosen token of every
+    ``sx × sy`` cell (``choice [h // sy, w // sx]``, ``c = iy * sx + ix``; None = top-left) with
+    -1 in an ``h × w`` buffer, leftover rows and columns 0, and argsort (tomesd's ``idx_buffer``)."""
+    hsy, wsx = h // sy, w // sx
+    if choice is None:
+        choice = torch.zeros(hsy, wsx, dtype=torch.long)
+    cell = torch.zeros(hsy, wsx, sy * sx, dtype=torch.long)
+    cell.scatter_(2, choice.long().reshape(hsy, wsx, 1), -1)
+    buf = torch.zeros(h, w, dtype=torch.long)
+    buf[:hsy * sy, :wsx * sx] = cell.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
+    order = buf.flatten().argsort(stable=True)
+    return order[:hsy * wsx].sort().values
+
+
+def tomesd_match(metric: Tensor, dst_tokens: Tensor, r: int):
+    """tomesd's ``bipartite_soft_matching_random2d`` for a given destination set, with tokred's
+    tie rule. Returns ``(merge, unmerge, index)``: ``merge(x, mode="mean")`` and ``unmerge(x)``
+    closures and the matching ``dict(a=..., unm=..., src=..., dst=...)`` (set A's positions, then
+    ranks into A and partners into the destinations).
+
+    Set B = ``dst_tokens`` (ascending), set A = every other token, ascending; ``r`` is clamped to
+    ``|A|`` (no destinations: no merge). Scores and tie rule as :func:`bipartite_match`
+    (``_cosine_scores``, ``_rank_matches``). Merge = tomesd's gather + scatter_reduce
+    (``include_self``), layout ``[unmerged A in rank order | destinations]``; unmerge gives every
+    token its output's value."""
+    b, n, _ = metric.shape
+    dst_pos = dst_tokens.long().to(metric.device)
+    is_dst = torch.zeros(n, dtype=torch.bool, device=metric.device)
+    is_dst[dst_pos] = True
+    a_pos = (~is_dst).nonzero().flatten()
+    r = min(r, a_pos.numel()) if dst_pos.numel() else 0
+    if r <= 0:
+        return (lambda x, mode="mean": x), (lambda x: x), None
+    with torch.no_grad():
+        unm_idx, src_idx, dst_idx = _rank_matches(_cosine_scores(metric, a_pos, dst_pos), r)
+
+    def rows(idx: Tensor, c: int) -> Tensor:
+        return idx[..., None].expand(*idx.shape, c)
+
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        c = x.shape[-1]
+        src_all, dst = x[:, a_pos], x[:, dst_pos]
+        unm = src_all.gather(1, rows(unm_idx, c))
+        src = src_all.gather(1, rows(src_idx, c))
+        return torch.cat([unm, dst.scatter_reduce(1, rows(dst_idx, c), src, reduce=mode)], dim=1)
+
+    def unmerge(x: Tensor) -> Tensor:
+        c, u = x.shape[-1], unm_idx.shape[1]
+        unm, dst = x[:, :u], x[:, u:]
+        out = x.new_zeros(b, n, c)
+        out[:, dst_pos] = dst
+        out.scatter_(1, rows(a_pos[unm_idx], c), unm)
+        out.scatter_(1, rows(a_pos[src_idx], c), dst.gather(1, rows(dst_idx, c)))
+        return out
+
+    return merge, unmerge, dict(a=a_pos, unm=unm_idx, src=src_idx, dst=dst_idx)
+
+
+def tomesd_block(blk, hidden_states: Tensor, merge, unmerge, attn: bool = True,
+                 cross_attn: bool = False, mlp: bool = False,
+                 encoder_hidden_states: Optional[Tensor] = None, timestep=None,
+                 class_labels=None, encoder_attention_mask: Optional[Tensor] = None) -> Tensor:
+    """tomesd's patched diffusers ``BasicTransformerBlock`` (norm types "layer_norm" and
+    "ada_norm_zero", no positional embedding): each chosen sub-layer runs on merged tokens and its
+    output is unmerged before the residual add. ``merge``/``unmerge`` from :func:`tomesd_match`."""
+    def keep(x):
+        return x
+    m_a, u_a = (merge, unmerge) if attn else (keep, keep)
+    m_c, u_c = (merge, unmerge) if cross_attn else (keep, keep)
+    m_m, u_m = (merge, unmerge) if mlp else (keep, keep)
+    zero = blk.norm_type == "ada_norm_zero"
+    if zero:
+        norm_hs, gate_msa, shift_mlp, scale_mlp, gate_mlp = blk.norm1(
+            hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    else:
+        norm_hs = blk.norm1(hidden_states)
+    out = blk.attn1(m_a(norm_hs),
+                    encoder_hidden_states=encoder_hidden_states if blk.only_cross_attention else None)
+    if zero:
+        out = gate_msa.unsqueeze(1) * out
+    hidden_states = u_a(out) + hidden_states
+    if blk.attn2 is not None:
+        out = blk.attn2(m_c(blk.norm2(hidden_states)), encoder_hidden_states=encoder_hidden_states,
+                        attention_mask=encoder_attention_mask)
+        hidden_states = u_c(out) + hidden_states
+    norm_hs = blk.norm3(hidden_states)
+    if zero:
+        norm_hs = norm_hs * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    out = blk.ff(m_m(norm_hs))
+    if zero:
+        out = gate_mlp.unsqueeze(1) * out
+    return u_m(out) + hidden_states
+
+
+def tomesd_patch(model, ratio: float, sx: int = 2, sy: int = 2, seed: Optional[int] = None,
+                 attn: bool = True, cross_attn: bool = False, mlp: bool = False,
+                 max_downsample: int = 1):
+    """tomesd's ``apply_patch`` for a diffusers UNet or DiT, on ``model`` in place (pass a copy):
+    a forward pre-hook records the input grid (the latent over a DiT's ``patch_size``), and every
+    ``BasicTransformerBlock`` runs :func:`tomesd_block` with its own matching per call: downsample
+    ``ceil(sqrt(N0 // N))`` up to ``max_downsample``, ``r = int(N * ratio)``, destinations from
+    :func:`grid_destinations`, drawn as tomesd draws (``randint(sx*sy, (h//sy, w//sx, 1))`` from a
+    CPU generator seeded with ``seed``, one draw per merging call; None: top-left)."""
+    p = getattr(getattr(model, "config", None), "patch_size", None) or 1
+    state = dict(gen=None if seed is None else torch.Generator().manual_seed(seed))
+
+    def record(module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        state["size"] = (x.shape[2] // p, x.shape[3] // p)
+
+    def block_forward(blk, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                      encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                      class_labels=None, added_cond_kwargs=None):
+        (h0, w0), n = state["size"], hidden_states.shape[1]
+        ds = int(math.ceil(math.sqrt(h0 * w0 // n)))
+        h, w, r = math.ceil(h0 / ds), math.ceil(w0 / ds), int(n * ratio)
+        merge = unmerge = None
+        if ds <= max_downsample and r > 0 and h >= sy and w >= sx:
+            choice = None
+            if state["gen"] is not None:
+                choice = torch.randint(sx * sy, (h // sy, w // sx, 1), generator=state["gen"])[..., 0]
+            merge, unmerge, _ = tomesd_match(hidden_states, grid_destinations(h, w, sx, sy, choice), r)
+        if merge is None:
+            merge = unmerge = (lambda x: x)
+        return tomesd_block(blk, hidden_states, merge, unmerge, attn, cross_attn, mlp,
+                            encoder_hidden_states, timestep, class_labels, encoder_attention_mask)
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    for m in model.modules():
+        if type(m).__name__ == "BasicTransformerBlock":
+            m.forward = block_forward.__get__(m)
+    return model

@@ -10,6 +10,9 @@ token 12, holding 7 patches), says what the colours mean, which prefix tokens th
 (class, distillation, register tokens: never reduced, not drawn) and whether the weights are
 random. Works with random weights (the groups then follow random features, and the picture says
 so); load timm weights with ``checkpoint``.
+
+``visualize_dense`` draws dense ToMe (``tokred_ext.patch.diffusers``) on a diffusers model's
+first full-resolution block: which token merged into which destination, on the token grid.
 """
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -17,11 +20,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import functional
 from .models import create_model, load_checkpoint
 from .nn import ReductionPolicy, ToMe
 
 __all__ = ["DEFAULT_IMAGE", "PRUNED", "LABEL_HEIGHT", "LEGEND_HEIGHT", "load_image", "trace",
-           "patch_groups", "prefix_words", "render", "visualize"]
+           "patch_groups", "prefix_words", "render", "visualize", "tiny_unet", "image_latent",
+           "dense_trace", "render_dense", "visualize_dense"]
 
 DEFAULT_IMAGE = os.path.join(os.path.dirname(__file__), "assets", "sample.png")
 PRUNED = (24, 24, 24)
@@ -225,3 +230,177 @@ def image_format(path: str) -> str:
         raise ValueError(f"output {path!r}: cannot write images with suffix {suffix or '(none)'!r}; "
                          "use .png, .jpg or .webp")
     return fmt
+
+
+# --------------------------------------------------------------------------- dense ToMe (ToMe-SD)
+
+DENSE_LATENT_FACTOR = 8  # Stable Diffusion's VAE: one latent pixel per 8x8 image pixels
+_UNMERGED_NOTE = "image pixels: token not merged"
+
+
+class _StopForward(Exception):
+    pass
+
+
+def tiny_unet(seed: int = 0):
+    """A tiny diffusers ``UNet2DConditionModel`` with random weights (seeded); needs diffusers."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        raise RuntimeError("the dense visualisation needs diffusers: pip install "
+                           "diffusers==0.42.1") from None
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8).eval()
+
+
+def image_latent(pixels: Tensor, channels: int = 4) -> Tensor:
+    """A stand-in latent ``[1, channels, S/8, S/8]`` of ``pixels`` ``[S, S, 3]`` (no VAE): the
+    image area-downsampled 8x, normalised, RGB then their mean, repeated to ``channels``."""
+    x = pixels.permute(2, 0, 1).unsqueeze(0).float() / 255
+    x = torch.nn.functional.avg_pool2d((x - _MEAN) / _STD, DENSE_LATENT_FACTOR)
+    x = torch.cat([x, x.mean(dim=1, keepdim=True)], dim=1)
+    return x.repeat(1, (channels + 3) // 4, 1, 1)[:, :channels]
+
+
+def dense_trace(model, latent: Tensor, ratio: float = 0.5, sx: int = 2, sy: int = 2,
+                seed: Optional[int] = None) -> Dict:
+    """The dense merge of ``model``'s first diffusers ``BasicTransformerBlock`` (a UNet's or a
+    DiT's, the first at full resolution) on ``latent``, as ``tokred_ext.patch.diffusers`` builds
+    it: metric = the block's input, ``r = int(N * ratio)``, destinations one per ``sx × sy`` cell
+    (top-left, or the first draw of a CPU generator seeded with ``seed``). Returns
+    ``dict(grid=(h, w), r=r, destinations=[Nb], dest=[N])`` (``dest``: each token's output)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no diffusers BasicTransformerBlock")
+    seen: Dict[str, Tensor] = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    cfg = model.config
+    t = torch.tensor([500])
+    try:
+        with torch.no_grad():
+            if getattr(cfg, "cross_attention_dim", None) and not getattr(cfg, "patch_size", None):
+                model(latent, t, encoder_hidden_states=torch.zeros(1, 1, cfg.cross_attention_dim))
+            else:
+                model(latent, t, class_labels=torch.zeros(1, dtype=torch.long))
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    x = seen["x"]
+    p = getattr(cfg, "patch_size", None) or 1
+    h, w = latent.shape[-2] // p, latent.shape[-1] // p
+    if x.shape[1] != h * w:
+        raise ValueError(f"the first block has {x.shape[1]} tokens, not the {h}x{w} latent grid")
+    choice = None
+    if seed is not None:
+        choice = functional.grid_choice(h, w, sx, sy, torch.Generator().manual_seed(seed))
+    dst = functional.grid_destinations(h, w, sx, sy, choice)
+    r = int(x.shape[1] * ratio)
+    plan = functional.dense_merge_plan(x, dst, r)
+    return dict(grid=(h, w), r=min(r, h * w - dst.numel()), destinations=dst, dest=plan.dest[0])
+
+
+def _palette(i: int) -> Tuple[int, int, int]:
+    """Distinct saturated colours (golden-ratio hue steps)."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 0.95 - 0.3 * (i % 2))
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def render_dense(pixels: Tensor, trace_: Dict, title: str, notes: List[str], panel: int = 384):
+    """The input image, and the token grid: every merged group filled with its colour, a line
+    from each merged token to its destination (a black dot), unmerged tokens keep their pixels;
+    a legend and ``notes`` below. Both panels are drawn ``panel`` pixels wide (or more)."""
+    Image, ImageDraw = _pil()
+    s0 = pixels.shape[0]
+    s = max(s0, panel)
+    h, w = trace_["grid"]
+    ch, cw = s / h, s / w
+    dest = trace_["dest"].tolist()
+    counts: Dict[int, int] = {}
+    for o in dest:
+        counts[o] = counts.get(o, 0) + 1
+    dsts = set(trace_["destinations"].tolist())
+    owner = {dest[t]: t for t in dsts}  # output of a destination -> its token
+    colours = {o: _palette(i) for i, o in enumerate(sorted(o for o, c in counts.items() if c > 1))}
+    legend_h = LABEL_HEIGHT * (3 + len(notes))
+    base = Image.frombytes("RGB", (s0, s0), bytes(pixels.flatten().tolist()))
+    base = base.resize((s, s), Image.BICUBIC)
+    out = Image.new("RGB", (2 * s, s + LABEL_HEIGHT + legend_h), (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    out.paste(base, (0, LABEL_HEIGHT))
+    out.paste(base, (s, LABEL_HEIGHT))
+    draw.text((2, 1), "input", fill=(0, 0, 0))
+    draw.text((s + 2, 1), title, fill=(0, 0, 0))
+
+    def box(t: int):
+        row, col = divmod(t, w)
+        return (s + col * cw, LABEL_HEIGHT + row * ch, s + (col + 1) * cw - 1,
+                LABEL_HEIGHT + (row + 1) * ch - 1)
+
+    def centre(t: int):
+        x0, y0, x1, y1 = box(t)
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+    for t, o in enumerate(dest):
+        if o in colours:
+            draw.rectangle(box(t), fill=colours[o])
+    for t, o in enumerate(dest):
+        if o in colours and t not in dsts:
+            draw.line([centre(t), centre(owner[o])], fill=(0, 0, 0))
+    dot = max(1.0, min(cw, ch) / 5)
+    for t in dsts:
+        x, y = centre(t)
+        draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=(0, 0, 0))
+    # The legend.
+    y = s + LABEL_HEIGHT + 2
+    sw = LABEL_HEIGHT - 4
+    draw.rectangle((2, y, 2 + sw, y + sw), fill=_palette(0))
+    draw.text((6 + sw, y), "merged group: one colour per destination, line = source -> "
+              "destination", fill=(0, 0, 0))
+    y += LABEL_HEIGHT
+    draw.ellipse((2 + sw / 4, y + sw / 4, 2 + 3 * sw / 4, y + 3 * sw / 4), fill=(0, 0, 0))
+    draw.text((6 + sw, y), "destination (one per cell; none in leftover rows/columns)",
+              fill=(0, 0, 0))
+    y += LABEL_HEIGHT
+    draw.text((6 + sw, y), _UNMERGED_NOTE, fill=(0, 0, 0))
+    for note in notes:
+        y += LABEL_HEIGHT
+        draw.text((2, y), note, fill=(160, 0, 0) if note.startswith("RANDOM") else (0, 0, 0))
+    return out
+
+
+def visualize_dense(image: Optional[str], output: str, ratio: float = 0.5, sx: int = 2,
+                    sy: int = 2, seed: Optional[int] = None, model=None, weights_seed: int = 0,
+                    size: int = 128):
+    """Writes the dense ToMe merge of ``model``'s first full-resolution block (default: a tiny
+    UNet with random weights, said on the picture) on ``image``; returns ``(image, trace)``."""
+    random_weights = model is None
+    if model is None:
+        model = tiny_unet(weights_seed)
+    p = getattr(model.config, "patch_size", None) or 1
+    size = size // (DENSE_LATENT_FACTOR * p * max(sx, sy)) * (DENSE_LATENT_FACTOR * p * max(sx, sy))
+    pixels = load_image(image or DEFAULT_IMAGE, size)
+    latent = image_latent(pixels, model.config.in_channels)
+    tr = dense_trace(model, latent, ratio, sx, sy, seed)
+    h, w = tr["grid"]
+    notes = [f"r = {tr['r']} of {h * w} tokens merged (ratio {ratio}), {sx}x{sy} cells, "
+             f"destinations {'top-left' if seed is None else f'drawn (seed {seed})'}",
+             f"latent: the image downsampled {DENSE_LATENT_FACTOR}x (no VAE)"]
+    if random_weights:
+        notes.append(f"RANDOM WEIGHTS (untrained tiny UNet, seed {weights_seed}): groups follow "
+                     "random features")
+    img = render_dense(pixels, tr, f"{type(model).__name__} block 1: {h}x{w} tokens", notes)
+    fmt = image_format(output)
+    (img.convert("RGB") if fmt == "JPEG" else img).save(output, format=fmt)
+    return img, tr
