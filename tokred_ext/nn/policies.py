@@ -358,10 +358,9 @@ class ReductionState:
         self.token_counts, self.sources = counts, sources
 
     def step(self, layer: int, x: Tensor, block: ReducingBlock) -> Tensor:
-        """Runs block ``layer`` (layer 0 starts the pass) as
-        ``block(x, amount, policy, size, source, num_prefix, class_token) -> (x, size,
-        source)``; ``block``
-        is any such callable (the timm patch passes a function)."""
+        """Runs block ``layer`` (layer 0 starts the pass) as ``block(x, amount, policy, size,
+        source, num_prefix, class_token) -> (x, size, source)``; ``block`` is any such callable
+        (the timm patch passes a function)."""
         if layer == 0:
             self._start(x)
         amount = self.plan[layer]
@@ -377,7 +376,6 @@ class ReductionState:
         if self.trace and source is not None:
             self.sources.append(source)
         return x
-
 
     def pool_size(self) -> Optional[Tensor]:
         """The sizes an average-pooling head weights the final tokens by: None when the pass
