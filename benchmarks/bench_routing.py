@@ -1,6 +1,6 @@
 """routed_attention (fused) against upstream's gather + matmul (tokred_ext.reference).
 
-Shapes: BiFormer-S stages 2 and 3 at 224^2 (batch 64) and a dense-prediction shape (one 512^2
+Shapes: BiFormer-S stages 1, 2 and 3 (the routed ones) at 224^2 (batch 64) and a dense-prediction shape (one 512^2
 image, n_win 8, BiFormer-S stage 2). Reports median forward and forward+backward times, their
 ratio, and memory: on CUDA the peak allocated during the call; on the CPU the reference's
 gathered K/V buffer and attention matrix (computed from the shapes) against tokred's only extra
@@ -24,6 +24,7 @@ from tokred_ext import ops, reference
 
 # name, batch, P (n_win^2), tokens per window, topk, channels (qk = v), heads
 SHAPES = [
+    ("BiFormer-S stage 1 (56x56, b64)", 64, 49, 64, 1, 64, 2),
     ("BiFormer-S stage 2 (28x28, b64)", 64, 49, 16, 4, 128, 4),
     ("BiFormer-S stage 3 (14x14, b64)", 64, 49, 4, 16, 256, 8),
     ("512x512 image, n_win 8, stage 2", 1, 64, 64, 4, 128, 4),
