@@ -26,7 +26,7 @@ N, D = 197, 64
 
 def tokred_step(x, metric, r, size):
     idx = ops.bipartite_match(metric, r, 1)
-    return ops.merge(x, size, *idx, "wavg", False)
+    return ops.merge(x, size, *idx, "wavg", 1)
 
 
 def median_ms(fn, args, reps, warmup, device):

@@ -62,7 +62,7 @@ def summarise(target, case, times, goals):
 
 def tome_step(x, metric, r, size):
     unm, src, dst = ops.bipartite_match(metric, r, 1)
-    plan = ops.merge_plan(unm, src, dst, x.shape[1], False)
+    plan = ops.merge_plan(unm, src, dst, x.shape[1], 1)
     return ops.merge_by_plan(x, size, plan, "wavg")
 
 
@@ -76,7 +76,7 @@ def target_tome_step(quick, rounds, inner):
         size = torch.ones(b, N, 1)
         times = interleaved({
             "tokred": lambda: tome_step(x, metric, 13, size),
-            "upstream": lambda: ref.tome_step(x, metric, 13, size, True, False),
+            "upstream": lambda: ref.tome_step(x, metric, 13, size, 1),
             "clone": lambda: x.clone(),
         }, rounds, inner)
         rows += summarise("tome_step", f"ViT-S B={b}", times, goals)
