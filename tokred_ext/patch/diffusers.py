@@ -108,7 +108,8 @@ class _DenseBlock:
         if cross_attention_kwargs is not None and cross_attention_kwargs.get("scale") is not None:
             _log.warning("Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be "
                          "ignored.")
-        plan = patch.plan(hidden_states)
+        # No match (and no draw) where no sub-layer merges: the plan would go unused.
+        plan = patch.plan(hidden_states) if patch.attn or patch.cross_attn or patch.mlp else None
         m_a, u_a = _merge_pair(plan, patch.attn)
         m_c, u_c = _merge_pair(plan, patch.cross_attn)
         m_m, u_m = _merge_pair(plan, patch.mlp)
