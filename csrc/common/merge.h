@@ -131,9 +131,16 @@ TOKRED_HD PlanFault tome_plan_fault(const int64_t* offsets, const int64_t* membe
 }
 
 // Pairs excluded from matching: the rows of prefix A tokens and the columns of prefix B tokens
-// (upstream's class-token row and distillation-token column, for any prefix).
+// (upstream's class-token row and distillation-token column, for any prefix). In A row a the
+// excluded columns are a prefix: every column j < tome_first_scored_column(a, nb, ...).
+TOKRED_HD int64_t tome_first_scored_column(int64_t a, int64_t nb, int64_t num_protected) {
+  if (2 * a < num_protected) return nb;       // a prefix A token: the whole row
+  const int64_t first = num_protected / 2;    // B token j is in the prefix while 2j + 1 < P
+  return first < nb ? first : nb;
+}
+
 TOKRED_HD bool tome_excluded(int64_t a, int64_t j, int64_t num_protected) {
-  return 2 * a < num_protected || 2 * j + 1 < num_protected;
+  return j < tome_first_scored_column(a, j + 1, num_protected);
 }
 
 // Cosine similarity from a raw dot product and the two inverse norms (no eps, as upstream: a zero

@@ -21,17 +21,41 @@
 namespace tokred {
 namespace {
 
-// Target-cloned row maxima for match_row (GCC cannot clone templates).
-TOKRED_SIMD_CLONES bool row_max_without_nan(const float* s, int64_t n, float& out) {
-  return vec::max_without_nan<float>(s, n, out);
+// 1 / ‖metric[b, t]‖ for every token, [B, N] (a norm of 0 gives inf, and its scores NaN). The
+// sum of squares goes through at::sum as before; linalg_vector_norm sums in another order, and
+// then the tests' duplicated tokens (near-exact cosine ties) no longer pick tomesd's pairs.
+at::Tensor inverse_norms(const at::Tensor& metric) {
+  return at::reciprocal(at::sqrt(metric.square().sum(-1)));
 }
-TOKRED_SIMD_CLONES bool row_max_without_nan(const double* s, int64_t n, double& out) {
-  return vec::max_without_nan<double>(s, n, out);
+
+// A row's scores and its first maximum, vectorised. Returns false where the scores hold a NaN
+// (whose place in the order tome_argmax_step decides), with the scores written either way.
+template <typename acc_t>
+TOKRED_INLINE bool score_row_impl(const acc_t* dots, acc_t inv_a, const acc_t* inv_b,
+                                  int64_t first_scored, int64_t nb, acc_t* scores, acc_t& best,
+                                  int64_t& best_j) {
+  std::fill(scores, scores + first_scored, -acc_t(INFINITY));  // tome_score of excluded pairs
+  vec::scaled_products(dots + first_scored, inv_a, inv_b + first_scored, nb - first_scored,
+                       scores + first_scored);  // tome_score's dot · inv_a · inv_b
+  // Without NaN, tome_argmax_step's first maximum is the first column equal to the maximum.
+  return vec::first_max_without_nan(scores, nb, best, best_j);
+}
+
+// Target clones of score_row_impl (GCC cannot clone templates).
+TOKRED_SIMD_CLONES bool score_row(const float* dots, float inv_a, const float* inv_b,
+                                  int64_t first_scored, int64_t nb, float* scores, float& best,
+                                  int64_t& best_j) {
+  return score_row_impl(dots, inv_a, inv_b, first_scored, nb, scores, best, best_j);
+}
+TOKRED_SIMD_CLONES bool score_row(const double* dots, double inv_a, const double* inv_b,
+                                  int64_t first_scored, int64_t nb, double* scores, double& best,
+                                  int64_t& best_j) {
+  return score_row_impl(dots, inv_a, inv_b, first_scored, nb, scores, best, best_j);
 }
 
 // One batch row of the matching, given the row's raw dot products a·b [na, nb] and the inverse
 // norms of A row a (inv_a[a * stride]) and B column j (inv_b[j * stride]). Scores follow
-// tome_score.
+// tome_score and tome_excluded.
 template <typename acc_t>
 void match_row(const acc_t* dots, const acc_t* inv_a_all, const acc_t* inv_b_all, int64_t stride,
                const TomeDims& d, int64_t num_protected, int64_t* unm, int64_t* src,
@@ -41,19 +65,11 @@ void match_row(const acc_t* dots, const acc_t* inv_a_all, const acc_t* inv_b_all
   std::vector<int64_t> node_idx(na), rank(na);
   for (int64_t j = 0; j < nb; ++j) inv_b[j] = inv_b_all[j * stride];
   for (int64_t a = 0; a < na; ++a) {
-    const acc_t inv_a = inv_a_all[a * stride];
-    for (int64_t j = 0; j < nb; ++j) {
-      scores[j] = tome_score(dots[a * nb + j], inv_a, inv_b[j],
-                             tome_excluded(a, j, num_protected));
-    }
     acc_t best = 0;
     int64_t best_j = -1;
-    if (nb > 0 && row_max_without_nan(scores.data(), nb, best)) {
-      // Without NaN, tome_argmax_step's first maximum is the first column equal to the maximum.
-      // (Its value is read back from that column: the maximum might be +0 where it holds -0.)
-      best_j = std::find(scores.begin(), scores.begin() + nb, best) - scores.begin();
-      best = scores[best_j];
-    } else {
+    if (nb > 0 && !score_row(dots + a * nb, inv_a_all[a * stride], inv_b.data(),
+                             tome_first_scored_column(a, nb, num_protected), nb, scores.data(),
+                             best, best_j)) {
       for (int64_t j = 0; j < nb; ++j) tome_argmax_step(scores[j], j, best, best_j);
     }
     node_max[a] = best;
@@ -100,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
   // cosine scores (tome_score) and excludes pairs (tome_excluded). Only the CUDA kernel must not
   // materialise the [B, na, nb] products; on the CPU this is the fast way.
   const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
-  const at::Tensor inv = at::reciprocal(at::sqrt(mf.square().sum(-1))).contiguous();
+  const at::Tensor inv = inverse_norms(mf);
   const at::Tensor dots =
       at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)).contiguous();
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cpu", [&] {
@@ -409,7 +425,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cpu(
              dst = at::empty({B, r}, opts);
   if (B > 0 && r > 0) {
     const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
-    const at::Tensor inv = at::reciprocal(at::sqrt(mf.square().sum(-1)));
+    const at::Tensor inv = inverse_norms(mf);
     const at::Tensor inv_a = inv.index_select(1, a_tok).contiguous();
     const at::Tensor inv_b = inv.index_select(1, b_tok).contiguous();
     const at::Tensor dots =

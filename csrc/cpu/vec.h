@@ -1,6 +1,7 @@
 // tokred's CPU SIMD toolkit: fixed-width vectors (GCC / Clang vector extensions), their loads,
-// stores and lane reductions, a vectorised exp, and two blocked row kernels (scores a·bᵀ and
-// weighted row sums w·B) built on them. The routing kernels (cpu/routing.cpp) use it.
+// stores and lane reductions, first maxima, a vectorised exp, and two blocked row
+// kernels (scores a·bᵀ and weighted row sums w·B) built on them. The routing kernels
+// (cpu/routing.cpp) and ToMe's matching (cpu/merge.cpp) use it.
 //
 // Every operation is element-wise multiplies and adds, never fused: each lane does the scalar
 // operations in the scalar order, so each target clone and every thread count gives the same bits.
@@ -63,6 +64,20 @@ using Vec = typename VecOf<T>::type;
 template <typename T>
 using VecU = typename VecOf<T>::unaligned;  // for loads and stores at any element address
 
+// Signed integer lanes as wide as T's, one per lane of Vec<T> (the type of Vec<T>'s comparisons).
+template <typename T>
+struct IndexVecOf;
+template <>
+struct IndexVecOf<float> {
+  typedef int32_t type __attribute__((vector_size(TOKRED_VEC_BYTES)));
+};
+template <>
+struct IndexVecOf<double> {
+  typedef int64_t type __attribute__((vector_size(TOKRED_VEC_BYTES)));
+};
+template <typename T>
+using IndexVec = typename IndexVecOf<T>::type;
+
 template <typename T>
 constexpr int64_t kLanes = int64_t(TOKRED_VEC_BYTES / sizeof(T));
 
@@ -103,33 +118,56 @@ TOKRED_INLINE T vmax(const Vec<T>& v) {
   return m;
 }
 
-// The maximum of s[0..n), n >= 1, into `out`; false (and `out` unspecified) where s holds a NaN,
-// whose ordering the caller's scalar rule decides.
+// out[j] = (a[j] · s) · b[j] for j in [0, n), the products in that order.
 template <typename T>
-TOKRED_INLINE bool max_without_nan(const T* s, int64_t n, T& out) {
+TOKRED_INLINE void scaled_products(const T* a, T s, const T* b, int64_t n, T* out) {
+  int64_t j = 0;
+  for (; j + kLanes<T> <= n; j += kLanes<T>) vstore(out + j, (vload(a + j) * s) * vload(b + j));
+  for (; j < n; ++j) out[j] = (a[j] * s) * b[j];
+}
+
+// The first maximum of s[0..n), n >= 1: its value and its index, the first j with s[j] equal to
+// the maximum (so a -0 before a +0 is the one found). Returns false (and best, best_j
+// unspecified) where s holds a NaN, whose ordering the caller's scalar rule decides. Each lane
+// keeps its own first maximum; the lanes then pick the largest value at the lowest index.
+template <typename T>
+TOKRED_INLINE bool first_max_without_nan(const T* s, int64_t n, T& best, int64_t& best_j) {
   using V = Vec<T>;
-  int64_t i = 0;
-  T m = s[0];
-  bool nan = false;
-  if (n >= kLanes<T>) {
+  using I = IndexVec<T>;
+  best = s[0];
+  best_j = 0;
+  bool nan = s[0] != s[0];
+  int64_t j = 1;
+  if (n >= kLanes<T> && n <= int64_t(INT32_MAX)) {
     V vm = vload(s);
+    I im, at;
+    for (int64_t l = 0; l < kLanes<T>; ++l) im[l] = at[l] = l;
     auto bad = vm != vm;
-    for (i = kLanes<T>; i + kLanes<T> <= n; i += kLanes<T>) {
-      const V v = vload(s + i);
+    for (j = kLanes<T>; j + kLanes<T> <= n; j += kLanes<T>) {
+      const V v = vload(s + j);
+      at += kLanes<T>;
       bad |= v != v;
-      vm = v > vm ? v : vm;
+      const auto larger = v > vm;
+      vm = larger ? v : vm;
+      im = larger ? at : im;
     }
-    m = vm[0];
+    best = vm[0];
+    best_j = im[0];
     for (int64_t l = 0; l < kLanes<T>; ++l) {
       nan |= bad[l] != 0;
-      m = vm[l] > m ? vm[l] : m;
+      if (vm[l] > best || (vm[l] == best && im[l] < best_j)) {
+        best = vm[l];
+        best_j = im[l];
+      }
     }
   }
-  for (; i < n; ++i) {
-    nan |= s[i] != s[i];
-    m = s[i] > m ? s[i] : m;
+  for (; j < n; ++j) {
+    nan |= s[j] != s[j];
+    if (s[j] > best) {
+      best = s[j];
+      best_j = j;
+    }
   }
-  out = m;
   return !nan;
 }
 
