@@ -57,14 +57,6 @@ void copy_row(T* dst, const T* src, int64_t C, int64_t stride, bool streaming) {
   }
 }
 
-// Asks for the cache lines of `bytes` bytes at `src` ahead of their use. A gather reads rows in an
-// order the hardware prefetchers cannot guess (ToMe's unmerged tokens come in score order), so
-// each row would otherwise wait for memory on its first lines.
-inline void prefetch_bytes(const void* src, int64_t bytes) {
-  const char* s = static_cast<const char*>(src);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(s + i, 0, 3);
-}
-
 // Orders this thread's non-temporal stores before what follows (end of a parallel chunk).
 inline void finish_streaming_stores() {
 #if defined(__SSE2__)
