@@ -261,11 +261,17 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
     const int64_t grain = std::max<int64_t>(1, 8192 / (C + 1));
     parallel_for(0, B * n, grain, [&](int64_t k0, int64_t k1) {
       std::vector<acc_t> acc(C);
-      for (int64_t k = k0; k < k1; ++k) {
-        const int64_t i = (k / n) * nout + dest[k];  // k's output token
-        const OutputView ov = plan.output(i);
-        const int64_t b = ov.b, count = ov.count(), *me = ov.me, of[2] = {ov.begin, ov.end};
-        if (b * n + me[of[0]] != k) continue;  // reduced at its first member
+      // Input token k = b * n + t, with b and t stepped rather than divided out for each token.
+      for (int64_t k = k0, b = k0 / n, t = k0 % n; k < k1; ++k, ++t) {
+        if (t == n) {
+          t = 0;
+          ++b;
+        }
+        const int64_t* me = plan.members + b * n;
+        const int64_t* offsets = plan.offsets + b * (nout + 1) + dest[k];
+        const int64_t of[2] = {offsets[0], offsets[1]}, count = of[1] - of[0];
+        if (me[of[0]] != t) continue;  // reduced at its first member
+        const int64_t i = b * nout + dest[k];  // k's output token
         acc_t wsum = 0;
         scalar_t* orow = op + i * C;
         bool copied = false;
