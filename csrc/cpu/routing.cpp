@@ -10,6 +10,7 @@
 // any thread count. The vector code is cpu/vec.h; routed_gather's backward sums each window's
 // gradient over the segment module's plan (cpu/segment.h). r_idx values are TORCH_CHECKed.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include <torch/library.h>
@@ -313,6 +314,29 @@ void key_row_ptrs(const T* rows, int64_t C, const KeyRun* runs, int64_t nr, int6
   }
 }
 
+// Row pointers of the tile's keys read in place, channels [c0, ...) of [n, P, w, c] rows of batch
+// b (keys already in the accumulator type need no staged copy).
+template <typename T>
+void key_row_ptrs(const Rows<T>& rows, int64_t b, int64_t c0, const KeyRun* runs, int64_t nr,
+                  const T** ptr) {
+  for (int64_t u = 0; u < nr; ++u) {
+    for (int64_t e = 0; e < runs[u].len; ++e)
+      ptr[runs[u].x + e] = rows.at(b, runs[u].j, runs[u].y + e) + c0;
+  }
+}
+
+// Row pointers of the tile's values: in place where they are in the accumulator type already,
+// else into the staged rows.
+template <typename scalar_t, typename acc_t>
+void value_row_ptrs(const Rows<scalar_t>& v, int64_t b, int64_t c0, const acc_t* staged,
+                    int64_t C, const KeyRun* runs, int64_t nr, int64_t WK, const acc_t** ptr) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    key_row_ptrs(v, b, c0, runs, nr, ptr);
+  } else {
+    key_row_ptrs(staged, C, runs, nr, WK, ptr);
+  }
+}
+
 // Σ a[c]·b[c] with 8 independent partial sums combined in a fixed order.
 template <typename acc_t>
 inline acc_t dot_fixed(const acc_t* a, const acc_t* b, int64_t n) {
@@ -361,7 +385,10 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
         std::min(d.P, std::max<int64_t>(1, (4 * at::get_num_threads() + units - 1) / units));
     const int64_t per = (d.P + split - 1) / split, parts = (d.P + per - 1) / per;
     parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> kT(d.DQ * ldk), vrow(NK * d.DV), qf(WQp * d.DQ, acc_t(0)),
+      // Values in the accumulator type are read in place; others are staged as rows.
+      constexpr bool stage_values = !std::is_same_v<scalar_t, acc_t>;
+      std::vector<acc_t> kT(d.DQ * ldk), vrow(stage_values ? NK * d.DV : 0),
+          qf(WQp * d.DQ, acc_t(0)),
           acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
       std::vector<const acc_t*> vptr(kTile);
       std::vector<KeyRun> runs(kTile + 1);
@@ -370,7 +397,8 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
         const int64_t unit = task / parts, part = task % parts;
         const int64_t b = unit / d.H, h = unit % d.H;
         stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, nullptr);
-        stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, 0, vrow.data());
+        if (stage_values)
+          stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, 0, vrow.data());
         for (int64_t i = part * per; i < std::min(d.P, (part + 1) * per); ++i) {
           const int64_t bi = b * d.P + i;
           const int64_t* ridx = ip + bi * d.T;
@@ -383,16 +411,28 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
           for (int64_t kk0 = 0; kk0 < keys; kk0 += kTile) {
             const int64_t kt = std::min(kTile, keys - kk0), ktp = round_up(kt, kLanes<acc_t>);
             const int64_t nr = key_runs(ridx, d.WK, kk0, kt, runs.data());
-            gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
-            key_row_ptrs(vrow.data(), d.DV, runs.data(), nr, d.WK, vptr.data());
+            // A tile of one run (a whole window, as at topk 1) is read from the staged columns
+            // in place; the padding columns [kt, ktp) read further keys of the staged row (ldk
+            // leaves room) and score -inf in softmax_tile_row either way.
+            const acc_t* cols = kc.data();
+            int64_t ldc = kTile;
+            if (nr == 1) {
+              cols = kT.data() + runs[0].j * d.WK + runs[0].y;
+              ldc = ldk;
+            } else {
+              gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
+            }
+            value_row_ptrs(vr_, b, h * d.DV, vrow.data(), d.DV, runs.data(), nr, d.WK,
+                           vptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               const int64_t rows = std::min(kRows, d.WQ - r0);
-              dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, scale,
-                       s.data(), kTile);
+              dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, cols, ldc, ktp, scale, s.data(), kTile);
               for (int64_t rr = 0; rr < rows; ++rr) {
-                // Scores become unnormalised probabilities in place; the accumulator rescales.
+                // Scores become unnormalised probabilities in place; the accumulator rescales
+                // (not at the first tile: it is still zero, and a NaN row stays NaN through the
+                // probabilities).
                 const acc_t alpha = softmax_tile_row(s.data() + rr * kTile, kt, ktp, st[r0 + rr]);
-                if (alpha != acc_t(1)) {
+                if (kk0 > 0 && alpha != acc_t(1)) {
                   acc_t* ar = acc.data() + (r0 + rr) * d.DV;
                   for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
                 }
