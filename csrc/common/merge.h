@@ -140,6 +140,7 @@ TOKRED_HD int64_t tome_first_scored_column(int64_t a, int64_t nb, int64_t num_pr
 }
 
 TOKRED_HD bool tome_excluded(int64_t a, int64_t j, int64_t num_protected) {
+  // Any row length past j gives the same answer; j + 1 is the shortest.
   return j < tome_first_scored_column(a, j + 1, num_protected);
 }
 

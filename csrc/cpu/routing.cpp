@@ -325,12 +325,16 @@ void key_row_ptrs(const Rows<T>& rows, int64_t b, int64_t c0, const KeyRun* runs
   }
 }
 
-// Row pointers of the tile's values: in place where they are in the accumulator type already,
-// else into the staged rows.
+// Values already in the accumulator type (float32, float64) are read in place; others are
+// staged as rows of acc_t per (batch, head).
+template <typename scalar_t, typename acc_t>
+constexpr bool kValuesInPlace = std::is_same_v<scalar_t, acc_t>;
+
+// Row pointers of the tile's values: into v (kValuesInPlace) or into the staged rows.
 template <typename scalar_t, typename acc_t>
 void value_row_ptrs(const Rows<scalar_t>& v, int64_t b, int64_t c0, const acc_t* staged,
                     int64_t C, const KeyRun* runs, int64_t nr, int64_t WK, const acc_t** ptr) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+  if constexpr (kValuesInPlace<scalar_t, acc_t>) {
     key_row_ptrs(v, b, c0, runs, nr, ptr);
   } else {
     key_row_ptrs(staged, C, runs, nr, WK, ptr);
@@ -385,8 +389,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
         std::min(d.P, std::max<int64_t>(1, (4 * at::get_num_threads() + units - 1) / units));
     const int64_t per = (d.P + split - 1) / split, parts = (d.P + per - 1) / per;
     parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
-      // Values in the accumulator type are read in place; others are staged as rows.
-      constexpr bool stage_values = !std::is_same_v<scalar_t, acc_t>;
+      constexpr bool stage_values = !kValuesInPlace<scalar_t, acc_t>;
       std::vector<acc_t> kT(d.DQ * ldk), vrow(stage_values ? NK * d.DV : 0),
           qf(WQp * d.DQ, acc_t(0)),
           acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
