@@ -21,11 +21,24 @@
 namespace tokred {
 namespace {
 
-// 1 / ‖metric[b, t]‖ for every token, [B, N] (a norm of 0 gives inf, and its scores NaN). The
-// sum of squares goes through at::sum as before; linalg_vector_norm sums in another order, and
-// then the tests' duplicated tokens (near-exact cosine ties) no longer pick tomesd's pairs.
-at::Tensor inverse_norms(const at::Tensor& metric) {
-  return at::reciprocal(at::sqrt(metric.square().sum(-1)));
+// 1 / ‖row‖ for n rows of length D (a norm of 0 gives inf, and its scores NaN), with the sum of
+// squares in sum_squares's order: bipartite_match's, per batch row while the row is in cache.
+template <typename acc_t>
+TOKRED_INLINE void inverse_norms_impl(const acc_t* rows, int64_t n, int64_t D, acc_t* inv) {
+  for (int64_t t = 0; t < n; ++t) inv[t] = acc_t(1) / std::sqrt(vec::sum_squares(rows + t * D, D));
+}
+TOKRED_SIMD_CLONES void inverse_norms(const float* rows, int64_t n, int64_t D, float* inv) {
+  inverse_norms_impl(rows, n, D, inv);
+}
+TOKRED_SIMD_CLONES void inverse_norms(const double* rows, int64_t n, int64_t D, double* inv) {
+  inverse_norms_impl(rows, n, D, inv);
+}
+
+// 1 / ‖mf[b, t]‖ as [B, N] through at::sum, for bipartite_match_plan: its tests pin tomesd's picks
+// among duplicated tokens (near-exact cosine ties), and those follow at::sum's rounding (as they
+// do not follow linalg_vector_norm's or sum_squares's).
+at::Tensor inverse_norms_through_aten(const at::Tensor& mf) {
+  return at::reciprocal(at::sqrt(mf.square().sum(-1)));
 }
 
 // A row's scores and its first maximum, vectorised. Returns false where the scores hold a NaN
@@ -53,21 +66,23 @@ TOKRED_SIMD_CLONES bool score_row(const double* dots, double inv_a, const double
   return score_row_impl(dots, inv_a, inv_b, first_scored, nb, scores, best, best_j);
 }
 
-// One batch row of the matching, given the row's raw dot products a·b [na, nb] and the inverse
-// norms of A row a (inv_a[a * stride]) and B column j (inv_b[j * stride]). Scores follow
+// One batch row of the matching. dots_of(a) points to the raw dot products of A row a with every
+// B token [nb], and is called for a = 0, 1, ... in order (so a caller may compute them a block at
+// a time); inv_a_all[a * stride] and inv_b_all[j * stride] are the inverse norms. Scores follow
 // tome_score and tome_excluded.
-template <typename acc_t>
-void match_row(const acc_t* dots, const acc_t* inv_a_all, const acc_t* inv_b_all, int64_t stride,
-               const TomeDims& d, int64_t num_protected, int64_t* unm, int64_t* src,
-               int64_t* dst) {
+template <typename acc_t, typename DotsOf>
+void match_row(DotsOf&& dots_of, const acc_t* inv_a_all, const acc_t* inv_b_all,
+               int64_t stride, const TomeDims& d, int64_t num_protected, int64_t* unm,
+               int64_t* src, int64_t* dst) {
   const int64_t na = d.na, nb = d.nb;
   std::vector<acc_t> node_max(na), inv_b(nb), scores(nb);
   std::vector<int64_t> node_idx(na), rank(na);
   for (int64_t j = 0; j < nb; ++j) inv_b[j] = inv_b_all[j * stride];
   for (int64_t a = 0; a < na; ++a) {
+    const acc_t* dots = dots_of(a);
     acc_t best = 0;
     int64_t best_j = -1;
-    if (nb > 0 && !score_row(dots + a * nb, inv_a_all[a * stride], inv_b.data(),
+    if (nb > 0 && !score_row(dots, inv_a_all[a * stride], inv_b.data(),
                              tome_first_scored_column(a, nb, num_protected), nb, scores.data(),
                              best, best_j)) {
       for (int64_t j = 0; j < nb; ++j) tome_argmax_step(scores[j], j, best, best_j);
@@ -96,6 +111,58 @@ void match_row(const acc_t* dots, const acc_t* inv_a_all, const acc_t* inv_b_all
   }
 }
 
+TOKRED_VEC_DOT_ROWS(float)
+TOKRED_VEC_DOT_ROWS(double)
+
+// One batch row's interleaved tokens (A even, B odd) for match_row: their inverse norms, and their
+// raw dot products kRows A rows at a time while they are in cache (dots_of). Each product sums
+// its D terms in ascending order, so equal tokens give equal products wherever they sit.
+template <typename acc_t>
+class InterleavedDots {
+ public:
+  InterleavedDots(const TomeDims& d, int64_t D)
+      : d_(d), D_(D), nbp_(vec::round_up(std::max<int64_t>(d.nb, 1), vec::kLanes<acc_t>)),
+        inv_(d.n),
+        bT_(D * nbp_, acc_t(0)),
+        tail_(vec::kRows * D, acc_t(0)),
+        block_(vec::kRows * nbp_) {}
+
+  // Start batch row m [N, D]: inverse norms, and B tokens transposed into zero-padded columns
+  // (dot_rows's layout).
+  void start(const acc_t* m) {
+    m_ = m;
+    inverse_norms(m, d_.n, D_, inv_.data());
+    for (int64_t j = 0; j < d_.nb; ++j) {
+      for (int64_t c = 0; c < D_; ++c) bT_[c * nbp_ + j] = m[(2 * j + 1) * D_ + c];
+    }
+  }
+
+  const acc_t* operator()(int64_t a) {
+    const int64_t a0 = a - a % vec::kRows;
+    if (a == a0) {
+      const acc_t* rows = m_ + 2 * a0 * D_;
+      int64_t lda = 2 * D_;
+      if (a0 + vec::kRows > d_.na) {  // dot_rows reads kRows rows: the last ones from a padded copy
+        for (int64_t i = 0; i < d_.na - a0; ++i)
+          std::copy(rows + i * lda, rows + i * lda + D_, tail_.data() + i * D_);
+        rows = tail_.data();
+        lda = D_;
+      }
+      dot_rows(rows, lda, D_, bT_.data(), nbp_, nbp_, acc_t(1), block_.data(), nbp_);
+    }
+    return block_.data() + (a - a0) * nbp_;
+  }
+
+  const acc_t* inverse_norms_a() const { return inv_.data(); }      // stride 2
+  const acc_t* inverse_norms_b() const { return inv_.data() + 1; }  // stride 2
+
+ private:
+  const TomeDims& d_;
+  int64_t D_, nbp_;
+  std::vector<acc_t> inv_, bT_, tail_, block_;
+  const acc_t* m_ = nullptr;
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Tensor& metric_in,
                                                                    int64_t r_in,
                                                                    int64_t num_protected) {
@@ -112,25 +179,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cpu(const at::Ten
     unm.copy_(at::arange(d.na, opts).expand({B, d.na}));
     return {unm, src, dst};
   }
-  // The dot products through the BLAS, in the accumulation dtype; match_row scales them into
-  // cosine scores (tome_score) and excludes pairs (tome_excluded). Only the CUDA kernel must not
-  // materialise the [B, na, nb] products; on the CPU this is the fast way.
+  // The dot products come from our own blocked kernel a few A rows at a time, in cache: at ViT
+  // sizes a batched BLAS product spends more on packing, zeroing and the [B, na, nb] round trip
+  // through memory than on the products. match_row scales them into cosine scores.
   const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
-  const at::Tensor inv = inverse_norms(mf);
-  const at::Tensor dots =
-      at::bmm(mf.slice(1, 0, N, 2), mf.slice(1, 1, N, 2).transpose(1, 2)).contiguous();
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_bipartite_match_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* dp_all = dots.data_ptr<acc_t>();
-    const acc_t* inv_all = inv.data_ptr<acc_t>();
+    const acc_t* m_all = mf.data_ptr<acc_t>();
+    const int64_t D = mf.size(2);
     int64_t* up = unm.data_ptr<int64_t>();
     int64_t* sp = src.data_ptr<int64_t>();
     int64_t* dp = dst.data_ptr<int64_t>();
     parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      InterleavedDots<acc_t> dots(d, D);
       for (int64_t b = b0; b < b1; ++b) {
+        dots.start(m_all + b * N * D);
         // Tokens interleaved: A at even positions, B at odd.
-        match_row(dp_all + b * d.na * d.nb, inv_all + b * N, inv_all + b * N + 1, 2, d,
-                  num_protected, up + b * d.u, sp + b * r, dp + b * r);
+        match_row(dots, dots.inverse_norms_a(), dots.inverse_norms_b(), 2, d, num_protected,
+                  up + b * d.u, sp + b * r, dp + b * r);
       }
     });
   });
@@ -431,7 +497,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cpu(
              dst = at::empty({B, r}, opts);
   if (B > 0 && r > 0) {
     const at::Tensor mf = metric.to(at::toOpMathType(metric.scalar_type()));
-    const at::Tensor inv = inverse_norms(mf);
+    const at::Tensor inv = inverse_norms_through_aten(mf);
     const at::Tensor inv_a = inv.index_select(1, a_tok).contiguous();
     const at::Tensor inv_b = inv.index_select(1, b_tok).contiguous();
     const at::Tensor dots =
@@ -444,8 +510,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cpu(
               *dp = dst.data_ptr<int64_t>();
       parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
-          match_row(dp_all + b * d.na * d.nb, ia + b * d.na, ib + b * d.nb, 1, d,
-                    /*num_protected=*/0, up + b * d.u, sp + b * r, dp + b * r);
+          const acc_t* row_dots = dp_all + b * d.na * d.nb;
+          match_row([&](int64_t a) { return row_dots + a * d.nb; }, ia + b * d.na, ib + b * d.nb,
+                    1, d, /*num_protected=*/0, up + b * d.u, sp + b * r, dp + b * r);
         }
       });
     });

@@ -222,7 +222,8 @@ TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T
 
 // Target-cloned entry points (one per accumulator type: GCC cannot clone templates).
 #define TOKRED_ROUTING_KERNELS(T)                                                               \
-  TOKRED_VEC_ROW_KERNELS(T)                                                                     \
+  TOKRED_VEC_DOT_ROWS(T)                                                                        \
+  TOKRED_VEC_AXPY_ROWS(T)                                                                       \
   TOKRED_SIMD_CLONES T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {  \
     return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                            \
   }                                                                                             \

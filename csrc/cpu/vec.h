@@ -1,6 +1,6 @@
 // tokred's CPU SIMD toolkit: fixed-width vectors (GCC / Clang vector extensions), their loads,
-// stores and lane reductions, first maxima, a vectorised exp, and two blocked row
-// kernels (scores a·bᵀ and weighted row sums w·B) built on them. The routing kernels
+// stores and lane reductions, sums of squares, first maxima, a vectorised exp, and two blocked
+// row kernels (scores a·bᵀ and weighted row sums w·B) built on them. The routing kernels
 // (cpu/routing.cpp) and ToMe's matching (cpu/merge.cpp) use it.
 //
 // Every operation is element-wise multiplies and adds, never fused: each lane does the scalar
@@ -9,7 +9,8 @@
 // kernels that use these vectors must not fuse either).
 //
 // Templates here are always inlined; GCC cannot clone templates for several targets, so a .cpp
-// defines the target-cloned entry points (TOKRED_VEC_ROW_KERNELS below, and its own).
+// defines the target-cloned entry points (TOKRED_VEC_DOT_ROWS and TOKRED_VEC_AXPY_ROWS below,
+// and its own).
 #pragma once
 
 #include <algorithm>
@@ -124,6 +125,21 @@ TOKRED_INLINE void scaled_products(const T* a, T s, const T* b, int64_t n, T* ou
   int64_t j = 0;
   for (; j + kLanes<T> <= n; j += kLanes<T>) vstore(out + j, (vload(a + j) * s) * vload(b + j));
   for (; j < n; ++j) out[j] = (a[j] * s) * b[j];
+}
+
+// Σ x[i]² for i in [0, n): lane l sums i ≡ l (mod lanes) in ascending order, the lanes meet in
+// vsum's tree, then the tail in order.
+template <typename T>
+TOKRED_INLINE T sum_squares(const T* x, int64_t n) {
+  Vec<T> acc = vsplat(T(0));
+  int64_t i = 0;
+  for (; i + kLanes<T> <= n; i += kLanes<T>) {
+    const Vec<T> v = vload(x + i);
+    acc += v * v;
+  }
+  T s = vsum<T>(acc);
+  for (; i < n; ++i) s += x[i] * x[i];
+  return s;
 }
 
 // The first maximum of s[0..n), n >= 1: its value and its index, the first j with s[j] equal to
@@ -287,13 +303,15 @@ TOKRED_INLINE void axpy_rows_all(const T* w, int64_t wr, int64_t wx, const T* co
 }  // namespace vec
 }  // namespace tokred
 
-// Target-cloned entry points dot_rows (kRows-row blocks of a·bᵀ) and axpy_rows (rows of o += w·B,
-// any row count) for accumulator type T; expand once per type in the .cpp that calls them.
-#define TOKRED_VEC_ROW_KERNELS(T)                                                                  \
+// Target-cloned entry points for accumulator type T; expand each once per type in the .cpp that
+// calls it. dot_rows: kRows-row blocks of a·bᵀ (routing's scores, ToMe's matching).
+#define TOKRED_VEC_DOT_ROWS(T)                                                                     \
   TOKRED_SIMD_CLONES void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT,                \
                                    int64_t ldb, int64_t nx, T scale, T* out, int64_t ldo) {        \
     ::tokred::vec::dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                      \
-  }                                                                                                \
+  }
+// axpy_rows: rows of o += w·B, any row count (routing's weighted values).
+#define TOKRED_VEC_AXPY_ROWS(T)                                                                    \
   TOKRED_SIMD_CLONES void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow,      \
                                     int64_t X, int64_t C, int64_t rows, T* o, int64_t ldo) {       \
     ::tokred::vec::axpy_rows_all<T>(w, wr, wx, brow, X, C, rows, o, ldo);                          \
