@@ -135,7 +135,8 @@ def tome_clamp_r(r: int, n: int, num_protected: int = 1) -> int:
 
 def _cosine_scores(metric: Tensor, a_rows: Tensor, b_rows: Tensor) -> Tensor:
     """Cosine similarity of every A/B pair ``[B, na, nb]`` as dot * (1/|a|) * (1/|b|) in the
-    op-math dtype, the kernels' formula: the same rounding, so exact ties stay ties."""
+    op-math dtype, the kernels' formula, so ties that are exact in it (integer-valued metrics)
+    stay ties. The sums inside the dots and norms may round in another order than a kernel's."""
     m = metric.to(torch.float32 if metric.dtype in (torch.float16, torch.bfloat16) else metric.dtype)
     inv = m.square().sum(-1).sqrt().reciprocal()
     return (m[:, a_rows] @ m[:, b_rows].transpose(-1, -2)) * inv[:, a_rows, None] \
