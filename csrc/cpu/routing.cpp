@@ -241,17 +241,23 @@ TOKRED_ROUTING_KERNELS(double)
 // of a multiple of 4 KiB would, for P·WK = 1024, 4096, ...).
 inline int64_t staged_ld(int64_t nk) { return round_up(nk, 16) + 16; }
 
-// The keys of one (batch, head), all P·WK of them, converted to the accumulator type: as columns
-// cols [C][ldc] (so score rows are vector loops over keys) and / or as rows [P·WK][C]. The
-// transpose goes 16 keys at a time so that each store fills a cache line.
+// The keys of one (batch, head) converted to the accumulator type: as columns cols [C][ldc] (so
+// score rows are vector loops over keys) and / or as rows [P·WK][C], at their place among all
+// P·WK keys. With `routed` (one flag per window), only the 16-key groups that hold a key of a
+// flagged window are staged, and the rest keep whatever they held. The transpose goes 16 keys at
+// a time so that each store fills a cache line.
 template <typename scalar_t, typename acc_t>
 void stage_keys(const Rows<scalar_t>& k, int64_t b, int64_t c0, int64_t C, const Dims& d,
-                acc_t* cols, int64_t ldc, acc_t* rows) {
+                acc_t* cols, int64_t ldc, acc_t* rows, const char* routed = nullptr) {
   constexpr int64_t kB = 16;
   const int64_t NK = d.P * d.WK;
   const scalar_t* src[kB];
   for (int64_t k0 = 0; k0 < NK; k0 += kB) {
     const int64_t nb = std::min(kB, NK - k0);
+    if (routed != nullptr) {  // the flags of the windows keys [k0, k0 + nb) belong to
+      const char *first = routed + k0 / d.WK, *last = routed + (k0 + nb - 1) / d.WK;
+      if (std::none_of(first, last + 1, [](char f) { return f != 0; })) continue;
+    }
     for (int64_t e = 0; e < nb; ++e) src[e] = k.at(b, (k0 + e) / d.WK, (k0 + e) % d.WK) + c0;
     if (cols != nullptr) {
       for (int64_t c = 0; c < C; ++c) {
@@ -397,13 +403,21 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
       std::vector<const acc_t*> vptr(kTile);
       std::vector<KeyRun> runs(kTile + 1);
       std::vector<OnlineSoftmax<acc_t>> st(WQp);
+      std::vector<char> routed(d.P);
       for (int64_t task = t0; task < t1; ++task) {
         const int64_t unit = task / parts, part = task % parts;
         const int64_t b = unit / d.H, h = unit % d.H;
-        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, nullptr);
+        // Only the windows this task's query windows route to are read.
+        const int64_t i0 = part * per, i1 = std::min(d.P, (part + 1) * per);
+        std::fill(routed.begin(), routed.end(), char(0));
+        for (const int64_t* j = ip + (b * d.P + i0) * d.T; j < ip + (b * d.P + i1) * d.T; ++j)
+          routed[*j] = 1;
+        stage_keys<scalar_t, acc_t>(kr_, b, h * d.DQ, d.DQ, d, kT.data(), ldk, nullptr,
+                                    routed.data());
         if (stage_values)
-          stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, 0, vrow.data());
-        for (int64_t i = part * per; i < std::min(d.P, (part + 1) * per); ++i) {
+          stage_keys<scalar_t, acc_t>(vr_, b, h * d.DV, d.DV, d, nullptr, 0, vrow.data(),
+                                      routed.data());
+        for (int64_t i = i0; i < i1; ++i) {
           const int64_t bi = b * d.P + i;
           const int64_t* ridx = ip + bi * d.T;
           for (int64_t r = 0; r < d.WQ; ++r) {
