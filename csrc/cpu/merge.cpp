@@ -157,7 +157,7 @@ class InterleavedDots {
   const acc_t* inverse_norms_b() const { return inv_.data() + 1; }  // stride 2
 
  private:
-  const TomeDims& d_;
+  const TomeDims d_;  // a copy, so no caller's dims must outlive the object
   int64_t D_, nbp_;
   std::vector<acc_t> inv_, bT_, tail_, block_;
   const acc_t* m_ = nullptr;
