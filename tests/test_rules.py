@@ -1,7 +1,9 @@
 """The production counting rules (tokred_ext.rules, functional, nn.routing) against the oracle's own
-copies in tokred_ext.reference: two implementations, compared on a grid of inputs."""
+copies in tokred_ext.reference: two implementations, compared on a grid of inputs. The dense
+partition clamp is compared with the op that applies it, tokred::bipartite_match_plan."""
 import pytest
 import torch
+from conftest import DEVICES
 
 from tokred_ext import functional as F
 from tokred_ext import reference as R
@@ -31,6 +33,19 @@ def test_tome_clamp(n):
     for r in (-3, 0, 1, 2, 5, 10**6):
         for p in (0, 1, 2, 3, 5, 13):
             assert rules.tome_clamp_r(r, n, p) == R.tome_clamp_r(r, n, p)
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])  # meta: the shape the compilers see
+def test_tome_partition_clamp(device):
+    for n in range(0, 8):
+        for nb in range(0, n + 1):
+            # nb destinations spread over the n tokens, strictly ascending.
+            dst = (torch.arange(nb) * n // max(nb, 1)).to(device)
+            metric = torch.randn(2, n, 4).to(device)
+            for r in (-3, -1, 0, 1, 2, n - nb, n - nb + 1, n, 10**6):
+                _, offsets, _ = torch.ops.tokred.bipartite_match_plan(metric, dst, r)
+                merged = n + 1 - offsets.shape[1]  # offsets is [B, N - r + 1]
+                assert rules.tome_partition_clamp_r(r, n, nb) == merged, (n, nb, r)
 
 
 @pytest.mark.parametrize("p", [1, 2])

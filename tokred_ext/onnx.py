@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from ._batch_axis import dynamic_batch_shapes
-from .rules import tome_clamp_r
+from .rules import tome_clamp_r, tome_partition_clamp_r
 
 __all__ = ["TRANSLATIONS", "OPSET", "export"]
 
@@ -226,7 +226,7 @@ def _identity_plan(like, n: int):
 def bipartite_match_plan(metric, dst_tokens, r: int):
     n = _static(metric.shape[1], "token count")
     nb = _static(dst_tokens.shape[0], "destination count")
-    r = max(0, min(r, n - nb if nb > 0 else 0))  # the kernel's clamp
+    r = tome_partition_clamp_r(r, n, nb)  # the kernel's own clamp
     if r == 0:
         return _identity_plan(metric, n)
     na, u = n - nb, n - nb - r

@@ -8,13 +8,16 @@ Plain integer arithmetic, no tensors, no tokred imports: ``functional`` and ``nn
 * :func:`parse_r`: ToMe's per-layer merge schedule.
 * :func:`tome_clamp_r`: ToMe's clamp, at most half of the unprotected tokens merge. The kernel
   (``tokred::bipartite_match``) applies the same clamp as its own contract.
+* :func:`tome_partition_clamp_r`: dense ToMe's clamp over an explicit partition, as the kernel
+  (``tokred::bipartite_match_plan``) applies it.
 
 The annotations are TorchScript types, so a scripted model's policies compile these functions.
 """
 import math
 from typing import List, Tuple, Union
 
-__all__ = ["topk_keep_count", "evit_keep_count", "parse_r", "tome_clamp_r", "RSchedule"]
+__all__ = ["topk_keep_count", "evit_keep_count", "parse_r", "tome_clamp_r",
+           "tome_partition_clamp_r", "RSchedule"]
 
 RSchedule = Union[int, List[int], Tuple[int, float]]
 
@@ -52,3 +55,9 @@ def tome_clamp_r(r: int, n: int, num_protected: int = 1) -> int:
     """The tokens one ToMe step merges among ``n``: ``r`` clamped to ``(n - protected) // 2``
     (at most half of the unprotected tokens), and 0 for ``r <= 0``."""
     return max(0, min(r, (n - num_protected) // 2))
+
+
+def tome_partition_clamp_r(r: int, n: int, num_dst: int) -> int:
+    """The tokens one dense ToMe step merges among ``n`` with ``num_dst`` destinations: ``r``
+    clamped to the ``n - num_dst`` sources, 0 without destinations, and 0 for ``r <= 0``."""
+    return max(0, min(r, n - num_dst if num_dst > 0 else 0))

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import functional
+from . import functional, rules
 from .models import create_model, load_checkpoint
 from .nn import ReductionPolicy, ToMe
 
@@ -306,7 +306,8 @@ def dense_trace(model, latent: Tensor, ratio: float = 0.5, sx: int = 2, sy: int 
     dst = functional.grid_destinations(h, w, sx, sy, choice)
     r = int(x.shape[1] * ratio)
     plan = functional.dense_merge_plan(x, dst, r)
-    return dict(grid=(h, w), r=min(r, h * w - dst.numel()), destinations=dst, dest=plan.dest[0])
+    return dict(grid=(h, w), r=rules.tome_partition_clamp_r(r, h * w, dst.numel()), destinations=dst,
+                dest=plan.dest[0])
 
 
 def _palette(i: int) -> Tuple[int, int, int]:
