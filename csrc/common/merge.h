@@ -1,4 +1,12 @@
-// ToMe's bipartite matching and merge plan, written once for the CPU and the CUDA kernels.
+// ToMe's bipartite matching and merge plan: the rules of both backends, stated in one place.
+//
+// Both the CPU and the CUDA kernels call the layout (tome_dims, tome_unm_out, tome_dst_out, ...),
+// the plan check (tome_plan_fault) and the merge-mode rules (tome_accumulate, tome_finish,
+// tome_grad_coef, ...). The matching rules are called as written by CUDA only (tome_score,
+// tome_excluded, tome_argmax_step, tome_slot). The CPU re-implements them in vector form (vec.h
+// row scoring, a std::sort by comes_before, one ascending slot pass) and calls tome_argmax_step
+// only for rows holding NaN. tests/simt/test_diff_merge.py compares its matches bitwise with the
+// CUDA kernel's (ties and NaN included), and tests/test_merge.py with the tie rule itself.
 //
 // A sequence of N tokens is split by position: set A = even positions (A[a] = token 2a), set B =
 // odd positions (B[j] = token 2j + 1). The first P tokens (the model's prefix: class,
@@ -20,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/hd.h"
 #include "common/rank.h"
 
 namespace tokred {
@@ -51,13 +60,6 @@ TOKRED_HD TomeDims tome_dims(int64_t n, int64_t r, int64_t num_protected) {
   return d;
 }
 
-// Upstream's clamp: at most half of the unprotected tokens merge; r <= 0 is no merge.
-TOKRED_HD int64_t tome_clamp_r(int64_t r, int64_t n, int64_t num_protected) {
-  const int64_t cap = n > num_protected ? (n - num_protected) / 2 : 0;
-  const int64_t rr = r < cap ? r : cap;
-  return rr > 0 ? rr : 0;
-}
-
 // An explicit partition (bipartite_match_plan, tomesd's): set B = given destination tokens,
 // set A = every other token, each in ascending position; no prefix, so the layout is
 // [unmerged A (rank order) | every B token]. At most |A| tokens merge, none without a B token.
@@ -67,11 +69,6 @@ TOKRED_HD TomeDims tome_partition_dims(int64_t n, int64_t nb, int64_t r) {
   d.nb = nb;
   d.u = d.na - r;
   return d;
-}
-TOKRED_HD int64_t tome_partition_clamp_r(int64_t r, int64_t n, int64_t nb) {
-  const int64_t cap = nb > 0 ? n - nb : 0;
-  const int64_t rr = r < cap ? r : cap;
-  return rr > 0 ? rr : 0;
 }
 
 // True if entry j of a partition's destination tokens is a position in [0, n) above the entry
@@ -164,16 +161,14 @@ TOKRED_HD void tome_argmax_step(acc_t v, int64_t j, acc_t& best, int64_t& best_j
 }
 
 // Where A token a goes, given the ranks (descending best similarity, ties to the lower index) of
-// all na A tokens: a source slot in [0, r) (returned as -1 - slot), or an unmerged slot in
-// [0, u). Unmerged tokens are in ascending order with a prefix (upstream sorts them with a class
-// token, which puts the prefix first), in rank order without.
-TOKRED_HD int64_t tome_slot(const int64_t* rank, int64_t a, int64_t na, int64_t r,
-                            bool ascending) {
+// the A tokens: a source slot in [0, r) (returned as -1 - slot), or an unmerged slot in [0, u).
+// Unmerged tokens are in ascending order with a prefix (upstream sorts them with a class token,
+// which puts the prefix first), in rank order without.
+TOKRED_HD int64_t tome_slot(const int64_t* rank, int64_t a, int64_t r, bool ascending) {
   if (rank[a] < r) return -1 - rank[a];
   if (!ascending) return rank[a] - r;
   int64_t slot = 0;
   for (int64_t i = 0; i < a; ++i) slot += rank[i] >= r ? 1 : 0;
-  (void)na;
   return slot;
 }
 

@@ -61,8 +61,8 @@ c10::SymInt check_bipartite_match_plan(const at::Tensor& metric, const at::Tenso
   const c10::SymInt n = metric.sym_size(1), nb = dst_tokens.sym_size(0);
   TOKRED_SYM_CHECK(nb.sym_le(n), op, "dst_tokens", "must list at most N = ", n,
                    " tokens, got ", nb);
-  // tome_partition_clamp_r: at most N - Nb (the A tokens), and 0 without destinations, written
-  // as min(N - Nb, Nb * N) so that it stays one symbolic expression.
+  // The partition clamp (rules.tome_partition_clamp_r in Python): at most N - Nb (the A tokens),
+  // and 0 without destinations, written as min(N - Nb, Nb * N) to stay one symbolic expression.
   return r.min((n - nb).min(nb * n)).max(c10::SymInt(0));
 }
 

@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
   for (int64_t a = tid; a < d.na; a += kRows) rank[a] = rank_in_row(node_max, d.na, a, true);
   __syncthreads();
   for (int64_t a = tid; a < d.na; a += kRows) {
-    const int64_t slot = tome_slot(rank, a, d.na, r, num_protected > 0);
+    const int64_t slot = tome_slot(rank, a, r, num_protected > 0);
     if (slot < 0) {
       src[b * r + (-1 - slot)] = a;
       dst[b * r + (-1 - slot)] = node_idx[a];
