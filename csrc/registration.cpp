@@ -3,6 +3,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(tokred, m) {
+  // One schema per line, past the column limit, so that the block reads as a table.
+  // clang-format off
   // Selection: Top-K pruning and EViT.
   m.def("topk(Tensor scores, SymInt k, bool largest=True, Tensor? lengths=None) -> (Tensor values, Tensor indices)");
   m.def("_topk_backward(Tensor grad_values, Tensor indices, SymInt n) -> Tensor");
@@ -35,4 +37,5 @@ TORCH_LIBRARY(tokred, m) {
   m.def("_routed_gather_backward(Tensor grad, Tensor kv, Tensor r_idx, Tensor? r_weight=None) -> (Tensor grad_kv, Tensor grad_r_weight)");
   m.def("routed_attention(Tensor q, Tensor k, Tensor v, Tensor r_idx, SymInt num_heads, float scale) -> (Tensor out, Tensor lse)");
   m.def("_routed_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor r_idx, Tensor out, Tensor lse, SymInt num_heads, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // clang-format on
 }

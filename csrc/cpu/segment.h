@@ -1,4 +1,6 @@
-// Mᵀ on the CPU: the deterministic segmented sum that every backward (and ToMe's merge) uses.
+// Mᵀ on the CPU: the deterministic segmented sum and its CSR plan. Its users: the topk and
+// gather_tokens backwards (scatter_sum_rows_cpu), ToMe's plan and the routed_gather backward
+// (build_segments_cpu). The routed_attention and prune_tokens backwards do not use it.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,4 +1,5 @@
-// Mᵀ on CUDA: the deterministic segmented sum behind every backward (and ToMe's merge).
+// Mᵀ on CUDA: the deterministic segmented sum behind ToMe's plan and the topk, gather_tokens,
+// routed_gather and routed_attention backwards (not prune_tokens' backward).
 #pragma once
 
 #include <ATen/ATen.h>
