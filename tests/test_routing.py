@@ -1,4 +1,6 @@
 """tokred::routed_gather and tokred::routed_attention against the upstream gather + matmul."""
+import os
+import platform
 import random
 
 import pytest
@@ -397,3 +399,62 @@ def test_strided_inputs(device):
         a = torch.autograd.grad(ops.routed_attention(q, k, v, r, H, 0.4)[0], qkv, gg)[0]
         b = torch.autograd.grad(reference.routed_attention(q, k, v, r, H, 0.4)[0], qkv, gg)[0]
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------- fused and unfused CPU kernels
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+
+
+def tokred_ext_fuses():
+    import tokred_ext
+    return tokred_ext.build_info()["cpu_fused_multiply_add"]
+
+
+def _unfused_run(args):
+    """`python args...` in a process whose CPU kernels run unfused (TOKRED_CPU_FMA=0)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TOKRED_CPU_FMA="0")
+    return subprocess.run([sys.executable] + args, cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or _cpu_flags() is None,
+                    reason="reads the CPU's flags from /proc/cpuinfo (Linux x86-64)")
+def test_cpu_kernels_fuse_exactly_where_the_cpu_has_fma():
+    import tokred_ext
+    has_fma = {"avx2", "fma"} <= set(_cpu_flags())
+    want = has_fma and os.environ.get("TOKRED_CPU_FMA") != "0"
+    assert tokred_ext.build_info()["cpu_fused_multiply_add"] == want
+
+
+@pytest.mark.skipif(os.environ.get("TOKRED_CPU_FMA") == "0", reason="already the unfused run")
+def test_unfused_kernels_pass_this_file():
+    """This file's tests again in a process that runs the unfused variant: the CPU here has FMA
+    (as CI's do), so the run above tested the fused one."""
+    res = _unfused_run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not tokred_ext_fuses(), reason="the CPU runs the unfused kernels only")
+def test_fused_and_unfused_kernels_differ_in_the_last_bits_only(tmp_path):
+    g = torch.Generator().manual_seed(11)
+    q, k, v, r = attn_inputs(2, 9, 16, 16, 3, 2, 32, 32, torch.float32, "cpu", g=g)
+    torch.save((q, k, v, r), tmp_path / "inputs.pt")
+    script = ("import sys, torch; from tokred_ext import ops; "
+              "q, k, v, r = torch.load(sys.argv[1]); "
+              "torch.save(ops.routed_attention(q, k, v, r, 2, 0.2), sys.argv[2])")
+    res = _unfused_run(["-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    unfused = torch.load(tmp_path / "out.pt")
+    fused = ops.routed_attention(q, k, v, r, 2, 0.2)
+    for a, b in zip(fused, unfused):
+        assert not torch.equal(a, b)  # the variant did change
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -111,8 +111,8 @@ void match_row(DotsOf&& dots_of, const acc_t* inv_a_all, const acc_t* inv_b_all,
   }
 }
 
-TOKRED_VEC_DOT_ROWS(float)
-TOKRED_VEC_DOT_ROWS(double)
+TOKRED_VEC_DOT_ROWS(float, TOKRED_SIMD_CLONES)
+TOKRED_VEC_DOT_ROWS(double, TOKRED_SIMD_CLONES)
 
 // One batch row's interleaved tokens (A even, B odd) for match_row: their inverse norms, and their
 // raw dot products kRows A rows at a time while they are in cache (dots_of). Each product sums

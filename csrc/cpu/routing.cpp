@@ -220,20 +220,44 @@ TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T
   }
 }
 
-// Target-cloned entry points (one per accumulator type: GCC cannot clone templates).
-#define TOKRED_ROUTING_KERNELS(T)                                                               \
-  TOKRED_VEC_DOT_ROWS(T)                                                                        \
-  TOKRED_VEC_AXPY_ROWS(T)                                                                       \
-  TOKRED_SIMD_CLONES T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {  \
+// Entry points per accumulator type (GCC cannot clone templates), in two variants: `plain`
+// (cloned for AVX-512, AVX2 and the baseline) and `fused` (TOKRED_FMA_TARGET: the products' and
+// the exp's multiply-adds fused, for CPUs with FMA). Each gives the same bits on every clone and
+// thread count; the two differ in the last bits. routing_kernels() picks one for the process.
+#define TOKRED_ROUTING_KERNELS(T, ATTRS)                                                         \
+  TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                                 \
+  TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                                \
+  ATTRS T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {               \
     return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                            \
   }                                                                                             \
-  TOKRED_SIMD_CLONES void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T scale,  \
-                                          T* ds) {                                              \
+  ATTRS void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T scale, T* ds) {      \
     probs_grads_row_impl<T>(s, dp, ktp, lse, D, scale, ds);                                     \
   }
 
-TOKRED_ROUTING_KERNELS(float)
-TOKRED_ROUTING_KERNELS(double)
+namespace plain {
+TOKRED_ROUTING_KERNELS(float, TOKRED_SIMD_CLONES)
+TOKRED_ROUTING_KERNELS(double, TOKRED_SIMD_CLONES)
+}  // namespace plain
+namespace fused {
+TOKRED_ROUTING_KERNELS(float, TOKRED_FMA_TARGET)
+TOKRED_ROUTING_KERNELS(double, TOKRED_FMA_TARGET)
+}  // namespace fused
+
+template <typename T>
+struct RoutingKernels {
+  void (*dot_rows)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, T, T*, int64_t);
+  void (*axpy_rows)(const T*, int64_t, int64_t, const T* const*, int64_t, int64_t, int64_t, T*,
+                    int64_t);
+  T (*softmax_tile_row)(T*, int64_t, int64_t, OnlineSoftmax<T>&);
+  void (*probs_grads_row)(T*, const T*, int64_t, T, T, T, T*);
+};
+
+template <typename T>
+RoutingKernels<T> routing_kernels() {
+  if (fused_multiply_add())
+    return {fused::dot_rows, fused::axpy_rows, fused::softmax_tile_row, fused::probs_grads_row};
+  return {plain::dot_rows, plain::axpy_rows, plain::softmax_tile_row, plain::probs_grads_row};
+}
 
 // ---------------------------------------------------------------------- staging
 
@@ -293,10 +317,12 @@ inline int64_t key_runs(const int64_t* ridx, int64_t WK, int64_t kk0, int64_t kt
 }
 
 // dst[c][run.x + e] = src[c][run.j·WK + run.y + e]: the tile's keys in column layout, copied from
-// the staged columns in runs (4 values at a time).
+// the staged columns in runs (4 values at a time). Loop distribution off: GCC may otherwise turn
+// a run's copy into a call to memcpy, which costs more than the copy of a run's 4 to 16 keys.
 template <typename T>
-void gather_cols(const T* src, int64_t lds, int64_t C, const KeyRun* runs, int64_t nr,
-                 int64_t WK, T* dst, int64_t ldd) {
+__attribute__((optimize("no-tree-loop-distribute-patterns"))) void gather_cols(
+    const T* src, int64_t lds, int64_t C, const KeyRun* runs, int64_t nr, int64_t WK, T* dst,
+    int64_t ldd) {
   for (int64_t u = 0; u < nr; ++u) {
     const KeyRun& q = runs[u];
     const T* s = src + q.j * WK + q.y;
@@ -395,6 +421,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
     const int64_t split =
         std::min(d.P, std::max<int64_t>(1, (4 * at::get_num_threads() + units - 1) / units));
     const int64_t per = (d.P + split - 1) / split, parts = (d.P + per - 1) / per;
+    const RoutingKernels<acc_t> kern = routing_kernels<acc_t>();
     parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
       constexpr bool stage_values = !kValuesInPlace<scalar_t, acc_t>;
       std::vector<acc_t> kT(d.DQ * ldk), vrow(stage_values ? NK * d.DV : 0),
@@ -444,19 +471,21 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
                            vptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               const int64_t rows = std::min(kRows, d.WQ - r0);
-              dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, cols, ldc, ktp, scale, s.data(), kTile);
+              kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, cols, ldc, ktp, scale, s.data(),
+                            kTile);
               for (int64_t rr = 0; rr < rows; ++rr) {
                 // Scores become unnormalised probabilities in place; the accumulator rescales
                 // (not at the first tile: it is still zero, and a NaN row stays NaN through the
                 // probabilities).
-                const acc_t alpha = softmax_tile_row(s.data() + rr * kTile, kt, ktp, st[r0 + rr]);
+                const acc_t alpha =
+                    kern.softmax_tile_row(s.data() + rr * kTile, kt, ktp, st[r0 + rr]);
                 if (kk0 > 0 && alpha != acc_t(1)) {
                   acc_t* ar = acc.data() + (r0 + rr) * d.DV;
                   for (int64_t c = 0; c < d.DV; ++c) ar[c] *= alpha;
                 }
               }
-              axpy_rows(s.data(), kTile, 1, vptr.data(), kt, d.DV, rows, acc.data() + r0 * d.DV,
-                        d.DV);
+              kern.axpy_rows(s.data(), kTile, 1, vptr.data(), kt, d.DV, rows,
+                             acc.data() + r0 * d.DV, d.DV);
             }
           }
           for (int64_t r = 0; r < d.WQ; ++r) {
@@ -506,6 +535,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     // feed dq of the window and the dk / dv accumulators of the batch's keys of that head. A key
     // row sums its terms in ascending (query window, slot, query row) order within one task, so
     // results do not depend on the thread count.
+    const RoutingKernels<acc_t> kern = routing_kernels<acc_t>();
     parallel_for(0, d.n * d.H, 1, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> kT(d.DQ * ldk), vT(d.DV * ldk), krow(NK * d.DQ), dka(NK * d.DQ),
           dva(NK * d.DV), qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), lr(WQp),
@@ -548,27 +578,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
             key_row_ptrs(krow.data(), d.DQ, runs.data(), nr, d.WK, kptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               acc_t* pr = pb.data() + r0 * kTile;
-              dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, scale, pr,
-                       kTile);
-              dot_rows(gf.data() + r0 * d.DV, d.DV, d.DV, vc.data(), kTile, ktp, acc_t(1),
-                       dpb.data(), kTile);
+              kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, scale, pr,
+                            kTile);
+              kern.dot_rows(gf.data() + r0 * d.DV, d.DV, d.DV, vc.data(), kTile, ktp, acc_t(1),
+                            dpb.data(), kTile);
               for (int64_t rr = 0; rr < kRows; ++rr) {
                 acc_t* srow = pr + rr * kTile;
                 for (int64_t x = kt; x < ktp; ++x) srow[x] = routing::neg_inf<acc_t>();
-                probs_grads_row(srow, dpb.data() + rr * kTile, ktp, lr[r0 + rr], Dr[r0 + rr],
-                                scale, dsb.data() + (r0 + rr) * kTile);
+                kern.probs_grads_row(srow, dpb.data() + rr * kTile, ktp, lr[r0 + rr],
+                                     Dr[r0 + rr], scale, dsb.data() + (r0 + rr) * kTile);
               }
             }
             // dq[r] += Σ_x dS[r][x] k[x]; for each slot's keys, dk[x] += Σ_r dS[r][x] q[r] and
             // dv[x] += Σ_r P[r][x] dO[r].
-            axpy_rows(dsb.data(), kTile, 1, kptr.data(), kt, d.DQ, d.WQ, dqa.data(), d.DQ);
+            kern.axpy_rows(dsb.data(), kTile, 1, kptr.data(), kt, d.DQ, d.WQ, dqa.data(), d.DQ);
             for (int64_t u = 0; u < nr; ++u) {
               const KeyRun& run = runs[u];
               const int64_t row0 = run.j * d.WK + run.y;
-              axpy_rows(dsb.data() + run.x, 1, kTile, qptr.data(), d.WQ, d.DQ, run.len,
-                        dka.data() + row0 * d.DQ, d.DQ);
-              axpy_rows(pb.data() + run.x, 1, kTile, gptr.data(), d.WQ, d.DV, run.len,
-                        dva.data() + row0 * d.DV, d.DV);
+              kern.axpy_rows(dsb.data() + run.x, 1, kTile, qptr.data(), d.WQ, d.DQ, run.len,
+                             dka.data() + row0 * d.DQ, d.DQ);
+              kern.axpy_rows(pb.data() + run.x, 1, kTile, gptr.data(), d.WQ, d.DV, run.len,
+                             dva.data() + row0 * d.DV, d.DV);
             }
           }
           for (int64_t r = 0; r < d.WQ; ++r) {

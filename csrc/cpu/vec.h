@@ -1,16 +1,17 @@
 // tokred's CPU SIMD toolkit: fixed-width vectors (GCC / Clang vector extensions), their loads,
 // stores and lane reductions, sums of squares, first maxima, a vectorised exp, and two blocked
 // row kernels (scores a·bᵀ and weighted row sums w·B) built on them. The routing kernels
-// (cpu/routing.cpp) and ToMe's matching (cpu/merge.cpp) use it.
+// (cpu/routing.cpp), ToMe's matching (cpu/merge.cpp) and EViT's fused token (cpu/select.cpp) use
+// it.
 //
-// Every operation is element-wise multiplies and adds, never fused: each lane does the scalar
-// operations in the scalar order, so each target clone and every thread count gives the same bits.
-// Including this header turns FMA contraction off for the rest of the translation unit (the
-// kernels that use these vectors must not fuse either).
+// Every operation is element-wise multiplies and adds: each lane does the scalar operations in
+// the scalar order, so each target clone and every thread count gives the same bits. Including
+// this header turns FMA contraction off for the rest of the translation unit; only an entry point
+// marked TOKRED_FMA_TARGET fuses (every multiply that feeds an add, as the compiler finds them),
+// and it runs only where fused_multiply_add() says so (cpu/fma.h).
 //
 // Templates here are always inlined; GCC cannot clone templates for several targets, so a .cpp
-// defines the target-cloned entry points (TOKRED_VEC_DOT_ROWS and TOKRED_VEC_AXPY_ROWS below,
-// and its own).
+// defines the entry points (TOKRED_VEC_DOT_ROWS and TOKRED_VEC_AXPY_ROWS below, and its own).
 #pragma once
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <cstdint>
 
 #include "common/routing.h"
+#include "cpu/fma.h"
 
 #if !defined(__GNUC__)
 #error "tokred's CPU SIMD toolkit (cpu/vec.h) uses GCC / Clang vector extensions"
@@ -303,16 +305,17 @@ TOKRED_INLINE void axpy_rows_all(const T* w, int64_t wr, int64_t wx, const T* co
 }  // namespace vec
 }  // namespace tokred
 
-// Target-cloned entry points for accumulator type T; expand each once per type in the .cpp that
-// calls it. dot_rows: kRows-row blocks of a·bᵀ (routing's scores, ToMe's matching).
-#define TOKRED_VEC_DOT_ROWS(T)                                                                     \
-  TOKRED_SIMD_CLONES void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT,                \
-                                   int64_t ldb, int64_t nx, T scale, T* out, int64_t ldo) {        \
+// Entry points for accumulator type T under ATTRS (TOKRED_SIMD_CLONES, or TOKRED_FMA_TARGET for
+// a fused variant); expand each once per type and variant in the .cpp that calls it.
+// dot_rows: kRows-row blocks of a·bᵀ (routing's scores, ToMe's matching).
+#define TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                              \
+  ATTRS void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb, int64_t nx,    \
+                      T scale, T* out, int64_t ldo) {                                              \
     ::tokred::vec::dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                      \
   }
 // axpy_rows: rows of o += w·B, any row count (routing's weighted values).
-#define TOKRED_VEC_AXPY_ROWS(T)                                                                    \
-  TOKRED_SIMD_CLONES void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow,      \
-                                    int64_t X, int64_t C, int64_t rows, T* o, int64_t ldo) {       \
+#define TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                             \
+  ATTRS void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow, int64_t X,        \
+                       int64_t C, int64_t rows, T* o, int64_t ldo) {                               \
     ::tokred::vec::axpy_rows_all<T>(w, wr, wx, brow, X, C, rows, o, ldo);                          \
   }

@@ -1,10 +1,12 @@
 // The Python module tokred_ext._C. Loading it runs the static op registrations, after which the
-// ops are reachable as torch.ops.tokred.*. Its one function reports how the CPU kernels thread.
+// ops are reachable as torch.ops.tokred.*. Its functions report how the CPU kernels run.
 #include <Python.h>
 
 #include <atomic>
 
 #include <ATen/Parallel.h>
+
+#include "cpu/fma.h"
 
 // The number of distinct threads at::parallel_for ran a large loop on, as seen from this library.
 // at::parallel_for is a header template, so it runs on one thread in any library compiled without
@@ -22,9 +24,16 @@ static PyObject* parallel_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(used);
 }
 
+// Whether the CPU kernels with a fused multiply-add variant (routing's) run it (cpu/fma.h).
+static PyObject* cpu_fused_multiply_add(PyObject*, PyObject*) {
+  return PyBool_FromLong(tokred::fused_multiply_add() ? 1 : 0);
+}
+
 static PyMethodDef tokred_methods[] = {
     {"_parallel_threads", parallel_threads, METH_NOARGS,
      "Threads at::parallel_for uses in tokred's CPU kernels."},
+    {"_cpu_fused_multiply_add", cpu_fused_multiply_add, METH_NOARGS,
+     "Whether tokred's CPU kernels run their fused multiply-add variants."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef tokred_module = {PyModuleDef_HEAD_INIT, "_C",
