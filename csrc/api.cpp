@@ -1,8 +1,8 @@
 // tokred.h: typed calls into the dispatcher. Looking ops up by name keeps this file free of
 // kernel symbols, so the same header serves CPU and CUDA builds.
-#include "tokred.h"
-
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include "tokred.h"
 
 namespace tokred {
 namespace {
@@ -47,17 +47,18 @@ at::Tensor complement(const at::Tensor& index, int64_t n) {
 
 TensorPair prune_tokens(const at::Tensor& x, const at::Tensor& scores, int64_t k, bool fuse,
                         int64_t num_protected, bool keep_order) {
-  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, c10::SymInt, bool,
-                                c10::SymInt, bool)>("tokred::prune_tokens");
+  static auto h =
+      op<TensorPair(const at::Tensor&, const at::Tensor&, c10::SymInt, bool, c10::SymInt, bool)>(
+          "tokred::prune_tokens");
   return h.call(x, scores, k, fuse, num_protected, keep_order);
 }
 
 TensorPair prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                  const at::Tensor& scores, const at::Tensor& index, bool fuse,
                                  int64_t num_protected) {
-  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, bool, c10::SymInt)>(
-      "tokred::_prune_tokens_backward");
+  static auto h =
+      op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    bool, c10::SymInt)>("tokred::_prune_tokens_backward");
   return h.call(grad_out, x, scores, index, fuse, num_protected);
 }
 
@@ -71,13 +72,13 @@ TensorTriple bipartite_match(T metric, int64_t r, int64_t num_protected) {
 
 TensorPair merge(T x, const OptTensor& size, T unm_idx, T src_idx, T dst_idx,
                  const std::string& mode, int64_t num_protected) {
-  static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view, c10::SymInt)>(
-      "tokred::merge");
+  static auto h =
+      op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view, c10::SymInt)>("tokred::merge");
   return h.call(x, size, unm_idx, src_idx, dst_idx, mode, num_protected);
 }
 
-at::Tensor merge_backward(T grad_out, T x, const OptTensor& size, T unm_idx, T src_idx,
-                          T dst_idx, const std::string& mode, int64_t num_protected) {
+at::Tensor merge_backward(T grad_out, T x, const OptTensor& size, T unm_idx, T src_idx, T dst_idx,
+                          const std::string& mode, int64_t num_protected) {
   static auto h = op<at::Tensor(T, T, const OptTensor&, T, T, T, c10::string_view, c10::SymInt)>(
       "tokred::_merge_backward");
   return h.call(grad_out, x, size, unm_idx, src_idx, dst_idx, mode, num_protected);
@@ -95,8 +96,8 @@ at::Tensor unmerge_backward(T grad, T unm_idx, T src_idx, T dst_idx, int64_t num
 
 at::Tensor merge_source(const OptTensor& source, T unm_idx, T src_idx, T dst_idx, int64_t n,
                         int64_t num_protected) {
-  static auto h = op<at::Tensor(const OptTensor&, T, T, T, c10::SymInt, c10::SymInt)>(
-      "tokred::merge_source");
+  static auto h =
+      op<at::Tensor(const OptTensor&, T, T, T, c10::SymInt, c10::SymInt)>("tokred::merge_source");
   return h.call(source, unm_idx, src_idx, dst_idx, n, num_protected);
 }
 
@@ -114,8 +115,8 @@ MergePlan bipartite_match_plan(T metric, T dst_tokens, int64_t r) {
 
 TensorPair merge_by_plan(T x, const OptTensor& size, const MergePlan& plan,
                          const std::string& mode) {
-  static auto h = op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view)>(
-      "tokred::merge_by_plan");
+  static auto h =
+      op<TensorPair(T, const OptTensor&, T, T, T, c10::string_view)>("tokred::merge_by_plan");
   return h.call(x, size, plan.dest, plan.offsets, plan.members, mode);
 }
 
@@ -146,16 +147,17 @@ at::Tensor routed_gather(const at::Tensor& kv, const at::Tensor& r_idx, const Op
 
 TensorPair routed_gather_backward(const at::Tensor& grad, const at::Tensor& kv,
                                   const at::Tensor& r_idx, const OptTensor& r_weight) {
-  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const OptTensor&)>("tokred::_routed_gather_backward");
+  static auto h =
+      op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>(
+          "tokred::_routed_gather_backward");
   return h.call(grad, kv, r_idx, r_weight);
 }
 
 TensorPair routed_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& r_idx, int64_t num_heads, double scale) {
-  static auto h = op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, c10::SymInt, double)>(
-      "tokred::routed_attention");
+  static auto h =
+      op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    c10::SymInt, double)>("tokred::routed_attention");
   return h.call(q, k, v, r_idx, num_heads, scale);
 }
 
@@ -164,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward(
     const at::Tensor& r_idx, const at::Tensor& out, const at::Tensor& lse, int64_t num_heads,
     double scale) {
   static auto h = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, double)>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, c10::SymInt, double)>(
       "tokred::_routed_attention_backward");
   return h.call(grad_out, q, k, v, r_idx, out, lse, num_heads, scale);
 }

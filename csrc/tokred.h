@@ -5,11 +5,11 @@
 // gather_tokens, complement, prune_tokens), merge.md (ToMe) and routing.md (BiFormer).
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <optional>
 #include <string>
 #include <tuple>
-
-#include <ATen/ATen.h>
 
 namespace tokred {
 
@@ -30,8 +30,7 @@ at::Tensor complement(const at::Tensor& index, int64_t n);
 // x [B, P + N, C], scores [B, N] -> (out [B, P + k + fuse, C], index [B, k]).
 std::tuple<at::Tensor, at::Tensor> prune_tokens(const at::Tensor& x, const at::Tensor& scores,
                                                 int64_t k, bool fuse = false,
-                                                int64_t num_protected = 1,
-                                                bool keep_order = false);
+                                                int64_t num_protected = 1, bool keep_order = false);
 std::tuple<at::Tensor, at::Tensor> prune_tokens_backward(const at::Tensor& grad_out,
                                                          const at::Tensor& x,
                                                          const at::Tensor& scores,
@@ -41,10 +40,9 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward(const at::Tensor& grad_
 // ---- Merging: ToMe (docs/merge.md).
 
 // metric [B, N, D] -> (unm_idx [B, ceil(N/2) - r], src_idx [B, r], dst_idx [B, r]). The first
-// num_protected tokens (the prefix: class, distillation, register tokens) never merge; the ops below
-// keep them first in their output.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match(const at::Tensor& metric,
-                                                               int64_t r,
+// num_protected tokens (the prefix: class, distillation, register tokens) never merge; the ops
+// below keep them first in their output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match(const at::Tensor& metric, int64_t r,
                                                                int64_t num_protected = 1);
 // x [B, N, C] -> (out [B, N - r, C], size_out [B, N - r, 1]).
 std::tuple<at::Tensor, at::Tensor> merge(const at::Tensor& x, const std::optional<at::Tensor>& size,

@@ -90,9 +90,7 @@ struct TomeTokens {
 // Output position of the k-th unmerged A token and of B token j. Prefix tokens keep their
 // position (unm_idx lists the pa prefix A tokens first: it ascends with a prefix); the others
 // follow: unmerged A from P on, then B from P + u - pa = u + pb on.
-TOKRED_HD int64_t tome_unm_out(int64_t k, const TomeDims& d) {
-  return k < d.pa ? 2 * k : k + d.pb;
-}
+TOKRED_HD int64_t tome_unm_out(int64_t k, const TomeDims& d) { return k < d.pa ? 2 * k : k + d.pb; }
 TOKRED_HD int64_t tome_dst_out(int64_t j, const TomeDims& d) {
   return j < d.pb ? 2 * j + 1 : d.u + j;
 }
@@ -131,8 +129,8 @@ TOKRED_HD PlanFault tome_plan_fault(const int64_t* offsets, const int64_t* membe
 // (upstream's class-token row and distillation-token column, for any prefix). In A row a the
 // excluded columns are a prefix: every column j < tome_first_scored_column(a, nb, ...).
 TOKRED_HD int64_t tome_first_scored_column(int64_t a, int64_t nb, int64_t num_protected) {
-  if (2 * a < num_protected) return nb;       // a prefix A token: the whole row
-  const int64_t first = num_protected / 2;    // B token j is in the prefix while 2j + 1 < P
+  if (2 * a < num_protected) return nb;     // a prefix A token: the whole row
+  const int64_t first = num_protected / 2;  // B token j is in the prefix while 2j + 1 < P
   return first < nb ? first : nb;
 }
 

@@ -9,8 +9,7 @@ MergeMode parse_merge_mode(std::string_view mode, const char* op) {
   if (mode == "mean") return MergeMode::kMean;
   if (mode == "amax") return MergeMode::kAmax;
   if (mode == "wavg") return MergeMode::kWavg;
-  TOKRED_CHECK(false, op, "mode", "must be one of 'sum', 'mean', 'amax', 'wavg', got '", mode,
-               "'");
+  TOKRED_CHECK(false, op, "mode", "must be one of 'sum', 'mean', 'amax', 'wavg', got '", mode, "'");
   return MergeMode::kSum;
 }
 
@@ -59,8 +58,8 @@ c10::SymInt check_bipartite_match_plan(const at::Tensor& metric, const at::Tenso
   check_dim(dst_tokens, 1, op, "dst_tokens", "[Nb]");
   check_same_device(metric, dst_tokens, op, "metric", "dst_tokens");
   const c10::SymInt n = metric.sym_size(1), nb = dst_tokens.sym_size(0);
-  TOKRED_SYM_CHECK(nb.sym_le(n), op, "dst_tokens", "must list at most N = ", n,
-                   " tokens, got ", nb);
+  TOKRED_SYM_CHECK(nb.sym_le(n), op, "dst_tokens", "must list at most N = ", n, " tokens, got ",
+                   nb);
   // The partition clamp (rules.tome_partition_clamp_r in Python): at most N - Nb (the A tokens),
   // and 0 without destinations, written as min(N - Nb, Nb * N) to stay one symbolic expression.
   return r.min((n - nb).min(nb * n)).max(c10::SymInt(0));
@@ -79,37 +78,38 @@ c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src
   check_dim(dst_idx, 2, op, "dst_idx", "[B, r]");
   check_same_device(unm_idx, src_idx, op, "unm_idx", "src_idx");
   check_same_device(src_idx, dst_idx, op, "src_idx", "dst_idx");
-  TOKRED_SYM_CHECK(unm_idx.sym_size(0).sym_eq(batch), op, "unm_idx", "must have batch size ",
-                   batch, ", got ", unm_idx.sym_size(0));
+  TOKRED_SYM_CHECK(unm_idx.sym_size(0).sym_eq(batch), op, "unm_idx", "must have batch size ", batch,
+                   ", got ", unm_idx.sym_size(0));
   TOKRED_CHECK(dst_idx.sym_sizes() == src_idx.sym_sizes(), op, "dst_idx",
                "must have the shape of src_idx ", src_idx.sym_sizes(), ", got ",
                dst_idx.sym_sizes());
-  TOKRED_SYM_CHECK(src_idx.sym_size(0).sym_eq(batch), op, "src_idx", "must have batch size ",
-                   batch, ", got ", src_idx.sym_size(0));
+  TOKRED_SYM_CHECK(src_idx.sym_size(0).sym_eq(batch), op, "src_idx", "must have batch size ", batch,
+                   ", got ", src_idx.sym_size(0));
   const c10::SymInt r = src_idx.sym_size(1);
   const c10::SymInt na = (n + 1) / 2;
   TOKRED_SYM_CHECK((unm_idx.sym_size(1) + r).sym_eq(na), op, "unm_idx",
-                   "and src_idx must together list the ceil(N/2) = ", na,
-                   " tokens of set A, got ", unm_idx.sym_size(1), " + ", r);
+                   "and src_idx must together list the ceil(N/2) = ", na, " tokens of set A, got ",
+                   unm_idx.sym_size(1), " + ", r);
   // The layout gives the prefix's A tokens (the first ceil(min(P, n) / 2) unmerged ones) the even
   // outputs below P; with fewer unmerged tokens, two tokens would share an output.
   const c10::SymInt prefix_a = (num_protected.min(n) + 1) / 2;
-  TOKRED_SYM_CHECK(unm_idx.sym_size(1).sym_ge(prefix_a), op, "unm_idx",
-                   "must keep at least the ", prefix_a, " prefix tokens of set A with num_protected = ",
-                   num_protected, ", got ", unm_idx.sym_size(1));
+  TOKRED_SYM_CHECK(unm_idx.sym_size(1).sym_ge(prefix_a), op, "unm_idx", "must keep at least the ",
+                   prefix_a, " prefix tokens of set A with num_protected = ", num_protected,
+                   ", got ", unm_idx.sym_size(1));
   return r;
 }
 
 c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                        const at::Tensor& dst_idx, std::string_view mode, const c10::SymInt& num_protected,
-                        const char* op) {
+                        const at::Tensor& dst_idx, std::string_view mode,
+                        const c10::SymInt& num_protected, const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, N, C]");
   parse_merge_mode(mode, op);
   check_size(x, size, op);
   check_same_device(x, unm_idx, op, "x", "unm_idx");
-  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), num_protected, op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, x.sym_size(0), x.sym_size(1), num_protected,
+                             op);
 }
 
 void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
@@ -134,9 +134,9 @@ c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm
                              num_protected, op);
 }
 
-c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
-                          const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const c10::SymInt& n, const c10::SymInt& num_protected, const char* op) {
+c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                          const at::Tensor& dst_idx, const c10::SymInt& n,
+                          const c10::SymInt& num_protected, const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, n - r, C]");
   check_same_device(x, unm_idx, op, "x", "unm_idx");
@@ -166,8 +166,8 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
 
 // ---- plans
 
-c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
-                       const at::Tensor& members, const char* op) {
+c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets, const at::Tensor& members,
+                       const char* op) {
   check_index(dest, op, "dest");
   check_index(offsets, op, "offsets");
   check_index(members, op, "members");
@@ -191,7 +191,8 @@ c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
 }
 
 c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                             const at::Tensor& dst_idx, const c10::SymInt& n, const c10::SymInt& num_protected) {
+                             const at::Tensor& dst_idx, const c10::SymInt& n,
+                             const c10::SymInt& num_protected) {
   const char* op = "merge_plan";
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
   return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, num_protected, op);
@@ -199,8 +200,7 @@ c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_id
 
 c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,
                                 const at::Tensor& dest, const at::Tensor& offsets,
-                                const at::Tensor& members, std::string_view mode,
-                                const char* op) {
+                                const at::Tensor& members, std::string_view mode, const char* op) {
   check_float(x, op, "x");
   check_dim(x, 3, op, "x", "[B, N, C]");
   parse_merge_mode(mode, op);
@@ -208,8 +208,8 @@ c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Ten
   check_same_device(x, dest, op, "x", "dest");
   const std::vector<c10::SymInt> want = {dest.sym_size(0), dest.sym_size(1)};
   TOKRED_CHECK(x.sym_sizes().slice(0, 2) == c10::SymIntArrayRef(want), op, "x",
-               "must have the plan's [B, N] = ", c10::SymIntArrayRef(want),
-               " leading sizes, got ", x.sym_sizes());
+               "must have the plan's [B, N] = ", c10::SymIntArrayRef(want), " leading sizes, got ",
+               x.sym_sizes());
   check_size(x, size, op);
   return nout;
 }
@@ -258,8 +258,8 @@ std::string plan_fault_message(PlanFault fault, int64_t b, int64_t o, const char
     case PlanFault::kNone:
       break;
   }
-  return c10::str("tokred::", op, ": (dest, offsets, members) is not a merge plan at batch row ",
-                  b, ", output ", o, ": ", what, " (build plans with tokred::merge_plan)");
+  return c10::str("tokred::", op, ": (dest, offsets, members) is not a merge plan at batch row ", b,
+                  ", output ", o, ": ", what, " (build plans with tokred::merge_plan)");
 }
 
 }  // namespace tokred

@@ -2,11 +2,11 @@
 // backend rejects the same inputs with the same message.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <optional>
 #include <string>
 #include <string_view>
-
-#include <ATen/ATen.h>
 
 #include "common/merge.h"
 
@@ -42,8 +42,8 @@ c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src
 // x [B, N, C], size None or [B, N, 1] of x's dtype. Returns r.
 c10::SymInt check_merge(const at::Tensor& x, const std::optional<at::Tensor>& size,
                         const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                        const at::Tensor& dst_idx, std::string_view mode, const c10::SymInt& num_protected,
-                        const char* op);
+                        const at::Tensor& dst_idx, std::string_view mode,
+                        const c10::SymInt& num_protected, const char* op);
 
 // grad_out [B, N - r, C] of x's dtype and batch, for a merge of x [B, N, C].
 void check_merge_backward_grad(const at::Tensor& grad, const at::Tensor& x, const c10::SymInt& r,
@@ -55,9 +55,9 @@ c10::SymInt check_unmerge_backward(const at::Tensor& grad, const at::Tensor& unm
                                    const c10::SymInt& num_protected, const char* op);
 
 // x [B, n - r, C]. Returns r.
-c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx,
-                          const at::Tensor& src_idx, const at::Tensor& dst_idx,
-                          const c10::SymInt& n, const c10::SymInt& num_protected, const char* op);
+c10::SymInt check_unmerge(const at::Tensor& x, const at::Tensor& unm_idx, const at::Tensor& src_idx,
+                          const at::Tensor& dst_idx, const c10::SymInt& n,
+                          const c10::SymInt& num_protected, const char* op);
 
 // source None or [B, N0] int of token positions in [0, n). Returns r.
 c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at::Tensor& unm_idx,
@@ -69,18 +69,18 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
 // The shapes of a plan: dest [B, n], offsets [B, nout + 1], members [B, n], index dtypes on one
 // device, with 0 < nout <= n (nout = 0 only for n = 0). Returns nout. Values are checked by the
 // backends with tome_plan_fault (common/merge.h).
-c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets,
-                       const at::Tensor& members, const char* op);
+c10::SymInt check_plan(const at::Tensor& dest, const at::Tensor& offsets, const at::Tensor& members,
+                       const char* op);
 
 // merge_plan: the match indices for n tokens. Returns r.
 c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                             const at::Tensor& dst_idx, const c10::SymInt& n, const c10::SymInt& num_protected);
+                             const at::Tensor& dst_idx, const c10::SymInt& n,
+                             const c10::SymInt& num_protected);
 
 // x [B, n, C] and size None or [B, n, 1] for a plan of n tokens. Returns nout.
 c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,
                                 const at::Tensor& dest, const at::Tensor& offsets,
-                                const at::Tensor& members, std::string_view mode,
-                                const char* op);
+                                const at::Tensor& members, std::string_view mode, const char* op);
 
 // x [B, nout, C] for a plan of nout outputs.
 void check_unmerge_by_plan(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& offsets,

@@ -11,18 +11,17 @@ void check_r_idx(const at::Tensor& r_idx, const at::Tensor& like, const char* op
   check_index(r_idx, op, "r_idx");
   check_dim(r_idx, 3, op, "r_idx", "[n, P, topk]");
   check_same_device(like, r_idx, op, like_name, "r_idx");
-  TOKRED_SYM_CHECK(r_idx.sym_size(0).sym_eq(like.sym_size(0)), op, "r_idx",
-                   "must have batch size ", like_name, ".size(0) = ", like.sym_size(0), ", got ",
-                   r_idx.sym_size(0));
+  TOKRED_SYM_CHECK(r_idx.sym_size(0).sym_eq(like.sym_size(0)), op, "r_idx", "must have batch size ",
+                   like_name, ".size(0) = ", like.sym_size(0), ", got ", r_idx.sym_size(0));
   TOKRED_SYM_CHECK(r_idx.sym_size(1).sym_eq(like.sym_size(1)), op, "r_idx",
                    "must have one row per region, ", like_name, ".size(1) = ", like.sym_size(1),
                    ", got ", r_idx.sym_size(1));
 }
 
-void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* op,
-                      const char* arg, const char* like_name) {
-  TOKRED_CHECK(t.scalar_type() == like.scalar_type(), op, arg, "must have the dtype of ",
-               like_name, " (", like.scalar_type(), "), got ", t.scalar_type());
+void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* op, const char* arg,
+                      const char* like_name) {
+  TOKRED_CHECK(t.scalar_type() == like.scalar_type(), op, arg, "must have the dtype of ", like_name,
+               " (", like.scalar_type(), "), got ", t.scalar_type());
 }
 
 }  // namespace
@@ -77,8 +76,8 @@ void check_routed_gather_backward(const at::Tensor& grad, const at::Tensor& kv,
   const std::vector<c10::SymInt> expected = {kv.sym_size(0), kv.sym_size(1), r_idx.sym_size(2),
                                              kv.sym_size(2), kv.sym_size(3)};
   TOKRED_CHECK(grad.sym_sizes() == c10::SymIntArrayRef(expected), op, "grad",
-               "must have the routed_gather output shape ", c10::SymIntArrayRef(expected),
-               ", got ", grad.sym_sizes());
+               "must have the routed_gather output shape ", c10::SymIntArrayRef(expected), ", got ",
+               grad.sym_sizes());
   if (r_weight.has_value()) {
     check_float(*r_weight, op, "r_weight");
     check_same_device(kv, *r_weight, op, "kv", "r_weight");
@@ -99,8 +98,8 @@ std::pair<std::vector<c10::SymInt>, std::vector<c10::SymInt>> check_routed_atten
   check_same_dtype(v, q, op, "v", "q");
   check_same_device(q, k, op, "q", "k");
   check_same_device(q, v, op, "q", "v");
-  TOKRED_SYM_CHECK(k.sym_size(0).sym_eq(q.sym_size(0)), op, "k", "must have batch size q.size(0) = ",
-                   q.sym_size(0), ", got ", k.sym_size(0));
+  TOKRED_SYM_CHECK(k.sym_size(0).sym_eq(q.sym_size(0)), op, "k",
+                   "must have batch size q.size(0) = ", q.sym_size(0), ", got ", k.sym_size(0));
   TOKRED_SYM_CHECK(k.sym_size(1).sym_eq(q.sym_size(1)), op, "k",
                    "must have the region count of q, q.size(1) = ", q.sym_size(1), ", got ",
                    k.sym_size(1));

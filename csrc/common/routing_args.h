@@ -4,10 +4,10 @@
 // the CUDA kernels assert them on the device without a host sync, Meta sees no values.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <optional>
 #include <vector>
-
-#include <ATen/ATen.h>
 
 #include "common/routing.h"
 

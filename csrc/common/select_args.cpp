@@ -97,8 +97,7 @@ std::vector<c10::SymInt> check_prune_tokens(const at::Tensor& x, const at::Tenso
                    "must score every unprotected token: x.size(1) - num_protected = ",
                    x.sym_size(1) - num_protected, ", got scores.size(1) = ", n);
   TOKRED_SYM_CHECK(k.sym_ge(0), op, "k", "must be >= 0, got ", k);
-  TOKRED_SYM_CHECK(k.sym_le(n), op, "k", "must be <= the number of scored tokens ", n, ", got ",
-                   k);
+  TOKRED_SYM_CHECK(k.sym_le(n), op, "k", "must be <= the number of scored tokens ", n, ", got ", k);
   return {x.sym_size(0), num_protected + k + (fuse ? 1 : 0), x.sym_size(2)};
 }
 
@@ -122,18 +121,18 @@ void check_prune_tokens_backward(const at::Tensor& grad_out, const at::Tensor& x
   TOKRED_SYM_CHECK(num_protected.sym_ge(0), op, "num_protected", "must be >= 0, got ",
                    num_protected);
   const c10::SymInt B = grad_out.sym_size(0);
-  TOKRED_SYM_CHECK(x.sym_size(0).sym_eq(B), op, "x", "must have batch size grad_out.size(0) = ",
-                   B, ", got ", x.sym_size(0));
+  TOKRED_SYM_CHECK(x.sym_size(0).sym_eq(B), op, "x", "must have batch size grad_out.size(0) = ", B,
+                   ", got ", x.sym_size(0));
   TOKRED_SYM_CHECK(x.sym_size(2).sym_eq(grad_out.sym_size(2)), op, "x",
-                   "must have the channels of grad_out, grad_out.size(2) = ",
-                   grad_out.sym_size(2), ", got ", x.sym_size(2));
+                   "must have the channels of grad_out, grad_out.size(2) = ", grad_out.sym_size(2),
+                   ", got ", x.sym_size(2));
   TOKRED_SYM_CHECK(scores.sym_size(0).sym_eq(B), op, "scores",
                    "must have batch size grad_out.size(0) = ", B, ", got ", scores.sym_size(0));
   TOKRED_SYM_CHECK(index.sym_size(0).sym_eq(B), op, "index",
                    "must have batch size grad_out.size(0) = ", B, ", got ", index.sym_size(0));
   TOKRED_SYM_CHECK(index.sym_size(1).sym_le(scores.sym_size(1)), op, "index",
-                   "must keep at most the N = ", scores.sym_size(1), " scored tokens, got k = ",
-                   index.sym_size(1));
+                   "must keep at most the N = ", scores.sym_size(1),
+                   " scored tokens, got k = ", index.sym_size(1));
   const c10::SymInt rows = num_protected + index.sym_size(1) + (fuse ? 1 : 0);
   TOKRED_SYM_CHECK(grad_out.sym_size(1).sym_eq(rows), op, "grad_out",
                    "must have num_protected + k + fuse = ", rows, " rows, got ",

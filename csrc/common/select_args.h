@@ -2,9 +2,9 @@
 // every backend rejects the same inputs with the same message.
 #pragma once
 
-#include <optional>
-
 #include <ATen/ATen.h>
+
+#include <optional>
 
 namespace tokred {
 

@@ -19,8 +19,8 @@
 namespace tokred {
 
 // Whether kernels with a fused variant run it: a GCC build, the CPU has FMA (on x86-64 also the
-// AVX2 that TOKRED_FMA_TARGET asks for), and the environment variable TOKRED_CPU_FMA is not "0" (the tests
-// set it to run the unfused variant on a CPU with FMA). Decided once per process.
+// AVX2 that TOKRED_FMA_TARGET asks for), and the environment variable TOKRED_CPU_FMA is not "0"
+// (the tests set it to run the unfused variant on a CPU with FMA). Decided once per process.
 inline bool fused_multiply_add() {
   static const bool fused = [] {
     const char* env = std::getenv("TOKRED_CPU_FMA");

@@ -2,16 +2,17 @@
 // set B, the first-maximum, rank and slot rules come from common/merge.h. Merging builds the plan
 // (dest, and each output's members in ascending order) and reduces every output token on its own,
 // so sums run in a fixed order without atomics.
+#include "common/merge.h"
+
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cmath>
 #include <string_view>
 #include <vector>
 
-#include <torch/library.h>
-
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "common/merge.h"
 #include "common/merge_args.h"
 #include "cpu/copy.h"
 #include "cpu/parallel.h"
@@ -71,9 +72,8 @@ TOKRED_SIMD_CLONES bool score_row(const double* dots, double inv_a, const double
 // a time); inv_a_all[a * stride] and inv_b_all[j * stride] are the inverse norms. Scores follow
 // tome_score and tome_excluded.
 template <typename acc_t, typename DotsOf>
-void match_row(DotsOf&& dots_of, const acc_t* inv_a_all, const acc_t* inv_b_all,
-               int64_t stride, const TomeDims& d, int64_t num_protected, int64_t* unm,
-               int64_t* src, int64_t* dst) {
+void match_row(DotsOf&& dots_of, const acc_t* inv_a_all, const acc_t* inv_b_all, int64_t stride,
+               const TomeDims& d, int64_t num_protected, int64_t* unm, int64_t* src, int64_t* dst) {
   const int64_t na = d.na, nb = d.nb;
   std::vector<acc_t> node_max(na), inv_b(nb), scores(nb);
   std::vector<int64_t> node_idx(na), rank(na);
@@ -121,7 +121,9 @@ template <typename acc_t>
 class InterleavedDots {
  public:
   InterleavedDots(const TomeDims& d, int64_t D)
-      : d_(d), D_(D), nbp_(vec::round_up(std::max<int64_t>(d.nb, 1), vec::kLanes<acc_t>)),
+      : d_(d),
+        D_(D),
+        nbp_(vec::round_up(std::max<int64_t>(d.nb, 1), vec::kLanes<acc_t>)),
         inv_(d.n),
         bT_(D * nbp_, acc_t(0)),
         tail_(vec::kRows * D, acc_t(0)),
@@ -230,8 +232,8 @@ Plan build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at::Te
       }
       std::fill(de, de + n, int64_t(-1));
       auto place_a = [&](int64_t a, int64_t o, const char* arg, int64_t k) {
-        TORCH_CHECK(a >= 0 && a < d.na, "tokred::", op, ": argument '", arg, "' holds ", a,
-                    " at [", b, ", ", k, "], expected an index of set A in [0, ", d.na, ")");
+        TORCH_CHECK(a >= 0 && a < d.na, "tokred::", op, ": argument '", arg, "' holds ", a, " at [",
+                    b, ", ", k, "], expected an index of set A in [0, ", d.na, ")");
         int64_t& slot = de[tok.of_a(a)];
         TORCH_CHECK(slot < 0, "tokred::", op, ": argument '", arg, "' holds A token ", a, " at [",
                     b, ", ", k, "], which unm_idx and src_idx already list: expected each A token ",
@@ -261,15 +263,15 @@ Plan build_plan(const at::Tensor& unm, const at::Tensor& src, const at::Tensor& 
 // A plan given as tensors (a public op's arguments): every row must pass tome_plan_fault.
 Plan checked_plan(const at::Tensor& dest_in, const at::Tensor& offsets_in,
                   const at::Tensor& members_in, const char* op) {
-  Plan p{as_int64(dest_in), as_int64(offsets_in), as_int64(members_in), dest_in.size(0),
-         dest_in.size(1), offsets_in.size(1) - 1};
+  Plan p{as_int64(dest_in), as_int64(offsets_in), as_int64(members_in),
+         dest_in.size(0),   dest_in.size(1),      offsets_in.size(1) - 1};
   const int64_t *de = p.dest.data_ptr<int64_t>(), *of = p.offsets.data_ptr<int64_t>(),
                 *me = p.members.data_ptr<int64_t>();
   parallel_for(0, p.B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t o = 0; o < p.nout; ++o) {
-        const PlanFault fault = tome_plan_fault(of + b * (p.nout + 1), me + b * p.n,
-                                                de + b * p.n, o, p.n, p.nout);
+        const PlanFault fault =
+            tome_plan_fault(of + b * (p.nout + 1), me + b * p.n, de + b * p.n, o, p.n, p.nout);
         TORCH_CHECK(fault == PlanFault::kNone, plan_fault_message(fault, b, o, op));
       }
     }
@@ -291,7 +293,9 @@ struct PlanArrays {
   const int64_t *offsets, *members;
   int64_t n, nout;
   explicit PlanArrays(const Plan& p)
-      : offsets(p.offsets.data_ptr<int64_t>()), members(p.members.data_ptr<int64_t>()), n(p.n),
+      : offsets(p.offsets.data_ptr<int64_t>()),
+        members(p.members.data_ptr<int64_t>()),
+        n(p.n),
         nout(p.nout) {}
   OutputView output(int64_t i) const {
     const int64_t b = i / nout;
@@ -336,7 +340,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_plan(const at::Tensor& x_in,
         const int64_t* me = plan.members + b * n;
         const int64_t* offsets = plan.offsets + b * (nout + 1) + dest[k];
         const int64_t of[2] = {offsets[0], offsets[1]}, count = of[1] - of[0];
-        if (me[of[0]] != t) continue;  // reduced at its first member
+        if (me[of[0]] != t) continue;          // reduced at its first member
         const int64_t i = b * nout + dest[k];  // k's output token
         acc_t wsum = 0;
         scalar_t* orow = op + i * C;
@@ -421,8 +425,7 @@ at::Tensor spread_plan(const at::Tensor& grad_in, const at::Tensor& x_in,
           scalar_t* grow_x = gx + (b * n + t) * C;
           for (int64_t c = 0; c < C; ++c) {
             const acc_t v = xp ? static_cast<acc_t>(xp[(b * n + t) * C + c]) : acc_t(0);
-            const acc_t coef =
-                tome_grad_coef(mode, v, w, mx[c], wsum, count, ties[c], destination);
+            const acc_t coef = tome_grad_coef(mode, v, w, mx[c], wsum, count, ties[c], destination);
             grow_x[c] = static_cast<scalar_t>(coef * static_cast<acc_t>(grow[c]));
           }
         }
@@ -511,8 +514,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cpu(
       parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           const acc_t* row_dots = dp_all + b * d.na * d.nb;
-          match_row([&](int64_t a) { return row_dots + a * d.nb; }, ia + b * d.na, ib + b * d.nb,
-                    1, d, /*num_protected=*/0, up + b * d.u, sp + b * r, dp + b * r);
+          match_row([&](int64_t a) { return row_dots + a * d.nb; }, ia + b * d.na, ib + b * d.nb, 1,
+                    d, /*num_protected=*/0, up + b * d.u, sp + b * r, dp + b * r);
         }
       });
     });
@@ -548,22 +551,18 @@ at::Tensor source_over(const std::optional<at::Tensor>& source_in, const Plan& p
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_by_plan_cpu(const at::Tensor& x,
-                                                     const std::optional<at::Tensor>& size,
-                                                     const at::Tensor& dest,
-                                                     const at::Tensor& offsets,
-                                                     const at::Tensor& members,
-                                                     c10::string_view mode) {
+std::tuple<at::Tensor, at::Tensor> merge_by_plan_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& size, const at::Tensor& dest,
+    const at::Tensor& offsets, const at::Tensor& members, c10::string_view mode) {
   const char* op = "merge_by_plan";
   check_merge_by_plan(x, size, dest, offsets, members, mode, op);
-  return reduce_plan(x, size, checked_plan(dest, offsets, members, op),
-                     parse_merge_mode(mode, op));
+  return reduce_plan(x, size, checked_plan(dest, offsets, members, op), parse_merge_mode(mode, op));
 }
 
 at::Tensor merge_by_plan_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                      const std::optional<at::Tensor>& size,
-                                      const at::Tensor& dest, const at::Tensor& offsets,
-                                      const at::Tensor& members, c10::string_view mode) {
+                                      const std::optional<at::Tensor>& size, const at::Tensor& dest,
+                                      const at::Tensor& offsets, const at::Tensor& members,
+                                      c10::string_view mode) {
   const char* op = "_merge_by_plan_backward";
   const int64_t nout = check_merge_by_plan(x, size, dest, offsets, members, mode, op).expect_int();
   check_merge_backward_grad(grad, x, x.size(1) - nout, op);
@@ -578,9 +577,8 @@ at::Tensor unmerge_by_plan_cpu(const at::Tensor& x, const at::Tensor& dest,
   return gather_plan(x, checked_plan(dest, offsets, members, op));
 }
 
-at::Tensor merge_source_by_plan_cpu(const std::optional<at::Tensor>& source,
-                                   const at::Tensor& dest, const at::Tensor& offsets,
-                                   const at::Tensor& members) {
+at::Tensor merge_source_by_plan_cpu(const std::optional<at::Tensor>& source, const at::Tensor& dest,
+                                    const at::Tensor& offsets, const at::Tensor& members) {
   const char* op = "merge_source_by_plan";
   check_merge_source_by_plan(source, dest, offsets, members);
   const Plan p = checked_plan(dest, offsets, members, op);
@@ -601,8 +599,8 @@ std::tuple<at::Tensor, at::Tensor> merge_cpu(const at::Tensor& x,
 
 at::Tensor merge_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                               const std::optional<at::Tensor>& size, const at::Tensor& unm,
-                              const at::Tensor& src, const at::Tensor& dst,
-                              c10::string_view mode, int64_t num_protected) {
+                              const at::Tensor& src, const at::Tensor& dst, c10::string_view mode,
+                              int64_t num_protected) {
   const char* op = "_merge_backward";
   const int64_t r = check_merge(x, size, unm, src, dst, mode, num_protected, op).expect_int();
   check_merge_backward_grad(grad, x, r, op);
@@ -618,7 +616,8 @@ at::Tensor unmerge_cpu(const at::Tensor& x, const at::Tensor& unm, const at::Ten
 }
 
 at::Tensor unmerge_backward_cpu(const at::Tensor& grad, const at::Tensor& unm,
-                                const at::Tensor& src, const at::Tensor& dst, int64_t num_protected) {
+                                const at::Tensor& src, const at::Tensor& dst,
+                                int64_t num_protected) {
   const char* op = "_unmerge_backward";
   check_unmerge_backward(grad, unm, src, dst, num_protected, op);
   const Plan p = build_plan(unm, src, dst, grad.size(1), num_protected, op);

@@ -7,12 +7,12 @@
 // order, so that is the failure a serial loop would report, on any thread count.
 #pragma once
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <exception>
 #include <limits>
 #include <mutex>
-
-#include <ATen/Parallel.h>
 
 namespace tokred {
 

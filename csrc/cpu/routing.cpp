@@ -9,15 +9,16 @@
 // slot, row) order. No atomics and no shared accumulators, so results are bitwise repeatable for
 // any thread count. The vector code is cpu/vec.h; routed_gather's backward sums each window's
 // gradient over the segment module's plan (cpu/segment.h). r_idx values are TORCH_CHECKed.
+#include "common/routing.h"
+
+#include <torch/library.h>
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
-#include <torch/library.h>
-
 #include "common/checks.h"
 #include "common/dispatch.h"
-#include "common/routing.h"
 #include "common/routing_args.h"
 #include "cpu/parallel.h"
 #include "cpu/segment.h"
@@ -71,7 +72,8 @@ at::Tensor routed_gather_cpu(const at::Tensor& kv_in, const at::Tensor& r_idx_in
           std::copy(s, s + row, d);
         } else {
           const acc_t w = static_cast<acc_t>(wp[e]);
-          for (int64_t c = 0; c < row; ++c) d[c] = static_cast<scalar_t>(w * static_cast<acc_t>(s[c]));
+          for (int64_t c = 0; c < row; ++c)
+            d[c] = static_cast<scalar_t>(w * static_cast<acc_t>(s[c]));
         }
       }
     });
@@ -224,14 +226,14 @@ TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T
 // (cloned for AVX-512, AVX2 and the baseline) and `fused` (TOKRED_FMA_TARGET: the products' and
 // the exp's multiply-adds fused, for CPUs with FMA). Each gives the same bits on every clone and
 // thread count; the two differ in the last bits. routing_kernels() picks one for the process.
-#define TOKRED_ROUTING_KERNELS(T, ATTRS)                                                         \
-  TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                                 \
-  TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                                \
-  ATTRS T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {               \
-    return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                            \
-  }                                                                                             \
-  ATTRS void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T scale, T* ds) {      \
-    probs_grads_row_impl<T>(s, dp, ktp, lse, D, scale, ds);                                     \
+#define TOKRED_ROUTING_KERNELS(T, ATTRS)                                                   \
+  TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                            \
+  TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                           \
+  ATTRS T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {          \
+    return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                       \
+  }                                                                                        \
+  ATTRS void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T scale, T* ds) { \
+    probs_grads_row_impl<T>(s, dp, ktp, lse, D, scale, ds);                                \
   }
 
 namespace plain {
@@ -365,8 +367,8 @@ constexpr bool kValuesInPlace = std::is_same_v<scalar_t, acc_t>;
 
 // Row pointers of the tile's values: into v (kValuesInPlace) or into the staged rows.
 template <typename scalar_t, typename acc_t>
-void value_row_ptrs(const Rows<scalar_t>& v, int64_t b, int64_t c0, const acc_t* staged,
-                    int64_t C, const KeyRun* runs, int64_t nr, int64_t WK, const acc_t** ptr) {
+void value_row_ptrs(const Rows<scalar_t>& v, int64_t b, int64_t c0, const acc_t* staged, int64_t C,
+                    const KeyRun* runs, int64_t nr, int64_t WK, const acc_t** ptr) {
   if constexpr (kValuesInPlace<scalar_t, acc_t>) {
     key_row_ptrs(v, b, c0, runs, nr, ptr);
   } else {
@@ -425,8 +427,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
     parallel_for(0, units * parts, 1, [&](int64_t t0, int64_t t1) {
       constexpr bool stage_values = !kValuesInPlace<scalar_t, acc_t>;
       std::vector<acc_t> kT(d.DQ * ldk), vrow(stage_values ? NK * d.DV : 0),
-          qf(WQp * d.DQ, acc_t(0)),
-          acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
+          qf(WQp * d.DQ, acc_t(0)), acc(WQp * d.DV), kc(d.DQ * kTile, acc_t(0)), s(kRows * kTile);
       std::vector<const acc_t*> vptr(kTile);
       std::vector<KeyRun> runs(kTile + 1);
       std::vector<OnlineSoftmax<acc_t>> st(WQp);
@@ -467,8 +468,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
             } else {
               gather_cols(kT.data(), ldk, d.DQ, runs.data(), nr, d.WK, kc.data(), kTile);
             }
-            value_row_ptrs(vr_, b, h * d.DV, vrow.data(), d.DV, runs.data(), nr, d.WK,
-                           vptr.data());
+            value_row_ptrs(vr_, b, h * d.DV, vrow.data(), d.DV, runs.data(), nr, d.WK, vptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               const int64_t rows = std::min(kRows, d.WQ - r0);
               kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, cols, ldc, ktp, scale, s.data(),
@@ -538,9 +538,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
     const RoutingKernels<acc_t> kern = routing_kernels<acc_t>();
     parallel_for(0, d.n * d.H, 1, [&](int64_t t0, int64_t t1) {
       std::vector<acc_t> kT(d.DQ * ldk), vT(d.DV * ldk), krow(NK * d.DQ), dka(NK * d.DQ),
-          dva(NK * d.DV), qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), lr(WQp),
-          Dr(WQp), dqa(WQp * d.DQ), kc(d.DQ * kTile, acc_t(0)), vc(d.DV * kTile, acc_t(0)),
-          pb(WQp * kTile), dsb(WQp * kTile), dpb(kRows * kTile), of(d.DV);
+          dva(NK * d.DV), qf(WQp * d.DQ, acc_t(0)), gf(WQp * d.DV, acc_t(0)), lr(WQp), Dr(WQp),
+          dqa(WQp * d.DQ), kc(d.DQ * kTile, acc_t(0)), vc(d.DV * kTile, acc_t(0)), pb(WQp * kTile),
+          dsb(WQp * kTile), dpb(kRows * kTile), of(d.DV);
       std::vector<const acc_t*> kptr(kTile), qptr(d.WQ), gptr(d.WQ);
       for (int64_t r = 0; r < d.WQ; ++r) {
         qptr[r] = qf.data() + r * d.DQ;
@@ -585,8 +585,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
               for (int64_t rr = 0; rr < kRows; ++rr) {
                 acc_t* srow = pr + rr * kTile;
                 for (int64_t x = kt; x < ktp; ++x) srow[x] = routing::neg_inf<acc_t>();
-                kern.probs_grads_row(srow, dpb.data() + rr * kTile, ktp, lr[r0 + rr],
-                                     Dr[r0 + rr], scale, dsb.data() + (r0 + rr) * kTile);
+                kern.probs_grads_row(srow, dpb.data() + rr * kTile, ktp, lr[r0 + rr], Dr[r0 + rr],
+                                     scale, dsb.data() + (r0 + rr) * kTile);
               }
             }
             // dq[r] += Σ_x dS[r][x] k[x]; for each slot's keys, dk[x] += Σ_r dS[r][x] q[r] and

@@ -1,13 +1,13 @@
 // CPU kernels of the selection ops: rows run in parallel (cpu/parallel.h); each row is
 // selected with nth_element and a sort of the kept prefix under tokred's total order, as
 // integer keys (common/rank.h).
+#include <torch/library.h>
+
 #include <algorithm>
 #include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
-
-#include <torch/library.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -69,8 +69,9 @@ std::tuple<at::Tensor, at::Tensor> topk_cpu(const at::Tensor& scores_in, int64_t
       std::vector<int64_t> order;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t len = len_p ? len_p[r] : n;
-        TORCH_CHECK(len >= 0 && len <= n, "tokred::topk: argument 'lengths' must hold values in [0, ",
-                    n, "], got ", len, " for row ", r);
+        TORCH_CHECK(len >= 0 && len <= n,
+                    "tokred::topk: argument 'lengths' must hold values in [0, ", n, "], got ", len,
+                    " for row ", r);
         select_row(s + r * n, len, k, largest, entries, order);
         const int64_t m = static_cast<int64_t>(order.size());
         for (int64_t j = 0; j < m; ++j) {
@@ -93,9 +94,8 @@ at::Tensor topk_backward_cpu(const at::Tensor& grad, const at::Tensor& indices, 
   const int64_t rows = leading_rows(grad);
   std::vector<int64_t> shape(grad.sizes().begin(), grad.sizes().end());
   shape.back() = n;
-  const at::Tensor summed = scatter_sum_rows_cpu(grad.reshape({rows, k, 1}),
-                                                 indices.reshape({rows, k}), n, "_topk_backward",
-                                                 "indices");
+  const at::Tensor summed = scatter_sum_rows_cpu(
+      grad.reshape({rows, k, 1}), indices.reshape({rows, k}), n, "_topk_backward", "indices");
   return summed.view(shape);
 }
 
@@ -148,8 +148,8 @@ at::Tensor complement_cpu(const at::Tensor& index_in, int64_t n) {
         const int64_t i = ip[b * K + k];
         TORCH_CHECK(i >= 0 && i < n, "tokred::complement: argument 'index' holds ", i, " at [", b,
                     ", ", k, "], expected values in [0, ", n, ")");
-        TORCH_CHECK(!seen[i], "tokred::complement: argument 'index' holds ", i,
-                    " twice in row ", b, ", expected distinct indices");
+        TORCH_CHECK(!seen[i], "tokred::complement: argument 'index' holds ", i, " twice in row ", b,
+                    ", expected distinct indices");
         seen[i] = 1;
       }
       int64_t j = 0;
@@ -164,21 +164,20 @@ at::Tensor complement_cpu(const at::Tensor& index_in, int64_t n) {
 // EViT's fused token for float and double rows of unit stride: acc[c] += Σ_x w[x]·rows[x][c],
 // x ascending, four rows per pass over acc (vec.h). Each lane does the scalar loop's operations in
 // its order, so every clone gives the scalar loop's bits.
-#define TOKRED_FUSE_KERNEL(T)                                                                   \
-  TOKRED_SIMD_CLONES void add_weighted_rows(T* acc, const T* w, const T* const* rows,           \
-                                            int64_t X, int64_t C) {                             \
-    for (int64_t x0 = 0; x0 < X; x0 += vec::kRows) {                                           \
-      vec::axpy_rows_impl<T, 1>(w + x0, 0, 1, rows + x0, std::min(vec::kRows, X - x0), C, acc, \
-                                C);                                                             \
-    }                                                                                           \
+#define TOKRED_FUSE_KERNEL(T)                                                                      \
+  TOKRED_SIMD_CLONES void add_weighted_rows(T* acc, const T* w, const T* const* rows, int64_t X,   \
+                                            int64_t C) {                                           \
+    for (int64_t x0 = 0; x0 < X; x0 += vec::kRows) {                                               \
+      vec::axpy_rows_impl<T, 1>(w + x0, 0, 1, rows + x0, std::min(vec::kRows, X - x0), C, acc, C); \
+    }                                                                                              \
   }
 TOKRED_FUSE_KERNEL(float)
 TOKRED_FUSE_KERNEL(double)
 
 // acc[c] += Σ_x w[x]·rows[x][c·stride], x ascending: the cloned kernel where it applies.
 template <typename x_t, typename acc_t>
-void add_weighted_tokens(acc_t* acc, const acc_t* w, const x_t* const* rows, int64_t X,
-                         int64_t C, int64_t stride) {
+void add_weighted_tokens(acc_t* acc, const acc_t* w, const x_t* const* rows, int64_t X, int64_t C,
+                         int64_t stride) {
   if constexpr (std::is_same_v<x_t, acc_t>) {
     if (stride == 1) return add_weighted_rows(acc, w, rows, X, C);
   }
@@ -246,9 +245,11 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cpu(const at::Tensor& x,
   return {out, index};
 }
 
-std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& scores_in,
-    const at::Tensor& index_in, bool fuse, int64_t P) {
+std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cpu(const at::Tensor& grad_in,
+                                                             const at::Tensor& x,
+                                                             const at::Tensor& scores_in,
+                                                             const at::Tensor& index_in, bool fuse,
+                                                             int64_t P) {
   check_prune_tokens_backward(grad_in, x, scores_in, index_in, fuse, P);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor scores = scores_in.contiguous();

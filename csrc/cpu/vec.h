@@ -276,7 +276,8 @@ TOKRED_INLINE void axpy_rows_impl(const T* w, int64_t wr, int64_t wx, const T* c
   int64_t c = 0;
   for (; c + 2 * kLanes<T> <= C; c += 2 * kLanes<T>)
     axpy_rows_block<T, R, 2>(w, wr, wx, brow, X, c, o, ldo);
-  for (; c + kLanes<T> <= C; c += kLanes<T>) axpy_rows_block<T, R, 1>(w, wr, wx, brow, X, c, o, ldo);
+  for (; c + kLanes<T> <= C; c += kLanes<T>)
+    axpy_rows_block<T, R, 1>(w, wr, wx, brow, X, c, o, ldo);
   for (; c < C; ++c) {
     for (int r = 0; r < R; ++r) {
       T acc = o[r * ldo + c];
@@ -294,10 +295,18 @@ TOKRED_INLINE void axpy_rows_all(const T* w, int64_t wr, int64_t wx, const T* co
     const T* wb = w + r0 * wr;
     T* ob = o + r0 * ldo;
     switch (std::min(kRows, rows - r0)) {
-      case 1: axpy_rows_impl<T, 1>(wb, wr, wx, brow, X, C, ob, ldo); break;
-      case 2: axpy_rows_impl<T, 2>(wb, wr, wx, brow, X, C, ob, ldo); break;
-      case 3: axpy_rows_impl<T, 3>(wb, wr, wx, brow, X, C, ob, ldo); break;
-      default: axpy_rows_impl<T, 4>(wb, wr, wx, brow, X, C, ob, ldo); break;
+      case 1:
+        axpy_rows_impl<T, 1>(wb, wr, wx, brow, X, C, ob, ldo);
+        break;
+      case 2:
+        axpy_rows_impl<T, 2>(wb, wr, wx, brow, X, C, ob, ldo);
+        break;
+      case 3:
+        axpy_rows_impl<T, 3>(wb, wr, wx, brow, X, C, ob, ldo);
+        break;
+      default:
+        axpy_rows_impl<T, 4>(wb, wr, wx, brow, X, C, ob, ldo);
+        break;
     }
   }
 }
@@ -308,14 +317,14 @@ TOKRED_INLINE void axpy_rows_all(const T* w, int64_t wr, int64_t wx, const T* co
 // Entry points for accumulator type T under ATTRS (TOKRED_SIMD_CLONES, or TOKRED_FMA_TARGET for
 // a fused variant); expand each once per type and variant in the .cpp that calls it.
 // dot_rows: kRows-row blocks of a·bᵀ (routing's scores, ToMe's matching).
-#define TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                              \
-  ATTRS void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb, int64_t nx,    \
-                      T scale, T* out, int64_t ldo) {                                              \
-    ::tokred::vec::dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                      \
+#define TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                           \
+  ATTRS void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb, int64_t nx, \
+                      T scale, T* out, int64_t ldo) {                                           \
+    ::tokred::vec::dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                   \
   }
 // axpy_rows: rows of o += w·B, any row count (routing's weighted values).
-#define TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                             \
-  ATTRS void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow, int64_t X,        \
-                       int64_t C, int64_t rows, T* o, int64_t ldo) {                               \
-    ::tokred::vec::axpy_rows_all<T>(w, wr, wx, brow, X, C, rows, o, ldo);                          \
+#define TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                      \
+  ATTRS void axpy_rows(const T* w, int64_t wr, int64_t wx, const T* const* brow, int64_t X, \
+                       int64_t C, int64_t rows, T* o, int64_t ldo) {                        \
+    ::tokred::vec::axpy_rows_all<T>(w, wr, wx, brow, X, C, rows, o, ldo);                   \
   }

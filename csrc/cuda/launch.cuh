@@ -23,9 +23,9 @@ inline int blocks_for(int64_t total, int threads = kThreads) {
 }  // namespace cuda
 }  // namespace tokred
 
-#define TOKRED_GRID_STRIDE(i, total)                                            \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; \
-       i < (total); i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+#define TOKRED_GRID_STRIDE(i, total)                                                         \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 namespace tokred {
 namespace cuda {
@@ -84,8 +84,7 @@ __device__ __forceinline__ T warp_allreduce(T x, Op op) {
 }  // namespace tokred
 
 // Each warp takes rows warp, warp + total_warps, ...
-#define TOKRED_WARP_STRIDE(row, total)                                                      \
-  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) /        \
-                     tokred::cuda::kWarp;                                                   \
-       row < (total);                                                                       \
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x / tokred::cuda::kWarp)
+#define TOKRED_WARP_STRIDE(row, total)                                                          \
+  for (int64_t row =                                                                            \
+           (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / tokred::cuda::kWarp; \
+       row < (total); row += static_cast<int64_t>(gridDim.x) * blockDim.x / tokred::cuda::kWarp)

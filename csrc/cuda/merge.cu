@@ -28,9 +28,9 @@
 namespace tokred {
 namespace {
 
-constexpr int kRows = 128;   // A tokens per chunk: one per thread
-constexpr int kTileJ = 32;   // B tokens per tile
-constexpr int kTileK = 16;   // channels per tile
+constexpr int kRows = 128;  // A tokens per chunk: one per thread
+constexpr int kTileJ = 32;  // B tokens per tile
+constexpr int kTileK = 16;  // channels per tile
 using cuda::blocks_for;
 using cuda::kThreads;
 
@@ -47,20 +47,17 @@ __device__ __forceinline__ int64_t in_row(int64_t t, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict__ metric,
-                                                      TomeDims d, TomeTokens tok, int64_t D,
-                                                      int64_t num_protected,
-                                                      int64_t* __restrict__ unm,
-                                                      int64_t* __restrict__ src,
-                                                      int64_t* __restrict__ dst) {
+__global__ void __launch_bounds__(kRows)
+    match_kernel(const scalar_t* __restrict__ metric, TomeDims d, TomeTokens tok, int64_t D,
+                 int64_t num_protected, int64_t* __restrict__ unm, int64_t* __restrict__ src,
+                 int64_t* __restrict__ dst) {
   __shared__ acc_t As[kRows][kTileK + 1];
   __shared__ acc_t Bs[kTileJ][kTileK];
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t n = d.n, r = d.r;
   acc_t* inv = reinterpret_cast<acc_t*>(smem);
   acc_t* node_max = inv + n;
-  int64_t* node_idx = reinterpret_cast<int64_t*>(
-      smem + ((sizeof(acc_t) * (n + d.na) + 7) / 8) * 8);
+  int64_t* node_idx = reinterpret_cast<int64_t*>(smem + ((sizeof(acc_t) * (n + d.na) + 7) / 8) * 8);
   int64_t* rank = node_idx + d.na;
   const int64_t b = blockIdx.x;
   const int tid = threadIdx.x;
@@ -91,15 +88,15 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
       for (int64_t k0 = 0; k0 < D; k0 += kTileK) {
         for (int i = tid; i < kRows * kTileK; i += kRows) {
           const int64_t row = a0 + i / kTileK, k = k0 + i % kTileK;
-          As[i / kTileK][i % kTileK] =
-              (row < d.na && k < D) ? static_cast<acc_t>(m[in_row(tok.of_a(row), n) * D + k])
-                                    : acc_t(0);
+          As[i / kTileK][i % kTileK] = (row < d.na && k < D)
+                                           ? static_cast<acc_t>(m[in_row(tok.of_a(row), n) * D + k])
+                                           : acc_t(0);
         }
         for (int i = tid; i < kTileJ * kTileK; i += kRows) {
           const int64_t j = j0 + i / kTileK, k = k0 + i % kTileK;
-          Bs[i / kTileK][i % kTileK] =
-              (j < d.nb && k < D) ? static_cast<acc_t>(m[in_row(tok.of_b(j), n) * D + k])
-                                  : acc_t(0);
+          Bs[i / kTileK][i % kTileK] = (j < d.nb && k < D)
+                                           ? static_cast<acc_t>(m[in_row(tok.of_b(j), n) * D + k])
+                                           : acc_t(0);
         }
         __syncthreads();
 #pragma unroll
@@ -114,9 +111,9 @@ __global__ void __launch_bounds__(kRows) match_kernel(const scalar_t* __restrict
         for (int jj = 0; jj < kTileJ; ++jj) {
           const int64_t j = j0 + jj;
           if (j >= d.nb) break;
-          const acc_t v = tome_score(acc[jj], inv[in_row(tok.of_a(a), n)],
-                                     inv[in_row(tok.of_b(j), n)],
-                                     tome_excluded(a, j, num_protected));
+          const acc_t v =
+              tome_score(acc[jj], inv[in_row(tok.of_a(a), n)], inv[in_row(tok.of_b(j), n)],
+                         tome_excluded(a, j, num_protected));
           tome_argmax_step(v, j, best, best_j);
         }
       }
@@ -157,8 +154,8 @@ void launch_match(const at::Tensor& metric, const TomeDims& d, const TomeTokens&
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                           metric.get_device()));
-    const size_t limit = static_cast<size_t>(optin) -
-                         sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
+    const size_t limit =
+        static_cast<size_t>(optin) - sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
     TORCH_CHECK(smem <= limit, "tokred::", op, ": argument 'metric' has N = ", N,
                 " tokens; the CUDA kernel keeps a row in shared memory and supports at most ",
                 "about ", limit / (2 * sizeof(acc_t) + 8), " tokens");
@@ -198,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Te
 // ---- the plan
 
 __global__ void plan_kernel(const int64_t* __restrict__ unm, const int64_t* __restrict__ src,
-                            const int64_t* __restrict__ dst, int64_t B, TomeDims d,
-                            TomeTokens tok, int64_t* __restrict__ dest) {
+                            const int64_t* __restrict__ dst, int64_t B, TomeDims d, TomeTokens tok,
+                            int64_t* __restrict__ dest) {
   const int64_t per_row = d.u + d.r + d.nb;
   TOKRED_GRID_STRIDE(i, B * per_row) {
     const int64_t b = i / per_row, e = i % per_row;
@@ -273,8 +270,8 @@ PlanCuda build_plan(const at::Tensor& unm_in, const at::Tensor& src_in, const at
 }
 
 // The plan of a match over alternating positions with a prefix of num_protected tokens.
-PlanCuda build_plan(const at::Tensor& unm, const at::Tensor& src, const at::Tensor& dst,
-                    int64_t n, int64_t num_protected, bool segments = true) {
+PlanCuda build_plan(const at::Tensor& unm, const at::Tensor& src, const at::Tensor& dst, int64_t n,
+                    int64_t num_protected, bool segments = true) {
   return build_plan(unm, src, dst, tome_dims(n, src.size(1), num_protected), TomeTokens{},
                     segments);
 }
@@ -286,8 +283,9 @@ __global__ void partition_kernel(const int64_t* __restrict__ b_tok, int64_t nb, 
                                  int64_t* __restrict__ a_tok) {
   TOKRED_GRID_STRIDE(t, n) {
     if (t < nb) {
-      CUDA_KERNEL_ASSERT(tome_dst_token_ok(b_tok, t, n) &&
-                         "tokred::bipartite_match_plan: 'dst_tokens' must ascend strictly in [0, N)");
+      CUDA_KERNEL_ASSERT(
+          tome_dst_token_ok(b_tok, t, n) &&
+          "tokred::bipartite_match_plan: 'dst_tokens' must ascend strictly in [0, N)");
     }
     int64_t lo = 0, hi = nb;  // lower bound of t in b_tok
     while (lo < hi) {
@@ -340,26 +338,29 @@ __global__ void plan_check_kernel(const int64_t* __restrict__ dest,
     const PlanFault fault =
         tome_plan_fault(offsets + b * (nout + 1), members + b * n, dest + b * n, o, n, nout);
     // One assert per fault, worded as plan_fault_message (common/merge_args.cpp) words it.
-    CUDA_KERNEL_ASSERT(fault != PlanFault::kOffsets &&
-                       "tokred: (dest, offsets, members) is not a merge plan: 'offsets' must start at 0, end at N and rise strictly");
-    CUDA_KERNEL_ASSERT(fault != PlanFault::kMemberRange &&
-                       "tokred: (dest, offsets, members) is not a merge plan: 'members' must hold token positions in [0, N)");
-    CUDA_KERNEL_ASSERT(fault != PlanFault::kMemberOrder &&
-                       "tokred: (dest, offsets, members) is not a merge plan: 'members' must ascend within each output");
-    CUDA_KERNEL_ASSERT(fault != PlanFault::kDest &&
-                       "tokred: (dest, offsets, members) is not a merge plan: 'dest' must map each member to the output that lists it");
+    CUDA_KERNEL_ASSERT(
+        fault != PlanFault::kOffsets &&
+        "tokred: (dest, offsets, members) is not a merge plan: 'offsets' must start at 0, end at N and rise strictly");
+    CUDA_KERNEL_ASSERT(
+        fault != PlanFault::kMemberRange &&
+        "tokred: (dest, offsets, members) is not a merge plan: 'members' must hold token positions in [0, N)");
+    CUDA_KERNEL_ASSERT(
+        fault != PlanFault::kMemberOrder &&
+        "tokred: (dest, offsets, members) is not a merge plan: 'members' must ascend within each output");
+    CUDA_KERNEL_ASSERT(
+        fault != PlanFault::kDest &&
+        "tokred: (dest, offsets, members) is not a merge plan: 'dest' must map each member to the output that lists it");
   }
 }
 
 PlanCuda checked_plan(const at::Tensor& dest, const at::Tensor& offsets,
                       const at::Tensor& members) {
-  PlanCuda p{as_int64(dest), as_int64(members), as_int64(offsets), dest.size(0), dest.size(1),
-             offsets.size(1) - 1};
+  PlanCuda p{as_int64(dest), as_int64(members), as_int64(offsets),
+             dest.size(0),   dest.size(1),      offsets.size(1) - 1};
   if (p.B * p.nout > 0) {
-    plan_check_kernel<<<blocks_for(p.B * p.nout), kThreads, 0,
-                        c10::cuda::getCurrentCUDAStream()>>>(
-        p.dest.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.order.data_ptr<int64_t>(),
-        p.B, p.n, p.nout);
+    plan_check_kernel<<<blocks_for(p.B * p.nout), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        p.dest.data_ptr<int64_t>(), p.offsets.data_ptr<int64_t>(), p.order.data_ptr<int64_t>(), p.B,
+        p.n, p.nout);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return p;
@@ -438,8 +439,7 @@ __global__ void spread_kernel(const scalar_t* __restrict__ grad, const scalar_t*
       if (s < 0 || s >= n) continue;  // not a plan: plan_check_kernel asserts
       wsum += size ? static_cast<acc_t>(size[b * n + s]) : acc_t(1);
       if (mode == MergeMode::kAmax) {
-        tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + s) * C + c]), acc_t(1),
-                        mx);
+        tome_accumulate(mode, m == begin, static_cast<acc_t>(x[(b * n + s) * C + c]), acc_t(1), mx);
       }
     }
     if (mode == MergeMode::kAmax) {
@@ -540,8 +540,7 @@ at::Tensor source_over(const std::optional<at::Tensor>& source_in, const PlanCud
   at::Tensor out = at::empty({B, N0}, source.options());
   if (B * N0 == 0) return out;
   source_kernel<<<blocks_for(B * N0), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      source.data_ptr<int64_t>(), p.dest.data_ptr<int64_t>(), B, N0, p.n,
-      out.data_ptr<int64_t>());
+      source.data_ptr<int64_t>(), p.dest.data_ptr<int64_t>(), B, N0, p.n, out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -558,12 +557,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_cuda(const at::Tensor&
   return {p.dest, p.offsets, p.order};
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_by_plan_cuda(const at::Tensor& x,
-                                                      const std::optional<at::Tensor>& size,
-                                                      const at::Tensor& dest,
-                                                      const at::Tensor& offsets,
-                                                      const at::Tensor& members,
-                                                      c10::string_view mode) {
+std::tuple<at::Tensor, at::Tensor> merge_by_plan_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& size, const at::Tensor& dest,
+    const at::Tensor& offsets, const at::Tensor& members, c10::string_view mode) {
   const char* op = "merge_by_plan";
   check_merge_by_plan(x, size, dest, offsets, members, mode, op);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
@@ -633,7 +629,8 @@ at::Tensor unmerge_cuda(const at::Tensor& x, const at::Tensor& unm, const at::Te
 }
 
 at::Tensor unmerge_backward_cuda(const at::Tensor& grad, const at::Tensor& unm,
-                                 const at::Tensor& src, const at::Tensor& dst, int64_t num_protected) {
+                                 const at::Tensor& src, const at::Tensor& dst,
+                                 int64_t num_protected) {
   check_unmerge_backward(grad, unm, src, dst, num_protected, "_unmerge_backward");
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   const PlanCuda p = build_plan(unm, src, dst, grad.size(1), num_protected);

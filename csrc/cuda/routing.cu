@@ -28,13 +28,13 @@
 namespace tokred {
 namespace {
 
-using routing::Dims;
 using cuda::ceil_div;
 using cuda::kWarp;
+using routing::Dims;
 using routing::OnlineSoftmax;
 
 // An r_idx entry must name a window of its batch; a bad one fails the launch (device assert).
-#define TOKRED_ASSERT_REGION(j, P)                   \
+#define TOKRED_ASSERT_REGION(j, P)                     \
   CUDA_KERNEL_ASSERT(routing::region_in_range(j, P) && \
                      "tokred: argument 'r_idx' must hold region indices in [0, P)")
 
@@ -53,7 +53,7 @@ template <typename acc_t>
 __device__ __forceinline__ void lane_accumulate(acc_t (&acc)[kMaxPerLane], acc_t alpha,
                                                 const acc_t* w, const acc_t* M, int64_t n,
                                                 int64_t ld, int64_t D, int lane) {
-  #pragma unroll
+#pragma unroll
   for (int u = 0; u < kMaxPerLane; ++u) {
     const int64_t c = lane + int64_t(u) * kWarp;
     if (c >= D) break;
@@ -134,8 +134,8 @@ __global__ void routed_gather_grad_kv_kernel(const scalar_t* grad, const int64_t
 // grad_w[e] = <grad[e], kv[b, idx[e]]>: one block per e, fixed tree reduction.
 template <typename scalar_t, typename acc_t, typename w_t>
 __global__ void routed_gather_grad_w_kernel(const scalar_t* grad, const scalar_t* kv,
-                                            const int64_t* idx, int64_t P, int64_t T,
-                                            int64_t row, w_t* grad_w) {
+                                            const int64_t* idx, int64_t P, int64_t T, int64_t row,
+                                            w_t* grad_w) {
   __shared__ acc_t part[256];
   const int64_t e = blockIdx.x;
   const int64_t b = e / (P * T), j = idx[e];
@@ -191,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cuda(
   const int64_t n = kv.size(0), P = kv.size(1), W = kv.size(2), C = kv.size(3), T = idx.size(2);
   const bool weighted = r_weight.has_value();
   at::Tensor grad_kv = at::empty_like(kv);
-  at::Tensor grad_w = weighted ? at::zeros(r_weight->sizes(), r_weight->options())
-                               : at::empty({0}, kv.options());
+  at::Tensor grad_w =
+      weighted ? at::zeros(r_weight->sizes(), r_weight->options()) : at::empty({0}, kv.options());
   if (kv.numel() == 0) return {grad_kv, grad_w};
   const int64_t row = W * C;
   const auto plan = build_plan(idx, P);
@@ -201,14 +201,12 @@ std::tuple<at::Tensor, at::Tensor> routed_gather_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     using kv_t = scalar_t;
     const at::Tensor w =
-        weighted ? r_weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
-                 : at::Tensor();
+        weighted ? r_weight->to(c10::CppTypeToScalarType<acc_t>::value).contiguous() : at::Tensor();
     routed_gather_grad_kv_kernel<kv_t, acc_t>
         <<<cuda::blocks_for(kv.numel()), cuda::kThreads, 0, stream>>>(
-        grad.data_ptr<kv_t>(), std::get<0>(plan).data_ptr<int64_t>(),
-        std::get<1>(plan).data_ptr<int64_t>(),
-        weighted ? w.data_ptr<acc_t>() : nullptr, P, T, row, kv.numel(),
-        grad_kv.data_ptr<kv_t>());
+            grad.data_ptr<kv_t>(), std::get<0>(plan).data_ptr<int64_t>(),
+            std::get<1>(plan).data_ptr<int64_t>(), weighted ? w.data_ptr<acc_t>() : nullptr, P, T,
+            row, kv.numel(), grad_kv.data_ptr<kv_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!weighted || grad_w.numel() == 0) return;
     TOKRED_DISPATCH_FLOATS(grad_w.scalar_type(), "tokred_routed_gather_backward_cuda_w", [&] {
@@ -278,10 +276,10 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
   OnlineSoftmax<acc_t> st[kRowsPerWarp];
   acc_t acc[kRowsPerWarp][kMaxPerLane];
-  #pragma unroll
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     st[rr].init();
-    #pragma unroll
+#pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) acc[rr][u] = 0;
   }
   const int64_t keys = d.T * d.WK;
@@ -291,7 +289,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     __syncthreads();
     load_key_tile<scalar_t, acc_t>(k, v, ridx, d, b, h, kk0, kt, Ks, Vs);
     __syncthreads();
-    #pragma unroll
+#pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t lr = warp * kRowsPerWarp + rr;
       if (r0 + lr >= d.WQ) break;  // warp-uniform
@@ -306,12 +304,12 @@ __global__ void __launch_bounds__(kAttnThreads)
       __syncwarp();
     }
   }
-  #pragma unroll
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = r0 + warp * kRowsPerWarp + rr;
     if (r >= d.WQ) break;
     const acc_t inv = st[rr].inv_sum();
-    #pragma unroll
+#pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) {
       const int64_t c = lane + int64_t(u) * kWarp;
       if (c >= d.DV) break;
@@ -331,8 +329,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   acc_t* Ks = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* Vs = Ks + kKeyTile * (d.DQ + 1);
   acc_t* Qs = Vs + kKeyTile * (d.DV + 1);
-  acc_t* Gs = Qs + kRowsPerBlock * d.DQ;   // dO rows
-  acc_t* Ss = Gs + kRowsPerBlock * d.DV;   // [kWarps][kKeyTile] dS
+  acc_t* Gs = Qs + kRowsPerBlock * d.DQ;  // dO rows
+  acc_t* Ss = Gs + kRowsPerBlock * d.DV;  // [kWarps][kKeyTile] dS
   const int64_t task = blockIdx.x;
   const int64_t h = task % d.H, bi = task / d.H, b = bi / d.P;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -349,7 +347,7 @@ __global__ void __launch_bounds__(kAttnThreads)
   __syncthreads();
   acc_t Drow[kRowsPerWarp], lrow[kRowsPerWarp];
   acc_t acc[kRowsPerWarp][kMaxPerLane];
-  #pragma unroll
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t lr = warp * kRowsPerWarp + rr, r = r0 + lr;
     acc_t part = 0;
@@ -360,7 +358,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     Drow[rr] = cuda::warp_sum(part);
     lrow[rr] = r < d.WQ ? lse[task * d.WQ + r] : acc_t(0);
     if (r < d.WQ && lane == 0) Dout[task * d.WQ + r] = Drow[rr];
-    #pragma unroll
+#pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) acc[rr][u] = 0;
   }
   const int64_t keys = d.T * d.WK;
@@ -370,7 +368,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     __syncthreads();
     load_key_tile<scalar_t, acc_t>(k, v, ridx, d, b, h, kk0, kt, Ks, Vs);
     __syncthreads();
-    #pragma unroll
+#pragma unroll
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t lr = warp * kRowsPerWarp + rr;
       if (r0 + lr >= d.WQ) break;
@@ -386,11 +384,11 @@ __global__ void __launch_bounds__(kAttnThreads)
       __syncwarp();
     }
   }
-  #pragma unroll
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t r = r0 + warp * kRowsPerWarp + rr;
     if (r >= d.WQ) break;
-    #pragma unroll
+#pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) {
       const int64_t c = lane + int64_t(u) * kWarp;
       if (c >= d.DQ) break;
@@ -405,16 +403,16 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kAttnThreads)
     routed_attention_dkv_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                 const scalar_t* go, const acc_t* lse, const acc_t* Dbuf,
-                                const int64_t* order, const int64_t* offsets, Dims d,
-                                acc_t scale, scalar_t* dk, scalar_t* dv) {
+                                const int64_t* order, const int64_t* offsets, Dims d, acc_t scale,
+                                scalar_t* dk, scalar_t* dv) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* Qs = reinterpret_cast<acc_t*>(smem_raw);      // [kKeyTile][DQ + 1]
-  acc_t* Gs = Qs + kKeyTile * (d.DQ + 1);              // [kKeyTile][DV + 1]
-  acc_t* Ks = Gs + kKeyTile * (d.DV + 1);              // [kRowsPerBlock][DQ]
-  acc_t* Vs = Ks + kRowsPerBlock * d.DQ;               // [kRowsPerBlock][DV]
-  acc_t* Ls = Vs + kRowsPerBlock * d.DV;               // [kKeyTile] lse
-  acc_t* Ds = Ls + kKeyTile;                           // [kKeyTile] D
-  acc_t* Ws = Ds + kKeyTile;                           // [kWarps][2][kKeyTile] p, dS
+  acc_t* Qs = reinterpret_cast<acc_t*>(smem_raw);  // [kKeyTile][DQ + 1]
+  acc_t* Gs = Qs + kKeyTile * (d.DQ + 1);          // [kKeyTile][DV + 1]
+  acc_t* Ks = Gs + kKeyTile * (d.DV + 1);          // [kRowsPerBlock][DQ]
+  acc_t* Vs = Ks + kRowsPerBlock * d.DQ;           // [kRowsPerBlock][DV]
+  acc_t* Ls = Vs + kRowsPerBlock * d.DV;           // [kKeyTile] lse
+  acc_t* Ds = Ls + kKeyTile;                       // [kKeyTile] D
+  acc_t* Ws = Ds + kKeyTile;                       // [kWarps][2][kKeyTile] p, dS
   const int64_t task = blockIdx.x;
   const int64_t h = task % d.H, bj = task / d.H, b = bj / d.P, j = bj % d.P;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -428,9 +426,9 @@ __global__ void __launch_bounds__(kAttnThreads)
     Vs[t] = x < d.WK ? static_cast<acc_t>(v[(bj * d.WK + x) * d.CV + h * d.DV + c]) : acc_t(0);
   }
   acc_t dka[kRowsPerWarp][kMaxPerLane], dva[kRowsPerWarp][kMaxPerLane];
-  #pragma unroll
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
-    #pragma unroll
+#pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) dka[rr][u] = dva[rr][u] = 0;
   }
   acc_t* P_w = Ws + warp * 2 * kKeyTile;
@@ -444,13 +442,11 @@ __global__ void __launch_bounds__(kAttnThreads)
       __syncthreads();
       for (int64_t t = threadIdx.x; t < yt * d.DQ; t += blockDim.x) {
         const int64_t y = t / d.DQ, c = t % d.DQ;
-        Qs[y * (d.DQ + 1) + c] =
-            static_cast<acc_t>(q[(bi * d.WQ + y0 + y) * d.CQ + h * d.DQ + c]);
+        Qs[y * (d.DQ + 1) + c] = static_cast<acc_t>(q[(bi * d.WQ + y0 + y) * d.CQ + h * d.DQ + c]);
       }
       for (int64_t t = threadIdx.x; t < yt * d.DV; t += blockDim.x) {
         const int64_t y = t / d.DV, c = t % d.DV;
-        Gs[y * (d.DV + 1) + c] =
-            static_cast<acc_t>(go[(bi * d.WQ + y0 + y) * d.CV + h * d.DV + c]);
+        Gs[y * (d.DV + 1) + c] = static_cast<acc_t>(go[(bi * d.WQ + y0 + y) * d.CV + h * d.DV + c]);
       }
       for (int64_t y = threadIdx.x; y < yt; y += blockDim.x) {
         const int64_t lrow = (bi * d.H + h) * d.WQ + y0 + y;
@@ -458,7 +454,7 @@ __global__ void __launch_bounds__(kAttnThreads)
         Ds[y] = Dbuf[lrow];
       }
       __syncthreads();
-      #pragma unroll
+#pragma unroll
       for (int rr = 0; rr < kRowsPerWarp; ++rr) {
         const int64_t lx = warp * kRowsPerWarp + rr;
         if (x0 + lx >= d.WK) break;
@@ -478,11 +474,11 @@ __global__ void __launch_bounds__(kAttnThreads)
       }
     }
   }
-  #pragma unroll
+#pragma unroll
   for (int rr = 0; rr < kRowsPerWarp; ++rr) {
     const int64_t x = x0 + warp * kRowsPerWarp + rr;
     if (x >= d.WK) break;
-    #pragma unroll
+#pragma unroll
     for (int u = 0; u < kMaxPerLane; ++u) {
       const int64_t c = lane + int64_t(u) * kWarp;
       if (c < d.DQ) dk[(bj * d.WK + x) * d.CQ + h * d.DQ + c] = static_cast<scalar_t>(dka[rr][u]);
@@ -493,8 +489,8 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 template <typename acc_t>
 size_t fwd_smem(const Dims& d) {
-  return sizeof(acc_t) * (kKeyTile * (d.DQ + 1) + kKeyTile * (d.DV + 1) +
-                          kRowsPerBlock * d.DQ + kWarps * kKeyTile);
+  return sizeof(acc_t) *
+         (kKeyTile * (d.DQ + 1) + kKeyTile * (d.DV + 1) + kRowsPerBlock * d.DQ + kWarps * kKeyTile);
 }
 
 template <typename acc_t>

@@ -1,15 +1,14 @@
 // Mᵀ as a deterministic segmented sum. A CSR plan sorts each row's entries by target (ties by
 // position, computed by counting, so no sort library and no atomics); each output element then
 // sums its run in that fixed order.
-#include "cuda/segment.h"
-
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "cuda/launch.cuh"
+#include "cuda/segment.h"
 
 namespace tokred {
 namespace {
@@ -21,8 +20,9 @@ __global__ void segment_order_kernel(const int64_t* __restrict__ index, int64_t 
     const int64_t b = t / K, k = t % K;
     const int64_t* row = index + b * K;
     const int64_t v = row[k];
-    CUDA_KERNEL_ASSERT(v >= -1 && v < n &&
-                       "tokred: index out of range [-1, n) ('indices' of _topk_backward, 'index' of _gather_tokens_backward)");
+    CUDA_KERNEL_ASSERT(
+        v >= -1 && v < n &&
+        "tokred: index out of range [-1, n) ('indices' of _topk_backward, 'index' of _gather_tokens_backward)");
     int64_t rank = 0;
     for (int64_t j = 0; j < K; ++j) {
       const int64_t u = row[j];
@@ -99,8 +99,8 @@ at::Tensor scatter_sum_rows_cuda(const at::Tensor& src_in, const at::Tensor& ind
   auto stream = c10::cuda::getCurrentCUDAStream();
   TOKRED_DISPATCH_FLOATS(src.scalar_type(), "tokred_scatter_sum_rows_cuda", [&] {
     segment_sum_kernel<scalar_t><<<cuda::blocks_for(B * n * C), cuda::kThreads, 0, stream>>>(
-        src.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), B, K,
-        n, C, out.data_ptr<scalar_t>());
+        src.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), B, K, n,
+        C, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

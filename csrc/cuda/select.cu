@@ -1,12 +1,12 @@
 // CUDA kernels of the selection ops. Rows of up to kMaxRankRow entries are ranked by counting in
 // shared memory (common/rank.h: one thread per entry, no sort); longer rows use a stable radix
 // sort. Both give tokred's order exactly: by value, NaN above +inf, ties to the lower index.
-#include <limits>
-
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -63,8 +63,8 @@ __global__ void check_lengths_kernel(const int64_t* __restrict__ lengths, int64_
 // Rows longer than kMaxRankRow: a stable sort keeps the lower index first among equal values.
 // Padding past a row's length sorts last: -inf when largest (stability keeps real -inf first),
 // NaN when smallest (NaN ranks above +inf).
-std::tuple<at::Tensor, at::Tensor> topk_by_sort(const at::Tensor& scores, int64_t k,
-                                                bool largest, const at::Tensor& lengths) {
+std::tuple<at::Tensor, at::Tensor> topk_by_sort(const at::Tensor& scores, int64_t k, bool largest,
+                                                const at::Tensor& lengths) {
   at::Tensor s = scores;
   const int64_t n = scores.size(-1);
   at::Tensor len;
@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor> topk_by_sort(const at::Tensor& scores, int64_
                                                                   n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    len = lengths.unsqueeze(-1);  // a bad length only masks the wrong entries: nothing is out of bounds
+    len = lengths.unsqueeze(
+        -1);  // a bad length only masks the wrong entries: nothing is out of bounds
     const at::Tensor pos = at::arange(n, lengths.options());
     s = s.masked_fill(pos.ge(len), largest ? -std::numeric_limits<double>::infinity()
                                            : std::numeric_limits<double>::quiet_NaN());
@@ -140,9 +141,10 @@ at::Tensor topk_backward_cuda(const at::Tensor& grad, const at::Tensor& indices,
 
 // One warp per output row; index -1 writes a zero row.
 template <typename scalar_t>
-__global__ void gather_tokens_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ index,
-                                     int64_t B, int64_t N, int64_t K, int64_t C, int64_t s0,
-                                     int64_t s1, int64_t s2, bool vec, scalar_t* __restrict__ out) {
+__global__ void gather_tokens_kernel(const scalar_t* __restrict__ x,
+                                     const int64_t* __restrict__ index, int64_t B, int64_t N,
+                                     int64_t K, int64_t C, int64_t s0, int64_t s1, int64_t s2,
+                                     bool vec, scalar_t* __restrict__ out) {
   TOKRED_WARP_STRIDE(row, B * K) {
     const int64_t b = row / K, i = index[row];
     CUDA_KERNEL_ASSERT(i >= -1 && i < N && "tokred::gather_tokens: index out of range");
@@ -160,20 +162,18 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& index_in) {
   if (out.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_gather_tokens_cuda", [&] {
-    const bool vec = x.stride(2) == 1 &&
-                     cuda::rows_vectorizable(x.data_ptr(), C, x.element_size(),
-                                             {x.stride(0), x.stride(1)});
+    const bool vec = x.stride(2) == 1 && cuda::rows_vectorizable(x.data_ptr(), C, x.element_size(),
+                                                                 {x.stride(0), x.stride(1)});
     gather_tokens_kernel<scalar_t>
         <<<cuda::blocks_for(B * K * cuda::kWarp), cuda::kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), B, N, K, C, x.stride(0),
-            x.stride(1), x.stride(2), vec, out.data_ptr<scalar_t>());
+            x.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), B, N, K, C, x.stride(0), x.stride(1),
+            x.stride(2), vec, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& index,
-                                       int64_t n) {
+at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& index, int64_t n) {
   check_gather_tokens_backward(grad, index, n);
   const c10::cuda::OptionalCUDAGuard guard(grad.device());
   return scatter_sum_rows_cuda(grad, index, n, "_gather_tokens_backward", "index");
@@ -355,9 +355,9 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tensor& x,
   TOKRED_DISPATCH_FLOATS(x.scalar_type(), "tokred_prune_tokens_cuda", [&] {
     using x_t = scalar_t;
     if (P + k > 0) {
-      const bool vec = x.stride(2) == 1 &&
-                       cuda::rows_vectorizable(x.data_ptr(), C, x.element_size(),
-                                               {x.stride(0), x.stride(1)});
+      const bool vec =
+          x.stride(2) == 1 &&
+          cuda::rows_vectorizable(x.data_ptr(), C, x.element_size(), {x.stride(0), x.stride(1)});
       prune_rows_kernel<x_t>
           <<<cuda::blocks_for(B * (P + k) * cuda::kWarp), cuda::kThreads, 0, stream>>>(
               x.data_ptr<x_t>(), index.data_ptr<int64_t>(), B, P, k, C, rows_out, x.stride(0),
@@ -377,7 +377,8 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_cuda(const at::Tensor& x,
 }
 
 template <typename g_t, typename score_t>
-__global__ void prune_grad_x_kernel(const g_t* __restrict__ grad, const score_t* __restrict__ scores,
+__global__ void prune_grad_x_kernel(const g_t* __restrict__ grad,
+                                    const score_t* __restrict__ scores,
                                     const int64_t* __restrict__ pos, int64_t B, int64_t P,
                                     int64_t N, int64_t k, int64_t C, int64_t rows_out, bool fuse,
                                     g_t* __restrict__ grad_x) {
@@ -426,9 +427,11 @@ __global__ void prune_grad_scores_kernel(const g_t* __restrict__ grad, const g_t
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& x, const at::Tensor& scores_in,
-    const at::Tensor& index_in, bool fuse, int64_t P) {
+std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cuda(const at::Tensor& grad_in,
+                                                              const at::Tensor& x,
+                                                              const at::Tensor& scores_in,
+                                                              const at::Tensor& index_in, bool fuse,
+                                                              int64_t P) {
   check_prune_tokens_backward(grad_in, x, scores_in, index_in, fuse, P);
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -447,16 +450,15 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cuda(
       if (grad_x.numel() > 0) {
         prune_grad_x_kernel<g_t, scalar_t>
             <<<cuda::blocks_for(B * (P + N) * C), cuda::kThreads, 0, stream>>>(
-                grad.data_ptr<g_t>(), scores.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), B, P,
-                N, k, C, rows_out, fuse, grad_x.data_ptr<g_t>());
+                grad.data_ptr<g_t>(), scores.data_ptr<scalar_t>(), pos.data_ptr<int64_t>(), B, P, N,
+                k, C, rows_out, fuse, grad_x.data_ptr<g_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (N > 0) {
         prune_grad_scores_kernel<g_t, scalar_t>
             <<<cuda::blocks_for(B * N * cuda::kWarp), cuda::kThreads, 0, stream>>>(
                 grad.data_ptr<g_t>(), x.data_ptr<g_t>(), pos.data_ptr<int64_t>(), B, P, N, k, C,
-                rows_out, x.stride(0), x.stride(1), x.stride(2), fuse,
-                grad_s.data_ptr<scalar_t>());
+                rows_out, x.stride(0), x.stride(1), x.stride(2), fuse, grad_s.data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -54,16 +54,20 @@ at::Tensor unmerge_meta(const at::Tensor& x, const at::Tensor& unm, const at::Te
 }
 
 at::Tensor unmerge_backward_meta(const at::Tensor& grad, const at::Tensor& unm,
-                                 const at::Tensor& src, const at::Tensor& dst, c10::SymInt num_protected) {
-  const c10::SymInt r = check_unmerge_backward(grad, unm, src, dst, num_protected, "_unmerge_backward");
+                                 const at::Tensor& src, const at::Tensor& dst,
+                                 c10::SymInt num_protected) {
+  const c10::SymInt r =
+      check_unmerge_backward(grad, unm, src, dst, num_protected, "_unmerge_backward");
   return at::empty_symint({grad.sym_size(0), grad.sym_size(1) - r, grad.sym_size(2)},
                           grad.options());
 }
 
 at::Tensor merge_source_meta(const std::optional<at::Tensor>& source, const at::Tensor& unm,
-                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n, c10::SymInt num_protected) {
+                             const at::Tensor& src, const at::Tensor& dst, c10::SymInt n,
+                             c10::SymInt num_protected) {
   check_merge_source(source, unm, src, dst, n, num_protected);
-  if (source.has_value()) return at::empty_symint(source->sym_sizes(), source->options().dtype(at::kLong));
+  if (source.has_value())
+    return at::empty_symint(source->sym_sizes(), source->options().dtype(at::kLong));
   return at::empty_symint({unm.sym_size(0), n}, unm.options().dtype(at::kLong));
 }
 
@@ -78,12 +82,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_plan_meta(const at::Tensor&
           at::empty_symint({B, n}, opts)};
 }
 
-std::tuple<at::Tensor, at::Tensor> merge_by_plan_meta(const at::Tensor& x,
-                                                      const std::optional<at::Tensor>& size,
-                                                      const at::Tensor& dest,
-                                                      const at::Tensor& offsets,
-                                                      const at::Tensor& members,
-                                                      c10::string_view mode) {
+std::tuple<at::Tensor, at::Tensor> merge_by_plan_meta(
+    const at::Tensor& x, const std::optional<at::Tensor>& size, const at::Tensor& dest,
+    const at::Tensor& offsets, const at::Tensor& members, c10::string_view mode) {
   const c10::SymInt nout =
       check_merge_by_plan(x, size, dest, offsets, members, mode, "merge_by_plan");
   return {at::empty_symint({x.sym_size(0), nout, x.sym_size(2)}, x.options()),

@@ -27,8 +27,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_meta(const at::Tensor& q, co
                                                          c10::SymInt num_heads, double) {
   const auto shapes = check_routed_attention(q, k, v, r_idx, num_heads);
   return {at::empty_symint(shapes.first, q.options()),
-          at::empty_symint(shapes.second,
-                           q.options().dtype(routing_lse_dtype(q.scalar_type())))};
+          at::empty_symint(shapes.second, q.options().dtype(routing_lse_dtype(q.scalar_type())))};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_meta(

@@ -46,9 +46,11 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_meta(const at::Tensor& x, const 
           at::empty_symint({x.sym_size(0), k}, x.options().dtype(at::kLong))};
 }
 
-std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_meta(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& scores,
-    const at::Tensor& index, bool fuse, c10::SymInt num_protected) {
+std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_meta(const at::Tensor& grad_out,
+                                                              const at::Tensor& x,
+                                                              const at::Tensor& scores,
+                                                              const at::Tensor& index, bool fuse,
+                                                              c10::SymInt num_protected) {
   check_prune_tokens_backward(grad_out, x, scores, index, fuse, num_protected);
   return {at::empty_symint(x.sym_sizes(), grad_out.options()),
           at::empty_symint(scores.sym_sizes(), scores.options())};

@@ -1,10 +1,9 @@
 // The Python module tokred_ext._C. Loading it runs the static op registrations, after which the
 // ops are reachable as torch.ops.tokred.*. Its functions report how the CPU kernels run.
+#include <ATen/Parallel.h>
 #include <Python.h>
 
 #include <atomic>
-
-#include <ATen/Parallel.h>
 
 #include "cpu/fma.h"
 

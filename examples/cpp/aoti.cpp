@@ -9,14 +9,14 @@
 // fails with "Could not find schema for tokred::..." (ctest checks that too).
 //
 //   tokred_aoti <package.pt2> <io.pt>
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+
 #include <fstream>
 #include <iostream>
 #include <iterator>
 #include <vector>
-
-#include <ATen/ATen.h>
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <torch/csrc/jit/serialization/pickle.h>
 
 namespace {
 

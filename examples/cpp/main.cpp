@@ -1,11 +1,11 @@
 // Calls every tokred op through tokred.h on real data and checks the results. Exits non-zero on
 // the first mismatch, so ctest fails.
+#include <tokred.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <vector>
-
-#include <tokred.h>
 
 namespace {
 
@@ -41,9 +41,10 @@ void selection() {
   const at::Tensor gathered = tokred::gather_tokens(x, longs({3, 0}, {1, 2}));
   expect(gathered.equal(at::cat({x.select(1, 3), x.select(1, 0)}).view({1, 2, 3})),
          "gather_tokens");
-  const at::Tensor summed = tokred::gather_tokens_backward(at::ones({1, 3, 3}),
-                                                           longs({1, 1, 2}, {1, 3}), 4);
-  expect(summed.select(1, 1).equal(at::full({1, 3}, 2.0f)), "gather_tokens_backward: duplicates sum");
+  const at::Tensor summed =
+      tokred::gather_tokens_backward(at::ones({1, 3, 3}), longs({1, 1, 2}, {1, 3}), 4);
+  expect(summed.select(1, 1).equal(at::full({1, 3}, 2.0f)),
+         "gather_tokens_backward: duplicates sum");
 
   expect(tokred::complement(longs({5, 0, 3, 1, 2, 7}, {2, 3}), 8)
              .equal(longs({1, 2, 4, 6, 7, 0, 3, 4, 5, 6}, {2, 5})),
@@ -73,8 +74,9 @@ void merging() {
   auto [merged, size] = tokred::merge(x, std::nullopt, unm, src, dst, "wavg");
   expect(merged.equal(floats({0, 0, 1, 1, 3, 6}, {1, 3, 2})), "merge: size-weighted average");
   expect(size.equal(floats({1, 1, 2}, {1, 3, 1})), "merge: sizes");
-  expect(tokred::unmerge(merged, unm, src, dst, 4).equal(floats({0, 0, 1, 1, 3, 6, 3, 6}, {1, 4, 2})),
-         "unmerge: sources get their destination");
+  expect(
+      tokred::unmerge(merged, unm, src, dst, 4).equal(floats({0, 0, 1, 1, 3, 6, 3, 6}, {1, 4, 2})),
+      "unmerge: sources get their destination");
   expect(tokred::merge_source(std::nullopt, unm, src, dst, 4).equal(longs({0, 1, 2, 2}, {1, 4})),
          "merge_source: patch 2 now lives in token 2");
 }
@@ -91,12 +93,13 @@ void routing() {
   const double scale = 0.5;
   const at::Tensor vg = tokred::routed_gather(v, r_idx).view({1, 2, 2, 4});
   auto heads = [](const at::Tensor& t) { return t.view({2, 2, 2, 2}).permute({0, 2, 1, 3}); };
-  const at::Tensor attn = at::softmax(at::matmul(heads(q) * scale, heads(kg.view({1, 2, 2, 4})).transpose(-1, -2)), -1);
+  const at::Tensor attn =
+      at::softmax(at::matmul(heads(q) * scale, heads(kg.view({1, 2, 2, 4})).transpose(-1, -2)), -1);
   const at::Tensor dense = at::matmul(attn, heads(vg)).permute({0, 2, 1, 3}).reshape({1, 2, 2, 4});
   auto [out, lse] = tokred::routed_attention(q, k, v, r_idx, 2, scale);
   expect(at::allclose(out, dense, 1e-5, 1e-6), "routed_attention: equals gather + dense attention");
-  auto [dq, dk, dv] = tokred::routed_attention_backward(at::ones_like(out), q, k, v, r_idx, out,
-                                                        lse, 2, scale);
+  auto [dq, dk, dv] =
+      tokred::routed_attention_backward(at::ones_like(out), q, k, v, r_idx, out, lse, 2, scale);
   // Every query's probabilities sum to 1, so with grad_out = 1, dv sums to queries x channels.
   expect(std::abs(dv.sum().item<double>() - 16.0) < 1e-4, "routed_attention_backward: dv mass");
 }

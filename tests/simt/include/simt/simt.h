@@ -12,7 +12,8 @@
 // before a write shows up. Dynamic shared memory is bounded by guard bytes on both sides: a write
 // into them fails the launch, and under AddressSanitizer any access to them is reported.
 //
-// Nothing here models GPU numerics, timing, occupancy or the memory model: see tests/simt/README.md.
+// Nothing here models GPU numerics, timing, occupancy or the memory model: see
+// tests/simt/README.md.
 #pragma once
 
 // Torch headers first, so the CUDA keyword macros below cannot touch them.
@@ -21,9 +22,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
-#include <torch/library.h>
-
 #include <sys/mman.h>
+#include <torch/library.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -159,7 +159,8 @@ inline std::string where() {
 #if SIMT_ASAN
 // AddressSanitizer must be told about every stack switch, or it reports false stack overflows.
 inline void switch_to_fiber(Fiber& f) {
-  __sanitizer_start_switch_fiber(&rt.fake_stack, f.context.uc_stack.ss_sp, f.context.uc_stack.ss_size);
+  __sanitizer_start_switch_fiber(&rt.fake_stack, f.context.uc_stack.ss_sp,
+                                 f.context.uc_stack.ss_size);
   swapcontext(&rt.scheduler, &f.context);
   __sanitizer_finish_switch_fiber(rt.fake_stack, nullptr, nullptr);
 }
@@ -199,8 +200,8 @@ inline void switch_to_scheduler(bool exiting) {
 
 inline void device_assert_fail(const char* cond, const char* file, int line) {
   std::ostringstream o;
-  o << "device-side assert triggered: " << file << ":" << line << ": " << where()
-    << ": Assertion `" << cond << "` failed.";
+  o << "device-side assert triggered: " << file << ":" << line << ": " << where() << ": Assertion `"
+    << cond << "` failed.";
   fail(o.str());
 }
 
@@ -225,8 +226,10 @@ inline void wait_at_block_barrier(const char* file, unsigned line) {
 inline uint64_t wait_at_warp_op(WarpOp op, unsigned mask, uint64_t value, int param, int width) {
   Fiber* f = rt.current;
   if (width <= 0 || width > 32 || (width & (width - 1)))
-    fail("shuffle width " + std::to_string(width) + " is not a power of two in [1, 32] at " + where());
-  if (!((mask >> (f->tid % 32)) & 1u)) fail("a warp op whose mask leaves out the calling lane at " + where());
+    fail("shuffle width " + std::to_string(width) + " is not a power of two in [1, 32] at " +
+         where());
+  if (!((mask >> (f->tid % 32)) & 1u))
+    fail("a warp op whose mask leaves out the calling lane at " + where());
   f->state = State::kAtWarpOp;
   f->op = op;
   f->mask = mask;
@@ -239,11 +242,16 @@ inline uint64_t wait_at_warp_op(WarpOp op, unsigned mask, uint64_t value, int pa
 
 inline const char* op_name(WarpOp op) {
   switch (op) {
-    case WarpOp::kSync: return "__syncwarp";
-    case WarpOp::kIdx: return "__shfl_sync";
-    case WarpOp::kDown: return "__shfl_down_sync";
-    case WarpOp::kUp: return "__shfl_up_sync";
-    default: return "__shfl_xor_sync";
+    case WarpOp::kSync:
+      return "__syncwarp";
+    case WarpOp::kIdx:
+      return "__shfl_sync";
+    case WarpOp::kDown:
+      return "__shfl_down_sync";
+    case WarpOp::kUp:
+      return "__shfl_up_sync";
+    default:
+      return "__shfl_xor_sync";
   }
 }
 
@@ -252,11 +260,16 @@ inline const char* op_name(WarpOp op) {
 inline int shuffle_source(WarpOp op, int lane, int param, int width) {
   const int base = lane & ~(width - 1);
   switch (op) {
-    case WarpOp::kIdx: return base + (param & (width - 1));
-    case WarpOp::kDown: return (lane - base) + param < width ? lane + param : lane;
-    case WarpOp::kUp: return (lane - base) >= param ? lane - param : lane;
-    case WarpOp::kXor: return ((lane ^ param) & ~(width - 1)) <= base ? (lane ^ param) : lane;
-    default: return lane;
+    case WarpOp::kIdx:
+      return base + (param & (width - 1));
+    case WarpOp::kDown:
+      return (lane - base) + param < width ? lane + param : lane;
+    case WarpOp::kUp:
+      return (lane - base) >= param ? lane - param : lane;
+    case WarpOp::kXor:
+      return ((lane ^ param) & ~(width - 1)) <= base ? (lane ^ param) : lane;
+    default:
+      return lane;
   }
 }
 
@@ -273,7 +286,8 @@ inline Schedule schedule() {
   return s;
 }
 inline std::mt19937& schedule_rng() {
-  static thread_local std::mt19937 rng(std::getenv("SIMT_SEED") ? std::atoi(std::getenv("SIMT_SEED")) : 12345);
+  static thread_local std::mt19937 rng(
+      std::getenv("SIMT_SEED") ? std::atoi(std::getenv("SIMT_SEED")) : 12345);
   return rng;
 }
 
@@ -295,22 +309,24 @@ inline bool release_warps(unsigned nthreads) {
     for (unsigned l = 0; l < 32; ++l) {
       if (!((mask >> l) & 1u)) continue;
       if (l >= lanes) {
-        rt.error = std::string(name) + " in " + warp + ": the mask names lane " + std::to_string(l) +
-                   ", which does not exist in a block of " + std::to_string(nthreads) + " threads";
+        rt.error = std::string(name) + " in " + warp + ": the mask names lane " +
+                   std::to_string(l) + ", which does not exist in a block of " +
+                   std::to_string(nthreads) + " threads";
         return false;
       }
       const Fiber& f = rt.fibers[w0 + l];
       switch (f.state) {
         case State::kAtWarpOp:
           if (f.mask != mask || (f.op == WarpOp::kSync) != (first->op == WarpOp::kSync)) {
-            rt.error = "divergent warp ops in " + warp + ": lane " + std::to_string(first->tid % 32) +
-                       " at " + name + ", lane " + std::to_string(l) + " at " + op_name(f.op);
+            rt.error = "divergent warp ops in " + warp + ": lane " +
+                       std::to_string(first->tid % 32) + " at " + name + ", lane " +
+                       std::to_string(l) + " at " + op_name(f.op);
             return false;
           }
           break;
         case State::kExited:
-          rt.error = std::string(name) + " in " + warp + ": the mask names lane " + std::to_string(l) +
-                     ", which has exited";
+          rt.error = std::string(name) + " in " + warp + ": the mask names lane " +
+                     std::to_string(l) + ", which has exited";
           return false;
         case State::kAtBlockBarrier:
           rt.error = std::string(name) + " in " + warp + " while lane " + std::to_string(l) +
@@ -481,7 +497,8 @@ class DynamicSmem {
 
 // ------------------------------------------------------------------ launches
 
-inline std::string launch_config_error(const dim3& grid, const dim3& block, size_t smem, const void* fn) {
+inline std::string launch_config_error(const dim3& grid, const dim3& block, size_t smem,
+                                       const void* fn) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   size_t cap = kDefaultDynamicSmem;
   auto it = rt.max_dynamic_smem.find(fn);
@@ -511,7 +528,8 @@ struct Call {
 
 inline void ensure_thread_slots(unsigned nthreads) {
   while (rt.stacks.size() < nthreads) {
-    void* s = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* s = mmap(nullptr, kStackBytes + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
     if (s == MAP_FAILED) throw std::bad_alloc();
     mprotect(s, 4096, PROT_NONE);  // a stack overflow faults instead of corrupting memory
     rt.stacks.push_back(static_cast<char*>(s) + 4096);
@@ -528,7 +546,8 @@ struct Launcher {
   template <typename... A>
   void operator()(A&&... a) const {
     static_assert(sizeof...(A) == sizeof...(P), "kernel argument count");
-    const std::string bad = launch_config_error(grid, block, smem, reinterpret_cast<const void*>(f));
+    const std::string bad =
+        launch_config_error(grid, block, smem, reinterpret_cast<const void*>(f));
     if (!bad.empty()) {
       rt.last_error = cudaErrorInvalidConfiguration;
       rt.last_message = bad;
@@ -556,21 +575,23 @@ struct Launcher {
           if (rt.error.empty()) {
             const std::string guards = shared.check_guards();
             if (!guards.empty()) {
-              rt.error = guards + " in block (" + std::to_string(x) + "," + std::to_string(y) + "," +
-                         std::to_string(z) + ")";
+              rt.error = guards + " in block (" + std::to_string(x) + "," + std::to_string(y) +
+                         "," + std::to_string(z) + ")";
             }
           }
         }
     rt.dynamic_smem = nullptr;
     if (!rt.error.empty()) {
-      rt.last_error = rt.error.rfind("device-side assert", 0) == 0 ? cudaErrorAssert : cudaErrorLaunchFailure;
+      rt.last_error =
+          rt.error.rfind("device-side assert", 0) == 0 ? cudaErrorAssert : cudaErrorLaunchFailure;
       rt.last_message = rt.error;
     }
   }
 };
 
 template <typename R, typename... P>
-Launcher<R, P...> launch(R (*f)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
+Launcher<R, P...> launch(R (*f)(P...), dim3 grid, dim3 block, size_t smem = 0,
+                         cudaStream_t = nullptr) {
   return {f, grid, block, smem};
 }
 
@@ -625,7 +646,8 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 namespace simt {
 template <typename T>
 uint64_t to_bits(T v) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type wider than 8 bytes");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
+                "shuffle of a type wider than 8 bytes");
   uint64_t b = 0;
   std::memcpy(&b, &v, sizeof(T));
   return b;
@@ -662,13 +684,16 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
 // ------------------------------------------------------------------ CUDA runtime API on the host
 inline cudaError_t cudaGetLastError() { return ::simt::take_last_error(); }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
-  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? static_cast<int>(simt::kOptinDynamicSmem) : 0;
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin
+               ? static_cast<int>(simt::kOptinDynamicSmem)
+               : 0;
   return cudaSuccess;
 }
 template <typename T>
 cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<size_t>(value) > simt::kOptinDynamicSmem) return cudaErrorInvalidValue;
+    if (value < 0 || static_cast<size_t>(value) > simt::kOptinDynamicSmem)
+      return cudaErrorInvalidValue;
     simt::rt.max_dynamic_smem[reinterpret_cast<const void*>(entry)] = static_cast<size_t>(value);
   }
   return cudaSuccess;
