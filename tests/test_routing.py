@@ -2,6 +2,8 @@
 import os
 import platform
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -411,15 +413,13 @@ def _cpu_flags():
         return None
 
 
-def tokred_ext_fuses():
+def _fuses():
     import tokred_ext
     return tokred_ext.build_info()["cpu_fused_multiply_add"]
 
 
 def _unfused_run(args):
     """`python args...` in a process whose CPU kernels run unfused (TOKRED_CPU_FMA=0)."""
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TOKRED_CPU_FMA="0")
     return subprocess.run([sys.executable] + args, cwd=root, env=env, capture_output=True,
@@ -437,13 +437,13 @@ def test_cpu_kernels_fuse_exactly_where_the_cpu_has_fma():
 
 @pytest.mark.skipif(os.environ.get("TOKRED_CPU_FMA") == "0", reason="already the unfused run")
 def test_unfused_kernels_pass_this_file():
-    """This file's tests again in a process that runs the unfused variant: the CPU here has FMA
-    (as CI's do), so the run above tested the fused one."""
+    """This file's tests again in a process that runs the unfused variant. On a CPU with FMA (as
+    CI's) the run this test belongs to covered the fused one."""
     res = _unfused_run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-@pytest.mark.skipif(not tokred_ext_fuses(), reason="the CPU runs the unfused kernels only")
+@pytest.mark.skipif(not _fuses(), reason="the CPU runs the unfused kernels only")
 def test_fused_and_unfused_kernels_differ_in_the_last_bits_only(tmp_path):
     g = torch.Generator().manual_seed(11)
     q, k, v, r = attn_inputs(2, 9, 16, 16, 3, 2, 32, 32, torch.float32, "cpu", g=g)
