@@ -418,11 +418,15 @@ def _fuses():
     return tokred_ext.build_info()["cpu_fused_multiply_add"]
 
 
-def _unfused_run(args):
-    """`python args...` in a process whose CPU kernels run unfused (TOKRED_CPU_FMA=0)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TOKRED_CPU_FMA="0")
-    return subprocess.run([sys.executable] + args, cwd=root, env=env, capture_output=True,
+def _unfused_run(args, cwd):
+    """`python args...` in a process whose CPU kernels run unfused (TOKRED_CPU_FMA=0). It imports
+    the tokred_ext this process did (installed or built in place), never an unbuilt source tree:
+    `python -m` and `-c` put their working directory first on the path."""
+    import tokred_ext
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(tokred_ext.__file__)))
+    path = os.pathsep.join(filter(None, [package_dir, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, TOKRED_CPU_FMA="0", PYTHONPATH=path)
+    return subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -436,10 +440,10 @@ def test_cpu_kernels_fuse_exactly_where_the_cpu_has_fma():
 
 
 @pytest.mark.skipif(os.environ.get("TOKRED_CPU_FMA") == "0", reason="already the unfused run")
-def test_unfused_kernels_pass_this_file():
+def test_unfused_kernels_pass_this_file(tmp_path):
     """This file's tests again in a process that runs the unfused variant. On a CPU with FMA (as
     CI's) the run this test belongs to covered the fused one."""
-    res = _unfused_run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__])
+    res = _unfused_run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__], tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
@@ -451,7 +455,8 @@ def test_fused_and_unfused_kernels_differ_in_the_last_bits_only(tmp_path):
     script = ("import sys, torch; from tokred_ext import ops; "
               "q, k, v, r = torch.load(sys.argv[1]); "
               "torch.save(ops.routed_attention(q, k, v, r, 2, 0.2), sys.argv[2])")
-    res = _unfused_run(["-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")])
+    res = _unfused_run(["-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                       tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     unfused = torch.load(tmp_path / "out.pt")
     fused = ops.routed_attention(q, k, v, r, 2, 0.2)
