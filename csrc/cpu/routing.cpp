@@ -20,6 +20,7 @@
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/routing_args.h"
+#include "cpu/fma.h"
 #include "cpu/parallel.h"
 #include "cpu/segment.h"
 #include "cpu/vec.h"

@@ -19,7 +19,6 @@
 #include <cstdint>
 
 #include "common/routing.h"
-#include "cpu/fma.h"
 
 #if !defined(__GNUC__)
 #error "tokred's CPU SIMD toolkit (cpu/vec.h) uses GCC / Clang vector extensions"
