@@ -9,6 +9,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from tokred_ext import ops  # noqa: E402
+from tokred_ext._build_info import registered_ops  # noqa: E402
 from tokred_ext import onnx as tokred_onnx  # noqa: E402
 from tokred_ext.models import VisionTransformer  # noqa: E402
 from tokred_ext.models.biformer import BiFormer  # noqa: E402
@@ -91,6 +92,31 @@ def test_topk_lengths(tmp_path):
                      path=tmp_path / "topk_len.onnx")
     assert_same(res, exact=(0,))
     assert (res[0][1][1][1, 2:] == -1).all()
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_gather_tokens(tmp_path, index_dtype):
+    g = _gen(20)
+    x = torch.randn(2, 9, 5, generator=g)
+    x[1, 0, 2] = float("nan")  # row 0 is read only where asked for, not for padding
+    index = torch.tensor([[3, 3, -1, 8, 0], [-1, 2, 7, 1, -1]], dtype=index_dtype)
+    x3 = torch.randn(3, 9, 5, generator=g)
+    i3 = torch.randint(-1, 9, (3, 5), generator=g, dtype=index_dtype)
+    res = export_run(ops.gather_tokens, (x, index), (x, index), (x3, i3),
+                     path=tmp_path / "gather.onnx")
+    for eager, got in res:  # copies and zero rows: bitwise, NaN where eager has it
+        assert torch.equal(eager[0].nan_to_num(7.0), got[0].nan_to_num(7.0))
+        assert torch.equal(eager[0].isnan(), got[0].isnan())
+
+
+@pytest.mark.parametrize("k", [0, 1, 4, 9])
+def test_complement(tmp_path, k):
+    g = _gen(21)
+    index = torch.stack([torch.randperm(9, generator=g)[:k] for _ in range(2)]).to(torch.int32)
+    i3 = torch.stack([torch.randperm(9, generator=g)[:k] for _ in range(3)]).to(torch.int32)
+    res = export_run(lambda i: ops.complement(i, 9), (index,), (index,), (i3,),
+                     path=tmp_path / "complement.onnx")
+    assert_same(res)
 
 
 @pytest.mark.parametrize("fuse,keep_order,num_protected,k",
@@ -184,6 +210,49 @@ def test_merge_by_plan_nan_propagates_like_eager(tmp_path):
         torch.testing.assert_close(o.nan_to_num(), e.nan_to_num())
 
 
+@pytest.mark.parametrize("mode", ["wavg", "amax"])
+@pytest.mark.parametrize("n,r,p", [(15, 5, 1), (14, 4, 3), (9, 0, 1)])
+def test_one_off_merge_ops(tmp_path, mode, n, r, p):
+    """merge, unmerge and merge_source (which build their plan on every call) against eager,
+    with merge_source composed over an earlier source map as a second ToMe step does."""
+    g = _gen(22)
+    x = torch.randn(2, n, 8, generator=g)
+    size = torch.rand(2, n, 1, generator=g) + 0.5
+    metric = torch.randn(2, n, 4, generator=g)
+    source = torch.randint(0, n, (2, 2 * n), generator=g)
+
+    def fn(x, s, m, source):
+        unm, src, dst = ops.bipartite_match(m, r, p)
+        merged, size_out = ops.merge(x, s, unm, src, dst, mode, p)
+        back = ops.unmerge(merged, unm, src, dst, n, p)
+        first = ops.merge_source(None, unm, src, dst, n, p)
+        return (merged, size_out, back, first, ops.merge_source(source, unm, src, dst, n, p),
+                ops.merge_source_by_plan(source, ops.merge_plan(unm, src, dst, n, p)))
+    res = export_run(fn, (x, size, metric, source),
+                     path=tmp_path / "one_off.onnx")
+    assert_same(res)
+
+
+@pytest.mark.parametrize("weighted,topk,dtype", [(False, 2, torch.float32), (True, 2, torch.float32),
+                                                 (True, 3, torch.float64), (False, 0, torch.float32)])
+def test_routed_gather(tmp_path, weighted, topk, dtype):
+    g = _gen(23)
+    kv = torch.randn(2, 4, 3, 6, generator=g, dtype=dtype)
+    r_idx = torch.randint(0, 4, (2, 4, topk), generator=g, dtype=torch.int32)
+    weight = torch.rand(2, 4, topk, generator=g)  # float32 weights, as BiFormer's soft routing
+    kv3 = torch.randn(3, 4, 3, 6, generator=g, dtype=dtype)
+    r3 = torch.randint(0, 4, (3, 4, topk), generator=g, dtype=torch.int32)
+    w3 = torch.rand(3, 4, topk, generator=g)
+    if weighted:
+        res = export_run(ops.routed_gather, (kv, r_idx, weight), (kv, r_idx, weight),
+                         (kv3, r3, w3), path=tmp_path / "routed_gather.onnx")
+    else:
+        res = export_run(lambda kv, r: ops.routed_gather(kv, r), (kv, r_idx), (kv, r_idx),
+                         (kv3, r3), path=tmp_path / "routed_gather.onnx")
+    for eager, got in res:  # copies, and one product rounded once: bitwise
+        assert eager[0].dtype == got[0].dtype and torch.equal(eager[0], got[0])
+
+
 @pytest.mark.parametrize("topk", [0, 2])
 def test_routed_attention(tmp_path, topk):
     g = _gen(9)
@@ -224,10 +293,12 @@ def test_vit_with_each_policy_in_onnxruntime(tmp_path, spec):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_biformer_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("soft_routing", [False, True])
+def test_biformer_in_onnxruntime(tmp_path, soft_routing):
     torch.manual_seed(0)
     model = BiFormer(depth=[1, 1, 1, 1], embed_dim=[16, 32, 32, 32], head_dim=16, n_win=2,
-                     num_classes=10, topks=(2, 2, -1, -1)).eval()
+                     num_classes=10, topks=(2, 2, -1, -1), soft_routing=soft_routing,
+                     diff_routing=soft_routing).eval()
     images = torch.randn(2, 3, 64, 64, generator=_gen(11))
     path = tmp_path / "biformer.onnx"
     tokred_onnx.export(model, (images,), str(path))
@@ -238,6 +309,14 @@ def test_biformer_in_onnxruntime(tmp_path):
             expected = model(x)
         got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_public_forward_op_has_a_translation():
+    """Every op a user may call exports; the _*_backward ops never appear in an inference graph."""
+    names = {name.split("::", 1)[1] for name in registered_ops()}
+    forward = {name for name in names if not name.startswith("_")}
+    translated = {o.name().split("::", 1)[1] for o in tokred_onnx.TRANSLATIONS}
+    assert forward == translated, forward ^ translated
 
 
 def test_every_forward_op_the_models_use_has_a_translation():

@@ -106,6 +106,36 @@ def topk(scores, k: int, largest: bool = True, lengths=None):
     return values, indices
 
 
+def gather_tokens(x, index):
+    """Rows of x by index; -1 (padding) gives a zero row."""
+    index = op.Cast(index, to=ir.DataType.INT64)
+    valid = op.GreaterOrEqual(index, _int(0))
+    rows = _gather_rows(x, op.Where(valid, index, _int(0)))
+    return op.Where(op.Unsqueeze(valid, _ints(-1)), rows, _like(0.0, rows))
+
+
+def _missing(index, n: int, k: int):
+    """The n - k positions of [0, n) absent from each row of index [B, k] (distinct), ascending."""
+    batch = op.Shape(index, start=0, end=1)
+    if k == 0:
+        return op.Expand(_range(n), op.Concat(batch, _ints(n), axis=0))
+    if k == n:
+        return op.Expand(_ints(0), op.Concat(batch, _ints(0), axis=0))
+    position = _range(n)               # [n]
+    hit = op.Equal(op.Unsqueeze(op.Cast(index, to=ir.DataType.INT64), _ints(-1)), position)
+    present = op.Cast(op.ReduceMax(op.Cast(hit, to=ir.DataType.INT32), _ints(1), keepdims=0),
+                      to=ir.DataType.BOOL)                                    # [B, n]
+    # Present positions sort after every absent one, so the n - k smallest keys are the absent
+    # positions in ascending order.
+    key = op.Where(present, op.Add(position, _int(n)), position)
+    missing, _ = _smallest(key, n - k)
+    return missing
+
+
+def complement(index, n: int):
+    return _missing(index, n, _static(index.shape[1], "index count"))
+
+
 def prune_tokens(x, scores, k: int, fuse: bool = False, num_protected: int = 1,
                  keep_order: bool = False):
     n = _static(scores.shape[1], "token count")
@@ -127,14 +157,7 @@ def _fused_token(x, tokens, scores, index, n: int, k: int):
         shape = op.Concat(op.Shape(x, start=0, end=1), _ints(1), op.Shape(x, start=2, end=3),
                           axis=0)
         return op.Expand(_like(0.0, x), shape)
-    position = _range(n)               # [n]
-    hit = op.Equal(op.Unsqueeze(index, _ints(-1)), position)                 # [B, k, n]
-    kept = op.Cast(op.ReduceMax(op.Cast(hit, to=ir.DataType.INT32), _ints(1), keepdims=0),
-                   to=ir.DataType.BOOL)                                       # [B, n]
-    # Kept positions sort after every dropped one, so the n - k smallest keys are the dropped
-    # positions in ascending order.
-    key = op.Where(kept, op.Add(position, _ints(n)), position)
-    dropped, _ = _smallest(key, n - k)
+    dropped = _missing(index, n, k)
     rows = _accumulator(_gather_rows(tokens, dropped))
     weights = op.CastLike(op.GatherElements(scores, dropped, axis=1), rows)
     fused = op.ReduceSum(op.Mul(rows, op.Unsqueeze(weights, _ints(-1))), _ints(1), keepdims=1)
@@ -271,12 +294,16 @@ def _shift_right(t, n: int, s: int, fill):
 
 
 def merge_by_plan(x, size, dest, offsets, members, mode: str = "wavg"):
-    """Each output reduces its members: the tokens in members order (grouped by output,
-    ascending), an inclusive scan within each output's run by doubling (round s adds the value s
-    places back where it belongs to the same output: ceil(log2(r + 1)) rounds, so a dense merge
-    of half the tokens stays small), and each output's total at the end of its run."""
+    return _reduce_plan(x, size, dest, offsets, members, _static(offsets.shape[1], "plan size") - 1,
+                        mode)
+
+
+def _reduce_plan(x, size, dest, offsets, members, nout: int, mode: str):
+    """Each of the nout outputs reduces its members: the tokens in members order (grouped by
+    output, ascending), an inclusive scan within each output's run by doubling (round s adds the
+    value s places back where it belongs to the same output: ceil(log2(r + 1)) rounds, so a dense
+    merge of half the tokens stays small), and each output's total at the end of its run."""
     n = _static(x.shape[1], "token count")
-    nout = _static(offsets.shape[1], "plan size") - 1
     if mode not in ("sum", "mean", "amax", "wavg"):
         raise ValueError(f"merge_by_plan: unknown mode {mode!r}")
     xa = _accumulator(x)
@@ -323,7 +350,52 @@ def merge_by_plan(x, size, dest, offsets, members, mode: str = "wavg"):
     return op.CastLike(acc, x), op.CastLike(op.Unsqueeze(wsum, _ints(-1)), x)
 
 
+
+def merge_source_by_plan(source, dest, offsets, members):
+    """The current token of each original one: dest itself, or dest composed with source."""
+    dest = op.Cast(dest, to=ir.DataType.INT64)
+    if source is None:
+        return dest
+    return op.GatherElements(dest, op.Cast(source, to=ir.DataType.INT64), axis=1)
+
+
+# The one-off ToMe ops are their plan ops on the plan of their match, as in the kernels.
+
+def merge(x, size, unm_idx, src_idx, dst_idx, mode: str = "wavg", num_protected: int = 1):
+    n, r = _static(x.shape[1], "token count"), _static(src_idx.shape[1], "r")
+    plan = merge_plan(unm_idx, src_idx, dst_idx, n, num_protected)
+    return _reduce_plan(x, size, *plan, n - r, mode)
+
+
+def unmerge(x, unm_idx, src_idx, dst_idx, n: int, num_protected: int = 1):
+    return unmerge_by_plan(x, *merge_plan(unm_idx, src_idx, dst_idx, n, num_protected))
+
+
+def merge_source(source, unm_idx, src_idx, dst_idx, n: int, num_protected: int = 1):
+    return merge_source_by_plan(source, *merge_plan(unm_idx, src_idx, dst_idx, n, num_protected))
+
+
 # ------------------------------------------------------------------------------------ routing
+
+def _region_rows(r_idx, regions: int):
+    """Row b·P + r_idx[b, ...] of the windows flattened over (batch, region)."""
+    batch = op.Squeeze(op.Shape(r_idx, start=0, end=1), _ints(0))
+    base = op.Mul(_range(batch), _int(regions))
+    return op.Add(op.Cast(r_idx, to=ir.DataType.INT64), op.Reshape(base, _ints(-1, 1, 1)))
+
+
+def routed_gather(kv, r_idx, r_weight=None):
+    """kv's routed windows [n, P, topk, w2, c], each times its weight when given (in float32,
+    float64 for float64 kv, rounded to kv's dtype)."""
+    P = _static(kv.shape[1], "region count")
+    w2, c = _static(kv.shape[2], "window"), _static(kv.shape[3], "channels")
+    picked = op.Gather(op.Reshape(kv, _ints(-1, w2, c)), _region_rows(r_idx, P), axis=0)
+    if r_weight is None:
+        return picked
+    acc = ir.DataType.DOUBLE if kv.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+    weight = op.Unsqueeze(op.Cast(r_weight, to=acc), _ints(-1, -2))       # [n, P, topk, 1, 1]
+    return op.CastLike(op.Mul(op.Cast(picked, to=acc), weight), kv)
+
 
 def routed_attention(q, k, v, r_idx, num_heads: int, scale: float):
     P = _static(q.shape[1], "region count")
@@ -339,9 +411,7 @@ def routed_attention(q, k, v, r_idx, num_heads: int, scale: float):
                         op.Concat(batch, _ints(P, H, wq), axis=0))
         return out, lse
     qa, ka, va = (op.Cast(t, to=lse_type) for t in (q, k, v))
-    # Region r_idx[b, i, t] of batch b is row b·P + r_idx of the flattened windows.
-    base = op.Mul(_range(op.Squeeze(batch, _ints(0))), _int(P))
-    rows = op.Add(op.Cast(r_idx, to=ir.DataType.INT64), op.Reshape(base, _ints(-1, 1, 1)))
+    rows = _region_rows(r_idx, P)
 
     def routed(t, c):  # [n, P, wk, c] -> [n, P, H, T·wk, c / H]
         flat = op.Reshape(t, _ints(-1, wk, c))
@@ -365,12 +435,19 @@ def _translations() -> Dict[Any, Any]:
     t = torch.ops.tokred
     return {
         t.topk.default: topk,
+        t.gather_tokens.default: gather_tokens,
+        t.complement.default: complement,
         t.prune_tokens.default: prune_tokens,
         t.bipartite_match.default: bipartite_match,
+        t.merge.default: merge,
+        t.unmerge.default: unmerge,
+        t.merge_source.default: merge_source,
         t.merge_plan.default: merge_plan,
         t.bipartite_match_plan.default: bipartite_match_plan,
         t.merge_by_plan.default: merge_by_plan,
         t.unmerge_by_plan.default: unmerge_by_plan,
+        t.merge_source_by_plan.default: merge_source_by_plan,
+        t.routed_gather.default: routed_gather,
         t.routed_attention.default: routed_attention,
     }
 
