@@ -66,7 +66,8 @@ c10::SymInt check_bipartite_match_plan(const at::Tensor& metric, const at::Tenso
 }
 
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                                const at::Tensor& dst_idx, const c10::SymInt& batch,
+                                const at::Tensor& dst_idx,
+                                const std::optional<c10::SymInt>& batch_or_own,
                                 const c10::SymInt& n, const c10::SymInt& num_protected,
                                 const char* op) {
   check_num_protected(num_protected, op);
@@ -78,6 +79,7 @@ c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src
   check_dim(dst_idx, 2, op, "dst_idx", "[B, r]");
   check_same_device(unm_idx, src_idx, op, "unm_idx", "src_idx");
   check_same_device(src_idx, dst_idx, op, "src_idx", "dst_idx");
+  const c10::SymInt batch = batch_or_own.has_value() ? *batch_or_own : unm_idx.sym_size(0);
   TOKRED_SYM_CHECK(unm_idx.sym_size(0).sym_eq(batch), op, "unm_idx", "must have batch size ", batch,
                    ", got ", unm_idx.sym_size(0));
   TOKRED_CHECK(dst_idx.sym_sizes() == src_idx.sym_sizes(), op, "dst_idx",
@@ -160,7 +162,8 @@ c10::SymInt check_merge_source(const std::optional<at::Tensor>& source, const at
   }
   // With a source map, the match indices must have its batch: a kernel reads one plan row per
   // source row.
-  const c10::SymInt batch = source.has_value() ? source->sym_size(0) : unm_idx.sym_size(0);
+  const std::optional<c10::SymInt> batch =
+      source.has_value() ? std::optional<c10::SymInt>(source->sym_size(0)) : std::nullopt;
   return check_match_indices(unm_idx, src_idx, dst_idx, batch, n, num_protected, op);
 }
 
@@ -195,7 +198,7 @@ c10::SymInt check_merge_plan(const at::Tensor& unm_idx, const at::Tensor& src_id
                              const c10::SymInt& num_protected) {
   const char* op = "merge_plan";
   TOKRED_SYM_CHECK(n.sym_ge(0), op, "n", "must be >= 0, got ", n);
-  return check_match_indices(unm_idx, src_idx, dst_idx, unm_idx.sym_size(0), n, num_protected, op);
+  return check_match_indices(unm_idx, src_idx, dst_idx, std::nullopt, n, num_protected, op);
 }
 
 c10::SymInt check_merge_by_plan(const at::Tensor& x, const std::optional<at::Tensor>& size,

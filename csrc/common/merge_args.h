@@ -33,9 +33,11 @@ c10::SymInt check_bipartite_match_plan(const at::Tensor& metric, const at::Tenso
 
 // The three index tensors of a match for a sequence of n tokens: unm_idx [B, ceil(n/2) - r],
 // src_idx [B, r], dst_idx [B, r], and num_protected >= 0. unm_idx keeps at least the prefix's A
-// tokens (the layout puts them first). Returns r.
+// tokens (the layout puts them first). batch: the batch size the match must have; nullopt when
+// the op has no other tensor to take it from (the match's own, read after its ranks are checked).
+// Returns r.
 c10::SymInt check_match_indices(const at::Tensor& unm_idx, const at::Tensor& src_idx,
-                                const at::Tensor& dst_idx, const c10::SymInt& batch,
+                                const at::Tensor& dst_idx, const std::optional<c10::SymInt>& batch,
                                 const c10::SymInt& n, const c10::SymInt& num_protected,
                                 const char* op);
 

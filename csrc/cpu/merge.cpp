@@ -482,12 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_plan_cpu(
   const int64_t* bt = b_tok.data_ptr<int64_t>();
   at::Tensor a_tok = at::empty({N - nb}, b_tok.options());
   int64_t* at_p = a_tok.data_ptr<int64_t>();
+  // Every entry is checked before the partition: it writes N - nb sources only when dst_tokens
+  // is strictly ascending in [0, N) to its end.
+  for (int64_t j = 0; j < nb; ++j) {
+    TORCH_CHECK(tome_dst_token_ok(bt, j, N), "tokred::", op, ": argument 'dst_tokens' holds ",
+                bt[j], " at [", j, "], expected strictly ascending token positions in [0, ", N,
+                ")");
+  }
   for (int64_t j = 0, a = 0, t = 0; t < N; ++t) {
-    if (j < nb) {
-      TORCH_CHECK(tome_dst_token_ok(bt, j, N), "tokred::", op, ": argument 'dst_tokens' holds ",
-                  bt[j], " at [", j, "], expected strictly ascending token positions in [0, ", N,
-                  ")");
-    }
     if (j < nb && bt[j] == t) {
       ++j;
     } else {

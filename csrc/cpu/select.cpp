@@ -280,6 +280,9 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cpu(const at::Tensor& g
             const int64_t i = ip[b * k + j];
             TORCH_CHECK(i >= 0 && i < N, "tokred::_prune_tokens_backward: argument 'index' holds ",
                         i, ", expected values in [0, ", N, ")");
+            // A token kept twice would take one of its two gradient rows only.
+            TORCH_CHECK(pos[i] < 0, "tokred::_prune_tokens_backward: argument 'index' holds ", i,
+                        " twice in row ", b, ", expected distinct token positions");
             pos[i] = j;
           }
           std::copy(gb, gb + P * C, gxb);

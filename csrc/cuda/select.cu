@@ -277,6 +277,19 @@ __global__ void mark_kept_kernel(const int64_t* __restrict__ index, int64_t B, i
   }
 }
 
+// After mark_kept_kernel: a token listed twice keeps one slot, so its other entry finds another
+// slot there (a user's index reaching the backward; the forward's own are distinct).
+__global__ void check_kept_distinct_kernel(const int64_t* __restrict__ index, int64_t B, int64_t k,
+                                           int64_t N, const int64_t* __restrict__ pos) {
+  TOKRED_GRID_STRIDE(t, B * k) {
+    const int64_t b = t / k, i = index[t];
+    if (i >= 0 && i < N) {
+      CUDA_KERNEL_ASSERT(pos[b * N + i] == t % k &&
+                         "tokred::_prune_tokens_backward: duplicate index");
+    }
+  }
+}
+
 // One warp per kept output row: the protected tokens, then the kept ones.
 template <typename x_t>
 __global__ void prune_rows_kernel(const x_t* __restrict__ x, const int64_t* __restrict__ index,
@@ -444,6 +457,11 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cuda(const at::Tensor& 
   at::Tensor grad_s = at::empty({B, N}, scores.options());
   if (B == 0) return {grad_x, grad_s};
   const at::Tensor pos = kept_positions(index, N, stream);
+  if (k > 0) {
+    check_kept_distinct_kernel<<<cuda::blocks_for(B * k), cuda::kThreads, 0, stream>>>(
+        index.data_ptr<int64_t>(), B, k, N, pos.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_prune_tokens_backward_cuda", [&] {
     using g_t = scalar_t;
     TOKRED_DISPATCH_FLOATS(scores.scalar_type(), "tokred_prune_tokens_backward_cuda_s", [&] {
