@@ -463,3 +463,61 @@ def test_reference_is_right_on_edge_cases_the_ops_accept():
     index = torch.full((2, 3), -1)
     _assert_same(OPS.gather_tokens(torch.randn(2, 0, 4), index), R.gather_tokens(torch.randn(2, 0, 4), index),
                  "gather_tokens N=0")
+
+
+# --------------------------------------------------------------------------- second order
+
+def _first_order_calls():
+    """(name, forward returning one tensor, float64 inputs to differentiate) per op with a
+    gradient, on the valid arguments."""
+    from tokred_ext import ops
+
+    a = _valid()
+
+    def leaf(t):
+        return t.detach().double().requires_grad_()
+    sel, mrg, gat, rga = a["prune_tokens"], a["merge"], a["gather_tokens"], a["routed_gather"]
+    x, s = leaf(sel["x"]), leaf(sel["scores"])
+    xm, xg, kv, w = leaf(mrg["x"]), leaf(gat["x"]), leaf(rga["kv"]), leaf(rga["r_weight"])
+    q = leaf(a["routed_attention"]["q"])
+    plan = ops.merge_plan(mrg["unm_idx"], mrg["src_idx"], mrg["dst_idx"], 10, 1)
+    ridx = a["routed_attention"]["r_idx"]
+    return [
+        ("topk", lambda: ops.topk(s, 2)[0], [s]),
+        ("gather_tokens", lambda: ops.gather_tokens(xg, gat["index"]), [xg]),
+        ("prune_tokens", lambda: ops.prune_tokens(x, s, 3, True)[0], [x, s]),
+        ("merge", lambda: ops.merge(xm, None, mrg["unm_idx"], mrg["src_idx"], mrg["dst_idx"])[0], [xm]),
+        ("unmerge", lambda: ops.unmerge(xm[:, :7], mrg["unm_idx"], mrg["src_idx"], mrg["dst_idx"], 10),
+         [xm]),
+        ("merge_by_plan", lambda: ops.merge_by_plan(xm, None, plan, "amax")[0], [xm]),
+        ("routed_gather", lambda: ops.routed_gather(kv, rga["r_idx"], w), [kv, w]),
+        ("routed_attention", lambda: ops.routed_attention(q, q, q, ridx, 2, 0.5)[0], [q]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8), ids=lambda i: _first_order_calls()[i][0])
+def test_double_backward_raises_instead_of_being_silently_wrong(case):
+    """A gradient of a gradient through any backward op raises, naming it; first order works."""
+    name, forward, inputs = _first_order_calls()[case]
+    out = forward()
+    weights = torch.rand(out.shape, dtype=out.dtype, generator=_g()).requires_grad_()
+    grads = torch.autograd.grad(out, inputs, weights, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"tokred::_\w+_backward: .*first-order gradients only"):
+        torch.autograd.grad(sum(g.sum() for g in grads), [weights] + inputs, allow_unused=True)
+
+
+def test_unmerge_by_plan_has_second_order_gradients():
+    """Its backward is a differentiable sum-merge, so a gradient of its gradient is exact."""
+    from tokred_ext import ops
+
+    a = _valid()["merge"]
+    plan = ops.merge_plan(a["unm_idx"], a["src_idx"], a["dst_idx"], 10, 1)
+    x = torch.randn(2, 7, 3, dtype=torch.float64, generator=_g(), requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x: ops.unmerge_by_plan(x, plan), (x,))
+
+
+def test_every_backward_op_refuses_double_backward():
+    from tokred_ext import ops
+
+    registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("tokred::")}
+    assert set(ops.BACKWARD_OPS) == {n for n in registered if n.startswith("_")}

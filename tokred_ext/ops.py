@@ -318,3 +318,25 @@ torch.library.register_autograd("tokred::routed_gather", _routed_gather_backward
                                 setup_context=_routed_gather_setup)
 torch.library.register_autograd("tokred::routed_attention", _routed_attention_backward,
                                 setup_context=_routed_attention_setup)
+
+
+# --------------------------------------------------------------------------- second order
+
+# The backward ops compute first-order gradients only. Without an autograd formula a gradient of
+# a gradient (create_graph=True, then backward again) would treat them as constants and be
+# silently wrong, so differentiating one raises instead.
+BACKWARD_OPS = ("_topk_backward", "_gather_tokens_backward", "_prune_tokens_backward",
+                "_merge_backward", "_unmerge_backward", "_merge_by_plan_backward",
+                "_routed_gather_backward", "_routed_attention_backward")
+
+
+def _refuse_double_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"tokred::{name}: tokred's ops have first-order gradients only; a gradient of their "
+            "gradient (double backward, e.g. a gradient penalty) is not supported")
+    return backward
+
+
+for _name in BACKWARD_OPS:
+    torch.library.register_autograd(f"tokred::{_name}", _refuse_double_backward(_name))
