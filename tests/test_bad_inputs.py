@@ -382,7 +382,19 @@ def _nan_cases():
     cases.append(("routed_attention", (q, k, v, ridx, 2, 0.5), R.routed_attention))
     cases.append(("routed_attention", (q.nan_to_num(0), k.nan_to_num(0), v, ridx, 2, NAN), R.routed_attention))
     cases.append(("routed_gather", (v, ridx, torch.tensor([[[1.0, NAN], [0.5, 1], [INF, 1]]])), R.routed_gather))
+    # Scores that overflow float32 from finite inputs: window 1's queries see only window 0's
+    # keys, whose every score is -inf (the softmax is NaN, lse -inf).
+    cases.append(("routed_attention", _overflowing_scores()[:3] + (torch.tensor([[[1], [0]]]), 1, 1.0),
+                  R.routed_attention))
     return cases
+
+
+def _overflowing_scores():
+    """q, k, v with window 0's keys at -3e38: q·k overflows float32 for q = 2."""
+    g = _g()
+    q = torch.full((1, 2, 2, 2), 2.0)
+    k = torch.cat([torch.full((1, 1, 2, 2), -3e38), torch.rand(1, 1, 2, 2, generator=g)], dim=1)
+    return q, k, torch.randn(1, 2, 2, 2, generator=g)
 
 
 NAN_CASES = _nan_cases()
@@ -406,6 +418,18 @@ def test_nan_and_inf_give_the_reference_result(backend, case):
     op, args, reference = NAN_CASES[case]
     ns = torch.ops.tokred_simt if backend == "cuda-emulated" else OPS
     _assert_same(getattr(ns, op)(*args), reference(*args), op)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "meta"])
+def test_routed_attention_scales_q_before_the_product(backend):
+    """(q·scale)·k as upstream: finite where q·k alone overflows float32 (2 · 3e38). Forward
+    only: the gradients of a saturated softmax cancel to rounding noise times 3e38."""
+    q, k, v = _overflowing_scores()
+    args = (q, k.neg(), v, torch.tensor([[[0], [0]]]), 1, 0.25)
+    ns = torch.ops.tokred_simt if backend == "cuda-emulated" else OPS
+    got = ns.routed_attention(*args)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    _assert_same(got, R.routed_attention(*args), "routed_attention")
 
 
 GRAD_CASES = [i for i, c in enumerate(NAN_CASES) if c[0] in ("merge", "routed_attention", "prune_tokens",

@@ -59,15 +59,19 @@ TOKRED_HD acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-// Running state of one query row's softmax: max m and sum l of exp(s - m).
+// Running state of one query row's softmax: max m and sum l of exp(s - m); scored: whether the
+// row has keys (a tile reached rescale), which tells a row without keys (topk = 0: output 0) from
+// one whose every score is -inf (the reference's softmax: NaN).
 template <typename acc_t>
 struct OnlineSoftmax {
   acc_t m;
   acc_t l;
+  bool scored;
 
   TOKRED_HD void init() {
     m = neg_inf<acc_t>();
     l = acc_t(0);
+    scored = false;
   }
 
   // Moves to the new max max(m, tile_max). Returns the factor the running sum and the output
@@ -75,6 +79,7 @@ struct OnlineSoftmax {
   // score (tile_max is NaN: callers take a NaN-propagating max) makes the whole row NaN, as
   // softmax does: m, l and the factor become NaN and stay so.
   TOKRED_HD acc_t rescale(acc_t tile_max) {
+    scored = true;
     if (tile_max != tile_max || m != m) {
       m = l = tile_max != tile_max ? tile_max : m;
       return m;
@@ -100,10 +105,12 @@ struct OnlineSoftmax {
     return l > acc_t(0) ? m + acc_log(l) : neg_inf<acc_t>();
   }
 
-  // 1 / l, to normalise the output; 0 for a row without keys (its output is 0), NaN for NaN.
+  // 1 / l, to normalise the output; 0 for a row without keys (its output is 0), NaN for NaN
+  // and for a row whose every score is -inf.
   TOKRED_HD acc_t inv_sum() const {
     if (l != l) return l;
-    return l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+    if (l > acc_t(0)) return acc_t(1) / l;
+    return scored ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
   }
 };
 
@@ -121,13 +128,14 @@ struct NanMax {
   }
 };
 
-// Backward: the probability of a score given the row's saved log-sum-exp.
+// Backward: the probability of a score given the row's saved log-sum-exp. Only rows with keys
+// reach it, so lse = -inf means every score was -inf: the forward's softmax was NaN.
 template <typename acc_t>
 TOKRED_HD acc_t prob_from_lse(acc_t s, acc_t lse) {
-  return lse == neg_inf<acc_t>() ? acc_t(0) : acc_exp(s - lse);
+  return lse == neg_inf<acc_t>() ? std::numeric_limits<acc_t>::quiet_NaN() : acc_exp(s - lse);
 }
 
-// Backward: gradient of a (scaled) score, dS = P · (dP − D) with D = Σ dO·O over the row.
+// Backward: gradient of a score, dS = P · (dP − D) with D = Σ dO·O over the row.
 template <typename acc_t>
 TOKRED_HD acc_t score_grad(acc_t p, acc_t dp, acc_t D) {
   return p * (dp - D);

@@ -150,7 +150,7 @@ class InterleavedDots {
         rows = tail_.data();
         lda = D_;
       }
-      dot_rows(rows, lda, D_, bT_.data(), nbp_, nbp_, acc_t(1), block_.data(), nbp_);
+      dot_rows(rows, lda, D_, bT_.data(), nbp_, nbp_, block_.data(), nbp_);
     }
     return block_.data() + (a - a0) * nbp_;
   }

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -205,21 +206,21 @@ TOKRED_INLINE T softmax_tile_row_impl(T* s, int64_t kt, int64_t ktp, OnlineSoftm
   return alpha;
 }
 
-// Backward: s[x] becomes P = exp(s - lse) and ds[x] = P (dP - D) · scale, for x < ktp (padding of
-// s must be -inf so that P = 0 there).
+// Backward: s[x] becomes P = exp(s - lse) and ds[x] = P (dP - D), for x < ktp (padding of
+// s must be -inf so that P = 0 there). lse = -inf: every score of the row was -inf, the forward's
+// softmax was NaN (prob_from_lse), and so are P and dS.
 template <typename T>
-TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T D, T scale,
-                                        T* ds) {
+TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T D, T* ds) {
   using V = Vec<T>;
   if (lse == routing::neg_inf<T>()) {
-    std::fill(s, s + ktp, T(0));
-    std::fill(ds, ds + ktp, T(0));
+    std::fill(s, s + ktp, std::numeric_limits<T>::quiet_NaN());
+    std::fill(ds, ds + ktp, std::numeric_limits<T>::quiet_NaN());
     return;
   }
   for (int64_t x = 0; x < ktp; x += kLanes<T>) {
     const V p = vexp(vload(s + x) - lse);
     vstore(s + x, p);
-    vstore(ds + x, (p * (vload(dp + x) - D)) * scale);
+    vstore(ds + x, p * (vload(dp + x) - D));
   }
 }
 
@@ -227,14 +228,14 @@ TOKRED_INLINE void probs_grads_row_impl(T* s, const T* dp, int64_t ktp, T lse, T
 // (cloned for AVX-512, AVX2 and the baseline) and `fused` (TOKRED_FMA_TARGET: the products' and
 // the exp's multiply-adds fused, for CPUs with FMA). Each gives the same bits on every clone and
 // thread count; the two differ in the last bits. routing_kernels() picks one for the process.
-#define TOKRED_ROUTING_KERNELS(T, ATTRS)                                                   \
-  TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                            \
-  TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                           \
-  ATTRS T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) {          \
-    return softmax_tile_row_impl<T>(s, kt, ktp, sm);                                       \
-  }                                                                                        \
-  ATTRS void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T scale, T* ds) { \
-    probs_grads_row_impl<T>(s, dp, ktp, lse, D, scale, ds);                                \
+#define TOKRED_ROUTING_KERNELS(T, ATTRS)                                          \
+  TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                   \
+  TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                  \
+  ATTRS T softmax_tile_row(T* s, int64_t kt, int64_t ktp, OnlineSoftmax<T>& sm) { \
+    return softmax_tile_row_impl<T>(s, kt, ktp, sm);                              \
+  }                                                                               \
+  ATTRS void probs_grads_row(T* s, const T* dp, int64_t ktp, T lse, T D, T* ds) { \
+    probs_grads_row_impl<T>(s, dp, ktp, lse, D, ds);                              \
   }
 
 namespace plain {
@@ -248,11 +249,11 @@ TOKRED_ROUTING_KERNELS(double, TOKRED_FMA_TARGET)
 
 template <typename T>
 struct RoutingKernels {
-  void (*dot_rows)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, T, T*, int64_t);
+  void (*dot_rows)(const T*, int64_t, int64_t, const T*, int64_t, int64_t, T*, int64_t);
   void (*axpy_rows)(const T*, int64_t, int64_t, const T* const*, int64_t, int64_t, int64_t, T*,
                     int64_t);
   T (*softmax_tile_row)(T*, int64_t, int64_t, OnlineSoftmax<T>&);
-  void (*probs_grads_row)(T*, const T*, int64_t, T, T, T, T*);
+  void (*probs_grads_row)(T*, const T*, int64_t, T, T, T*);
 };
 
 template <typename T>
@@ -449,9 +450,11 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t bi = b * d.P + i;
           const int64_t* ridx = ip + bi * d.T;
+          // Scores are (q·scale)·k, upstream's order: scaling q first keeps a score finite
+          // where q·k alone would overflow.
           for (int64_t r = 0; r < d.WQ; ++r) {
             const scalar_t* qr = qr_.at(b, i, r) + h * d.DQ;
-            for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]);
+            for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qr[c]) * scale;
           }
           for (int64_t r = 0; r < WQp; ++r) st[r].init();
           std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -472,8 +475,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cpu(const at::Tensor& q_in,
             value_row_ptrs(vr_, b, h * d.DV, vrow.data(), d.DV, runs.data(), nr, d.WK, vptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               const int64_t rows = std::min(kRows, d.WQ - r0);
-              kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, cols, ldc, ktp, scale, s.data(),
-                            kTile);
+              kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, cols, ldc, ktp, s.data(), kTile);
               for (int64_t rr = 0; rr < rows; ++rr) {
                 // Scores become unnormalised probabilities in place; the accumulator rescales
                 // (not at the first tile: it is still zero, and a NaN row stays NaN through the
@@ -557,14 +559,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
         for (int64_t i = 0; i < d.P; ++i) {
           const int64_t bi = b * d.P + i;
           const int64_t* ridx = ip + bi * d.T;
-          std::fill(lr.begin(), lr.end(), routing::neg_inf<acc_t>());  // padded rows: P = 0
+          // Padded rows (zero q and dO): lse +inf gives P = 0 and dS = 0.
+          std::fill(lr.begin(), lr.end(), std::numeric_limits<acc_t>::infinity());
           std::fill(Dr.begin(), Dr.end(), acc_t(0));
           for (int64_t r = 0; r < d.WQ; ++r) {
             const scalar_t* qrow = qr_.at(b, i, r) + h * d.DQ;
             const scalar_t* grow = gr_.at(b, i, r) + h * d.DV;
             const scalar_t* orow = or_.at(b, i, r) + h * d.DV;
             acc_t* gfr = gf.data() + r * d.DV;
-            for (int64_t c = 0; c < d.DQ; ++c) qf[r * d.DQ + c] = static_cast<acc_t>(qrow[c]);
+            for (int64_t c = 0; c < d.DQ; ++c)
+              qf[r * d.DQ + c] = static_cast<acc_t>(qrow[c]) * scale;
             for (int64_t c = 0; c < d.DV; ++c) gfr[c] = static_cast<acc_t>(grow[c]);
             for (int64_t c = 0; c < d.DV; ++c) of[c] = static_cast<acc_t>(orow[c]);
             Dr[r] = dot_fixed(gfr, of.data(), d.DV);  // D = rowsum(dO · O)
@@ -579,18 +583,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
             key_row_ptrs(krow.data(), d.DQ, runs.data(), nr, d.WK, kptr.data());
             for (int64_t r0 = 0; r0 < d.WQ; r0 += kRows) {
               acc_t* pr = pb.data() + r0 * kTile;
-              kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, scale, pr,
+              kern.dot_rows(qf.data() + r0 * d.DQ, d.DQ, d.DQ, kc.data(), kTile, ktp, pr, kTile);
+              kern.dot_rows(gf.data() + r0 * d.DV, d.DV, d.DV, vc.data(), kTile, ktp, dpb.data(),
                             kTile);
-              kern.dot_rows(gf.data() + r0 * d.DV, d.DV, d.DV, vc.data(), kTile, ktp, acc_t(1),
-                            dpb.data(), kTile);
               for (int64_t rr = 0; rr < kRows; ++rr) {
                 acc_t* srow = pr + rr * kTile;
                 for (int64_t x = kt; x < ktp; ++x) srow[x] = routing::neg_inf<acc_t>();
                 kern.probs_grads_row(srow, dpb.data() + rr * kTile, ktp, lr[r0 + rr], Dr[r0 + rr],
-                                     scale, dsb.data() + (r0 + rr) * kTile);
+                                     dsb.data() + (r0 + rr) * kTile);
               }
             }
-            // dq[r] += Σ_x dS[r][x] k[x]; for each slot's keys, dk[x] += Σ_r dS[r][x] q[r] and
+            // With s = (q·scale)·k and dS = P (dP - D): dq[r] = scale · Σ_x dS[r][x] k[x] (the
+            // scale at the end); for each slot's keys, dk[x] += Σ_r dS[r][x] (q·scale)[r] and
             // dv[x] += Σ_r P[r][x] dO[r].
             kern.axpy_rows(dsb.data(), kTile, 1, kptr.data(), kt, d.DQ, d.WQ, dqa.data(), d.DQ);
             for (int64_t u = 0; u < nr; ++u) {
@@ -604,7 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cpu(
           }
           for (int64_t r = 0; r < d.WQ; ++r) {
             scalar_t* dst = dqp + (bi * d.WQ + r) * d.CQ + h * d.DQ;
-            for (int64_t c = 0; c < d.DQ; ++c) dst[c] = static_cast<scalar_t>(dqa[r * d.DQ + c]);
+            for (int64_t c = 0; c < d.DQ; ++c)
+              dst[c] = static_cast<scalar_t>(dqa[r * d.DQ + c] * scale);
           }
         }
         for (int64_t kx = 0; kx < NK; ++kx) {

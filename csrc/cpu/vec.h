@@ -215,11 +215,11 @@ TOKRED_INLINE Vec<double> vexp(Vec<double> x) {
   return x;
 }
 
-// out[r][x] = scale · Σ_c a[r][c] · bT[c][x] for kRows rows of a (stride lda), x in
+// out[r][x] = Σ_c a[r][c] · bT[c][x] for kRows rows of a (stride lda), x in
 // [x0, x0 + NV·lanes), c ascending. NV vectors per row: 4·NV accumulators stay in registers.
 template <typename T, int NV>
 TOKRED_INLINE void dot_rows_block(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
-                                  T scale, T* out, int64_t ldo) {
+                                  T* out, int64_t ldo) {
   using V = Vec<T>;
   V s[kRows][NV] = {};
   for (int64_t c = 0; c < C; ++c) {
@@ -231,18 +231,18 @@ TOKRED_INLINE void dot_rows_block(const T* a, int64_t lda, int64_t C, const T* b
     }
   }
   for (int r = 0; r < kRows; ++r) {
-    for (int u = 0; u < NV; ++u) vstore(out + r * ldo + u * kLanes<T>, s[r][u] * scale);
+    for (int u = 0; u < NV; ++u) vstore(out + r * ldo + u * kLanes<T>, s[r][u]);
   }
 }
 
 // dot_rows_block over x < nx (a multiple of the lane count).
 template <typename T>
 TOKRED_INLINE void dot_rows_impl(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb,
-                                 int64_t nx, T scale, T* out, int64_t ldo) {
+                                 int64_t nx, T* out, int64_t ldo) {
   int64_t x = 0;
   for (; x + 2 * kLanes<T> <= nx; x += 2 * kLanes<T>)
-    dot_rows_block<T, 2>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
-  for (; x < nx; x += kLanes<T>) dot_rows_block<T, 1>(a, lda, C, bT + x, ldb, scale, out + x, ldo);
+    dot_rows_block<T, 2>(a, lda, C, bT + x, ldb, out + x, ldo);
+  for (; x < nx; x += kLanes<T>) dot_rows_block<T, 1>(a, lda, C, bT + x, ldb, out + x, ldo);
 }
 
 // o[r][c] += Σ_{x < X} w[r·wr + x·wx] · brow[x][c] for R rows of o (stride ldo) and c in
@@ -318,8 +318,8 @@ TOKRED_INLINE void axpy_rows_all(const T* w, int64_t wr, int64_t wx, const T* co
 // dot_rows: kRows-row blocks of a·bᵀ (routing's scores, ToMe's matching).
 #define TOKRED_VEC_DOT_ROWS(T, ATTRS)                                                           \
   ATTRS void dot_rows(const T* a, int64_t lda, int64_t C, const T* bT, int64_t ldb, int64_t nx, \
-                      T scale, T* out, int64_t ldo) {                                           \
-    ::tokred::vec::dot_rows_impl<T>(a, lda, C, bT, ldb, nx, scale, out, ldo);                   \
+                      T* out, int64_t ldo) {                                                    \
+    ::tokred::vec::dot_rows_impl<T>(a, lda, C, bT, ldb, nx, out, ldo);                          \
   }
 // axpy_rows: rows of o += w·B, any row count (routing's weighted values).
 #define TOKRED_VEC_AXPY_ROWS(T, ATTRS)                                                      \

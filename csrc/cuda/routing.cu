@@ -48,7 +48,8 @@ constexpr int64_t kMaxHeadDim = kWarp * kMaxPerLane;
 
 // A warp's row accumulator, lane-strided over channels c = lane + kWarp·u < D:
 // acc[u] = acc[u]·alpha + Σ_{x<n} w[x]·M[x·ld + c]. Forward P·V (alpha: the online-softmax
-// rescale), dq = dS·K, dv = Pᵀ·dO and dk = dSᵀ·Q (alpha = 1, exact) all take this form.
+// rescale), dq = dS·K, dv = Pᵀ·dO and dk = dSᵀ·(Q·scale) (alpha = 1, exact) all take this form.
+// Every kernel stages q·scale, so scores are (q·scale)·k, upstream's order.
 template <typename acc_t>
 __device__ __forceinline__ void lane_accumulate(acc_t (&acc)[kMaxPerLane], acc_t alpha,
                                                 const acc_t* w, const acc_t* M, int64_t n,
@@ -272,7 +273,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int64_t* ridx = idx + bi * d.T;
   for (int64_t t = threadIdx.x; t < kRowsPerBlock * d.DQ; t += blockDim.x) {
     const int64_t rr = t / d.DQ, c = t % d.DQ, r = r0 + rr;
-    Qs[t] = r < d.WQ ? static_cast<acc_t>(q[(bi * d.WQ + r) * d.CQ + h * d.DQ + c]) : acc_t(0);
+    Qs[t] =
+        r < d.WQ ? static_cast<acc_t>(q[(bi * d.WQ + r) * d.CQ + h * d.DQ + c]) * scale : acc_t(0);
   }
   OnlineSoftmax<acc_t> st[kRowsPerWarp];
   acc_t acc[kRowsPerWarp][kMaxPerLane];
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int rr = 0; rr < kRowsPerWarp; ++rr) {
       const int64_t lr = warp * kRowsPerWarp + rr;
       if (r0 + lr >= d.WQ) break;  // warp-uniform
-      const acc_t s = lane < kt ? scale * dot_smem(Qs + lr * d.DQ, Ks + lane * (d.DQ + 1), d.DQ)
+      const acc_t s = lane < kt ? dot_smem(Qs + lr * d.DQ, Ks + lane * (d.DQ + 1), d.DQ)
                                 : routing::neg_inf<acc_t>();
       const acc_t alpha = st[rr].rescale(cuda::warp_allreduce(s, routing::NanMax{}));
       const acc_t p = lane < kt ? st[rr].weight(s) : acc_t(0);
@@ -338,7 +340,8 @@ __global__ void __launch_bounds__(kAttnThreads)
   const int64_t* ridx = idx + bi * d.T;
   for (int64_t t = threadIdx.x; t < kRowsPerBlock * d.DQ; t += blockDim.x) {
     const int64_t rr = t / d.DQ, c = t % d.DQ, r = r0 + rr;
-    Qs[t] = r < d.WQ ? static_cast<acc_t>(q[(bi * d.WQ + r) * d.CQ + h * d.DQ + c]) : acc_t(0);
+    Qs[t] =
+        r < d.WQ ? static_cast<acc_t>(q[(bi * d.WQ + r) * d.CQ + h * d.DQ + c]) * scale : acc_t(0);
   }
   for (int64_t t = threadIdx.x; t < kRowsPerBlock * d.DV; t += blockDim.x) {
     const int64_t rr = t / d.DV, c = t % d.DV, r = r0 + rr;
@@ -374,7 +377,7 @@ __global__ void __launch_bounds__(kAttnThreads)
       if (r0 + lr >= d.WQ) break;
       acc_t ds = 0;
       if (lane < kt) {
-        const acc_t s = scale * dot_smem(Qs + lr * d.DQ, Ks + lane * (d.DQ + 1), d.DQ);
+        const acc_t s = dot_smem(Qs + lr * d.DQ, Ks + lane * (d.DQ + 1), d.DQ);
         const acc_t dp = dot_smem(Gs + lr * d.DV, Vs + lane * (d.DV + 1), d.DV);
         ds = routing::score_grad(routing::prob_from_lse(s, lrow[rr]), dp, Drow[rr]) * scale;
       }
@@ -442,7 +445,8 @@ __global__ void __launch_bounds__(kAttnThreads)
       __syncthreads();
       for (int64_t t = threadIdx.x; t < yt * d.DQ; t += blockDim.x) {
         const int64_t y = t / d.DQ, c = t % d.DQ;
-        Qs[y * (d.DQ + 1) + c] = static_cast<acc_t>(q[(bi * d.WQ + y0 + y) * d.CQ + h * d.DQ + c]);
+        Qs[y * (d.DQ + 1) + c] =
+            static_cast<acc_t>(q[(bi * d.WQ + y0 + y) * d.CQ + h * d.DQ + c]) * scale;
       }
       for (int64_t t = threadIdx.x; t < yt * d.DV; t += blockDim.x) {
         const int64_t y = t / d.DV, c = t % d.DV;
@@ -460,10 +464,11 @@ __global__ void __launch_bounds__(kAttnThreads)
         if (x0 + lx >= d.WK) break;
         acc_t p = 0, ds = 0;
         if (lane < yt) {
-          const acc_t sc = scale * dot_smem(Qs + lane * (d.DQ + 1), Ks + lx * d.DQ, d.DQ);
+          // Qs holds q·scale: dk = Σ dS (q·scale), so dS carries no scale here.
+          const acc_t sc = dot_smem(Qs + lane * (d.DQ + 1), Ks + lx * d.DQ, d.DQ);
           const acc_t dp = dot_smem(Gs + lane * (d.DV + 1), Vs + lx * d.DV, d.DV);
           p = routing::prob_from_lse(sc, Ls[lane]);
-          ds = routing::score_grad(p, dp, Ds[lane]) * scale;
+          ds = routing::score_grad(p, dp, Ds[lane]);
         }
         P_w[lane] = p;
         S_w[lane] = ds;
