@@ -5,7 +5,7 @@ Switches (environment):
   TOKRED_FORCE_CPU=1    never compile the CUDA kernels
   TORCH_CUDA_ARCH_LIST  CUDA architectures (read by torch.utils.cpp_extension)
   MAX_JOBS              parallel compile jobs (read by torch.utils.cpp_extension)
-  TOKRED_DEBUG=1        -O0 -g host code, device line info
+  TOKRED_DEBUG=1        -O0 -g host code (device line info is in every build)
   TOKRED_SANITIZE=1     host code with AddressSanitizer and UBSan (.ci/asan_check.sh; run Python
                         with libasan and libstdc++ preloaded)
 """

@@ -7,9 +7,10 @@ reduction loop, used by both) asks the policy for a per-layer ``plan`` (one entr
 residual and before its MLP, as EViT, Haurum et al. and ToMe do.
 
 A plan entry is the policy's own per-block setting, which only the policy reads: TopK's token
-count, EViT's keep rate (its count depends on the tokens present then), ToMe's requested ``r``.
-``reduce`` turns it into an integer count once, with the rules of :mod:`tokred_ext.rules`, and
-passes that count to ``tokred_ext.functional``, which owns the "keep everything" check.
+count (``plan`` turns its keep rates into counts, from the initial tokens), EViT's keep rate (its
+count depends on the tokens present then), ToMe's requested ``r``. ``reduce`` turns EViT's and
+ToMe's entries into integer counts once, with the rules of :mod:`tokred_ext.rules`, and passes
+every count to ``tokred_ext.functional``, which owns the "keep everything" check.
 
 :func:`policy_from_spec` is the one parser of the command line's policy strings (``tome:13``).
 
@@ -272,7 +273,7 @@ class ToMe(ReductionPolicy):
     list per layer, or ``(r, inflection)``) and is clamped to half the unprotected tokens.
 
     ``prop_attn`` adds ``log(size)`` to the attention logits. ``trace_source`` keeps the map from
-    every original token to the token it was merged into (``model.source``).
+    every original token to the token it was merged into (``model.sources``, one map per block).
     """
 
     name = "tome"
