@@ -122,9 +122,11 @@ def target_batch1(quick, rounds, inner):
     return rows
 
 
-def target_deit_tome(quick, rounds, inner):
-    model, img = _deit(2 if quick else 8)
-    policy = policy_from_spec("tome:13")
+def deit_tome_forwards(batch, r=13):
+    """{"tokred": ..., "reference": ...}: a forward of tokred's DeiT-S with ToMe and one of the
+    reference ToMe model on the same weights (profile_deit_tome.py profiles the same pair)."""
+    model, img = _deit(batch)
+    policy = policy_from_spec(f"tome:{r}")
     reference = ref.ReferenceViT(model, policy)
 
     def mine():
@@ -136,10 +138,13 @@ def target_deit_tome(quick, rounds, inner):
         model.reduction = None
         with torch.inference_mode():
             reference(img)
-    times = interleaved({"tokred": mine, "reference": theirs}, rounds, inner)
-    model.reduction = None
-    return summarise("deit_tome", f"DeiT-S ToMe r=13 B={img.shape[0]}", times,
-                     {"reference": (">=", 1.15)})
+    return {"tokred": mine, "reference": theirs}
+
+
+def target_deit_tome(quick, rounds, inner):
+    batch = 2 if quick else 8
+    times = interleaved(deit_tome_forwards(batch), rounds, inner)
+    return summarise("deit_tome", f"DeiT-S ToMe r=13 B={batch}", times, {"reference": (">=", 1.15)})
 
 
 TARGETS = {"tome_step": target_tome_step, "prune_fuse": target_prune_fuse,

@@ -18,10 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokred_ext  # noqa: F401  (registers the ops and their FLOP formulas)
-from tokred_ext import reference as ref
-from tokred_ext.models import create_model
-from tokred_ext.nn import policy_from_spec
 
+from bench_targets import deit_tome_forwards
 from common import steady_allocator
 
 ATTENTION = "aten::_scaled_dot_product_flash_attention_for_cpu"
@@ -53,23 +51,7 @@ def main():
     p.add_argument("--rows", type=int, default=14, help="ops listed, the costliest first")
     a = p.parse_args()
     steady_allocator()
-    torch.manual_seed(0)
-    model = create_model("deit_small").eval()
-    images = torch.randn(a.batch, 3, 224, 224)
-    policy = policy_from_spec(f"tome:{a.r}")
-    reference = ref.ReferenceViT(model, policy)
-
-    def tokred_forward():
-        model.reduction = policy
-        with torch.inference_mode():
-            model(images)
-
-    def reference_forward():
-        model.reduction = None
-        with torch.inference_mode():
-            reference(images)
-
-    candidates = {"tokred": tokred_forward, "reference": reference_forward}
+    candidates = deit_tome_forwards(a.batch, a.r)
     for forward in candidates.values():
         forward()
     times = {name: defaultdict(list) for name in candidates}
@@ -87,7 +69,7 @@ def main():
     for op in ops[:a.rows + 1]:
         print(f"| {op} | {median['tokred'].get(op, 0.0):.2f} | {median['reference'].get(op, 0.0):.2f} |")
 
-    flops = flops_by_op(tokred_forward)
+    flops = flops_by_op(candidates["tokred"])
     linear_rate = flops["aten.addmm"] / (median["tokred"][LINEAR] / 1e3)
     attention_flops = sum(v for op, v in flops.items() if "scaled_dot_product" in op)
     attention_floor = attention_flops / linear_rate * 1e3
