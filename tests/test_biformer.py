@@ -121,6 +121,11 @@ def test_module_errors():
         BiLevelRoutingAttention(16, num_heads=2, kv_downsample_mode="fracpool")
     with pytest.raises(ValueError, match="kv_downsample_mode"):
         BiLevelRoutingAttention(16, num_heads=2, kv_downsample_mode="bogus")
+    for topk in (-1, 10):  # n_win 3: 9 regions
+        with pytest.raises(ValueError, match=r"topk must be in \[0, n_win\*\*2 = 9\]"):
+            BiLevelRoutingAttention(16, num_heads=2, n_win=3, topk=topk)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        BiLevelRoutingAttention(16, num_heads=2, n_win=0)
     m = BiLevelRoutingAttention(16, num_heads=2, n_win=3)
     with pytest.raises(ValueError, match="multiples of n_win"):
         m(torch.randn(1, 10, 9, 16))

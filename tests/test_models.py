@@ -168,6 +168,47 @@ def test_policy_argument_errors():
         tiny(depth=4).set_reduction(TopK(0.5, locs=(9,)))(torch.randn(1, 3, 64, 64))
 
 
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: ToMe(-1), ValueError, "r must be a token count >= 0"),
+    (lambda: ToMe(1.5), ValueError, "r must be a token count"),
+    (lambda: ToMe([1.5, 2]), ValueError, "r must be a token count"),
+    (lambda: ToMe([-1, 2]), ValueError, "r must be a token count"),
+    (lambda: ToMe((3,)), ValueError, "r must be a token count"),
+    (lambda: ToMe((3, float("nan"))), ValueError, "finite inflection"),
+    (lambda: ToMe("3"), ValueError, "r must be a token count"),
+    (lambda: ToMe(None), ValueError, "r must be a token count"),
+    (lambda: TopK("0.5"), ValueError, "keep_rate must be a number"),
+    (lambda: TopK(float("nan")), ValueError, "keep rate must be in"),
+    (lambda: TopK(0.5, locs=(1.5,)), ValueError, "locs must be block indices"),
+    (lambda: EViT(0.7, locs="3"), ValueError, "locs must be block indices"),
+    (lambda: tiny(patch_size=0), ValueError, "patch_size"),
+    (lambda: tiny(heads=0), ValueError, "num_heads"),
+    (lambda: tiny(img_size=-8), ValueError, "img_size"),
+    (lambda: tiny(reduction="tome"), TypeError, "must be a tokred_ext.nn.ReductionPolicy"),
+    (lambda: tiny().set_reduction("tome"), TypeError, "must be a tokred_ext.nn.ReductionPolicy"),
+])
+def test_constructors_refuse_bad_arguments_at_once(make, error, message):
+    """A bad argument is refused where it is given, naming it, not later inside a forward."""
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_constructors_take_numpy_integers_and_keep_python_types():
+    np = pytest.importorskip("numpy")
+    assert ToMe(np.int64(3)).r == 3 and type(ToMe(np.int64(3)).r) is int
+    assert ToMe((np.int64(3), 1)).r == (3, 1.0)
+    assert TopK(0.5, locs=np.arange(2)).locs == (0, 1)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_a_pooling_head_refuses_to_pool_no_tokens(global_pool):
+    """Without a class token, a Top-K step keeping no patch left the head nothing: NaN (avg) or
+    the bias alone (map), silently."""
+    model = tiny(class_token=False, global_pool=global_pool, reduction=TopK(0.01, locs=(1,)))
+    with pytest.raises(ValueError, match="left no tokens after the prefix"):
+        model(torch.randn(1, 3, 64, 64))
+
+
 # --------------------------------------------------------------------------- source maps
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..nn import AttentionPoolLatent, Block, PatchEmbed, ReductionPolicy, ReductionState
+from ..nn import (AttentionPoolLatent, Block, PatchEmbed, ReductionPolicy, ReductionState,
+                  check_policy)
 from ..nn.pool import size_weighted_mean
 
 __all__ = ["VisionTransformer", "MODELS", "create_model"]
@@ -87,6 +88,7 @@ class VisionTransformer(nn.Module):
         if distilled:
             self.head_dist = (nn.Linear(embed_dim, num_classes) if num_classes > 0
                               else nn.Identity())
+        check_policy(reduction, "VisionTransformer")
         self.reduction = reduction
         self.token_counts = []
         self.sources = []
@@ -107,6 +109,7 @@ class VisionTransformer(nn.Module):
         return self.patch_embed.num_patches
 
     def set_reduction(self, policy: Optional[ReductionPolicy]) -> "VisionTransformer":
+        check_policy(policy, "VisionTransformer.set_reduction")
         self.reduction = policy
         return self
 
@@ -152,6 +155,10 @@ class VisionTransformer(nn.Module):
             if pre_logits:
                 return (x + x_dist) / 2
             return (self.head(self.head_drop(x)) + self.head_dist(self.head_drop(x_dist))) / 2
+        if self.global_pool in ("avg", "map") and x.shape[1] == p:
+            # Pooling nothing gives NaN (avg) or the bias alone (map), silently.
+            raise ValueError("the reduction policy left no tokens after the prefix for the "
+                             "pooling head to pool: keep at least one")
         if self.attn_pool is not None:
             x = self.attn_pool(x[:, p:])
         elif self.global_pool == "avg":

@@ -35,7 +35,7 @@ class Attention(nn.Module):
                  qk_norm: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
                  norm_layer=nn.LayerNorm):
         super().__init__()
-        if dim % num_heads != 0:
+        if num_heads < 1 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads

@@ -43,6 +43,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768):
         super().__init__()
+        if img_size < 1 or patch_size < 1:
+            raise ValueError(f"img_size ({img_size}) and patch_size ({patch_size}) must be >= 1")
         if img_size % patch_size != 0:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size

@@ -24,6 +24,8 @@ a block through :class:`ReducingBlock`. Each policy's ``reduce`` repeats the ful
 signature because TorchScript reads annotations per function.
 """
 import abc
+import math
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,7 +35,7 @@ from .. import functional
 from ..rules import RSchedule, evit_keep_count, parse_r, tome_clamp_r, topk_keep_count
 
 __all__ = ["ReductionPolicy", "TopK", "EViT", "ToMe", "ReductionState", "update_source",
-           "policy_from_spec", "POLICY_NAMES", "PolicyInterface", "ReducingBlock"]
+           "policy_from_spec", "check_policy", "POLICY_NAMES", "PolicyInterface", "ReducingBlock"]
 
 Rates = Union[float, Sequence[float]]
 Amount = Union[int, float]  # a plan entry: TopK's count, EViT's rate, ToMe's r
@@ -112,9 +114,28 @@ def update_source(source: Tensor, index: Tensor, num_protected: int, n_old: int,
     return torch.where(source >= 0, moved, source)
 
 
+def _is_count(value) -> bool:
+    """A whole number of tokens or blocks: a Python or NumPy integer, not a bool (nor a float
+    that looks whole)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _locations(locs: Sequence[int], what: str) -> Tuple[int, ...]:
+    if isinstance(locs, (str, bytes)) or not all(_is_count(loc) for loc in locs):
+        raise ValueError(f"{what}: locs must be block indices (ints), got {locs!r}")
+    return tuple(int(loc) for loc in locs)
+
+
+def _is_rate(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _per_location(rates: Rates, locs: Sequence[int], what: str) -> List[float]:
-    if isinstance(rates, (int, float)):
+    if _is_rate(rates):
         return [float(rates)] * len(locs)
+    if isinstance(rates, (str, bytes, bool)) or not all(_is_rate(r) for r in rates):
+        raise ValueError(f"{what}: keep_rate must be a number or one number per location, "
+                         f"got {rates!r}")
     rates = [float(r) for r in rates]
     if len(rates) != len(locs):
         raise ValueError(f"{what}: got {len(rates)} keep rates for {len(locs)} locations")
@@ -124,6 +145,22 @@ def _per_location(rates: Rates, locs: Sequence[int], what: str) -> List[float]:
 def _check_rate(rate: float, what: str) -> None:
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"{what}: keep rate must be in (0, 1], got {rate}")
+
+
+def _schedule(r) -> RSchedule:
+    """ToMe's r as parse_r reads it: a token count >= 0, a list of them (one per block), or
+    (r, inflection) with a finite inflection (a float, one type for TorchScript whether it was
+    written 0 or 0.0)."""
+    if _is_count(r) and r >= 0:
+        return int(r)
+    if isinstance(r, list) and all(_is_count(v) and v >= 0 for v in r):
+        return [int(v) for v in r]
+    if (isinstance(r, tuple) and len(r) == 2 and _is_count(r[0]) and r[0] >= 0
+            and isinstance(r[1], numbers.Real) and not isinstance(r[1], bool)
+            and math.isfinite(r[1])):
+        return (int(r[0]), float(r[1]))
+    raise ValueError("ToMe: r must be a token count >= 0, a list of counts (one per block) or "
+                     f"(r, inflection) with a finite inflection, got {r!r}")
 
 
 class ReductionPolicy(nn.Module, abc.ABC):
@@ -186,8 +223,8 @@ class TopK(ReductionPolicy):
     def __init__(self, keep_rate: Rates = 0.7, locs: Sequence[int] = (3, 6, 9),
                  trace_source: bool = False):
         super().__init__(trace_source)
-        self.locs = tuple(int(loc) for loc in locs)
-        if isinstance(keep_rate, (int, float)):
+        self.locs = _locations(locs, "TopK")
+        if _is_rate(keep_rate):
             _check_rate(float(keep_rate), "TopK")
             self.rates = [float(keep_rate) ** (i + 1) for i in range(len(self.locs))]
         else:
@@ -235,7 +272,7 @@ class EViT(ReductionPolicy):
     def __init__(self, keep_rate: Rates = 0.7, locs: Sequence[int] = (3, 6, 9), fuse: bool = True,
                  trace_source: bool = False):
         super().__init__(trace_source)
-        self.locs = tuple(int(loc) for loc in locs)
+        self.locs = _locations(locs, "EViT")
         self.rates = _per_location(keep_rate, self.locs, "EViT")
         for r in self.rates:
             _check_rate(r, "EViT")
@@ -282,11 +319,7 @@ class ToMe(ReductionPolicy):
     def __init__(self, r: RSchedule = 13,
                  prop_attn: bool = True, trace_source: bool = False):
         super().__init__(trace_source)
-        if isinstance(r, tuple) and len(r) == 2:
-            # (r, inflection) with a float inflection: one type for TorchScript whether the
-            # inflection was written 0 or 0.0 (parse_r computes the same).
-            r = (r[0], float(r[1]))
-        self.r = r
+        self.r = _schedule(r)
         self.prop_attn = prop_attn
 
     @torch.jit.export
@@ -386,6 +419,17 @@ class ReductionState:
         if size is None or size.shape[1] == self.n_start:
             return None
         return size
+
+
+def check_policy(policy: Optional[ReductionPolicy], where: str, optional: bool = True) -> None:
+    """What a model or patch accepts as its reduction: a ReductionPolicy (or None when
+    ``optional``); anything else is a TypeError now rather than an AttributeError mid-forward."""
+    if policy is None and optional:
+        return
+    if not isinstance(policy, ReductionPolicy):
+        allowed = " or None" if optional else ""
+        raise TypeError(f"{where}: the policy must be a tokred_ext.nn.ReductionPolicy (TopK, EViT "
+                        f"or ToMe){allowed}, got {type(policy).__name__}")
 
 
 POLICY_NAMES = ("none", "topk", "evit", "tome")

@@ -143,6 +143,11 @@ class BiLevelRoutingAttention(nn.Module):
                  diff_routing: bool = False, soft_routing: bool = False, side_dwconv: int = 3,
                  auto_pad: bool = False, backend: str = "tokred"):
         super().__init__()
+        if n_win < 1 or num_heads < 1:
+            raise ValueError(f"n_win ({n_win}) and num_heads ({num_heads}) must be >= 1")
+        if not 0 <= topk <= n_win * n_win:
+            raise ValueError(f"topk must be in [0, n_win**2 = {n_win * n_win}] routed regions, "
+                             f"got {topk}")
         self.dim = dim
         self.n_win = n_win
         self.num_heads = num_heads

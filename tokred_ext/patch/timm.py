@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from ..nn import ReductionPolicy, ReductionState, block_forward, size_weighted_mean
+from ..nn import ReductionPolicy, ReductionState, block_forward, check_policy, size_weighted_mean
 
 __all__ = ["apply", "remove"]
 
@@ -152,8 +152,7 @@ def apply(model: nn.Module, policy: ReductionPolicy) -> nn.Module:
     After each forward, ``model.token_counts`` lists the tokens leaving each block and, with
     ``trace_source``, ``model.sources`` the per-block source maps.
     """
-    if not isinstance(policy, ReductionPolicy):
-        raise TypeError(f"policy must be a tokred_ext.nn.ReductionPolicy, got {type(policy)}")
+    check_policy(policy, "tokred_ext.patch.timm", optional=False)
     for attr in ("blocks", "patch_embed"):
         if not hasattr(model, attr):
             raise ValueError(f"not a timm VisionTransformer: the model has no '{attr}'")
