@@ -314,6 +314,10 @@ def test_export_writes_a_checked_aoti_package(capsys, tmp_path, monkeypatch):
 def test_export_bad_arguments_one_line(capsys, tmp_path):
     rc, _, err = run(capsys, "export", "--format", "aoti", "-o", str(tmp_path / "m.onnx"))
     assert rc == 2 and err.count("\n") == 1 and "--format aoti writes a .pt2 package" in err
+    rc, _, err = run(capsys, "export", "--format", "onnx", "-o", str(tmp_path / "m.pt2"))
+    assert rc == 2 and err.count("\n") == 1 and "--format onnx writes an ONNX file" in err
+    rc, _, err = run(capsys, "export", "-o", str(tmp_path / "m.xyz"))
+    assert rc == 2 and err.count("\n") == 1 and "name the output *.onnx (ONNX) or *.pt2" in err
     rc, _, err = run(capsys, "export", "--model", "nope", "-o", str(tmp_path / "m.onnx"))
     assert rc == 2 and err.count("\n") == 1 and "unknown model 'nope'" in err
     rc, _, err = run(capsys, "export", "--model", "biformer_tiny", "--policy", "tome:3",
@@ -370,3 +374,9 @@ def test_visualize_says_on_the_picture_when_the_weights_are_random(capsys, tmp_p
     first_note = slice(top, top + vis.LEGEND_LINE)
     assert not torch.equal(random[first_note], loaded[first_note])  # "weights: RANDOM" vs the file
     assert torch.equal(random[top + vis.LEGEND_LINE:], loaded[top + vis.LEGEND_LINE:])
+
+
+def test_visualize_dense_refuses_cells_larger_than_the_picture(capsys, tmp_path):
+    rc, _, err = run(capsys, "visualize", "-o", str(tmp_path / "d.png"), "--method", "dense",
+                     "--sx", "17")
+    assert rc == 2 and err.count("\n") == 1 and "sx and sy must be in [1, 16]" in err

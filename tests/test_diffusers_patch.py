@@ -236,8 +236,14 @@ def test_unsupported_configurations_are_refused():
         tokred_ext.patch.diffusers(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="pipeline with .unet or .transformer"):
         tokred_ext.patch.diffusers(object())
-    with pytest.raises(ValueError, match=r"ratio must lie in \[0, 1\]"):
-        tokred_ext.patch.diffusers(tiny_dit(), ratio=1.5)
+    for bad in (dict(ratio=1.5), dict(ratio="0.5"), dict(ratio=None)):
+        with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\]"):
+            tokred_ext.patch.diffusers(tiny_dit(), **bad)
+    with pytest.raises(ValueError, match="sx must be a positive int, got True"):
+        tokred_ext.patch.diffusers(tiny_dit(), sx=True)
+    for seed in ("a", 1.5):
+        with pytest.raises(ValueError, match="seed must be an int or None"):
+            tokred_ext.patch.diffusers(tiny_dit(), seed=seed)
     model = tokred_ext.patch.diffusers(tiny_unet(), ratio=0.5, mlp=True)
     for m in model.modules():
         if isinstance(m, BasicTransformerBlock):

@@ -625,3 +625,9 @@ def test_bipartite_match_plan_opcheck_meta_and_compile(device):
             x = torch.randn(b, n, 3, generator=g).to(device)
             assert torch.equal(compiled(x, m, d), step(x, m, d))
 
+
+
+def test_tome_merge_names_a_metric_that_does_not_score_x():
+    from tokred_ext import functional
+    with pytest.raises(ValueError, match=r"metric \[B, N, D\] must score x's \[B, N\] = \[1, 5\]"):
+        functional.tome_merge(torch.randn(1, 5, 4), torch.randn(1, 6, 4), 2)

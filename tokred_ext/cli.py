@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the file to write: .onnx, or .pt2 for an AOTInductor package")
     e.add_argument("--format", choices=["onnx", "aoti"], default=None,
                    help="onnx or aoti (an AOTInductor .pt2 package for this machine's CPU); "
-                        "default: aoti for a .pt2 output, else onnx")
+                        "default: the output suffix picks it (.onnx or .pt2), and must agree")
     e.add_argument("--checkpoint", default=None, help="state dict to load (default: random "
                                                       "weights, seeded)")
     e.add_argument("--static-batch", action="store_true", help="fix the batch axis")
@@ -314,7 +314,7 @@ def _export(args) -> int:
     import torch
 
     _check_writable(args.output, "--output")
-    fmt = args.format or ("aoti" if args.output.endswith(".pt2") else "onnx")
+    fmt = _export_format(args)
     write = _aoti_writer(args) if fmt == "aoti" else _onnx_writer(args)
     torch.manual_seed(0)
     name, model, img_size = _model_and_size(args.model, args.policy)
@@ -374,11 +374,24 @@ def _onnx_writer(args):
     return write
 
 
+EXPORT_SUFFIXES = {"onnx": ".onnx", "aoti": ".pt2"}
+
+
+def _export_format(args) -> str:
+    """The output's suffix picks the format, and --format, when given, must agree with it: a file
+    named for one format never holds the other."""
+    by_suffix = [f for f, suffix in EXPORT_SUFFIXES.items() if args.output.endswith(suffix)]
+    fmt = args.format or (by_suffix[0] if by_suffix else None)
+    if fmt is None or by_suffix != [fmt]:
+        what = {"onnx": "an ONNX file", "aoti": "a .pt2 package"}
+        hint = (f"--format {fmt} writes {what[fmt]}; name the output *{EXPORT_SUFFIXES[fmt]}"
+                if fmt else "name the output *.onnx (ONNX) or *.pt2 (AOTInductor)")
+        raise UsageError(f"{hint} (got {args.output!r})")
+    return fmt
+
+
 def _aoti_writer(args):
     """The AOTInductor counterpart of _onnx_writer."""
-    if not args.output.endswith(".pt2"):
-        raise UsageError(f"--format aoti writes a .pt2 package; name the output *.pt2 "
-                         f"(got {args.output!r})")
     from .aoti import compile_aoti, load_aoti
 
     def write(model, images):

@@ -111,6 +111,10 @@ def tome_merge(x: Tensor, metric: Tensor, r: int, size: Optional[Tensor] = None,
     ``merge_source`` unless tracing).
     Semantics of the ops it runs (the clamp of ``r``, the source map): docs/merge.md.
     """
+    if metric.dim() != 3 or x.dim() != 3 or metric.shape[:2] != x.shape[:2]:
+        # The ops would accept both and fail later on the plan, naming neither.
+        raise ValueError(f"tome_merge: metric [B, N, D] must score x's [B, N] = {list(x.shape[:2])} "
+                         f"tokens, got metric of shape {list(metric.shape)}")
     unm_idx, src_idx, dst_idx = ops.bipartite_match(metric, r, num_protected)
     plan = ops.merge_plan(unm_idx, src_idx, dst_idx, x.shape[1], num_protected)
     out, size = ops.merge_by_plan(x, size, plan, "wavg")

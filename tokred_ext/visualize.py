@@ -390,7 +390,11 @@ def visualize_dense(image: Optional[str], output: str, ratio: float = 0.5, sx: i
     if model is None:
         model = tiny_unet(weights_seed)
     p = getattr(model.config, "patch_size", None) or 1
-    size = size // (DENSE_LATENT_FACTOR * p * max(sx, sy)) * (DENSE_LATENT_FACTOR * p * max(sx, sy))
+    cell = DENSE_LATENT_FACTOR * p * max(sx, sy)  # image pixels per merge cell
+    if not 1 <= cell <= size:
+        raise ValueError(f"sx and sy must be in [1, {size // (DENSE_LATENT_FACTOR * p)}] for a "
+                         f"{size}-pixel picture, got {sx} and {sy}")
+    size = size // cell * cell
     pixels = load_image(image or DEFAULT_IMAGE, size)
     latent = image_latent(pixels, model.config.in_channels)
     tr = dense_trace(model, latent, ratio, sx, sy, seed)

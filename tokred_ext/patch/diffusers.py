@@ -216,11 +216,13 @@ def apply(model, ratio: float = 0.5, sx: int = 2, sy: int = 2, seed: Optional[in
           max_downsample: int = 1):
     """Patches ``model`` in place with dense ToMe and returns it; ``remove`` undoes it, and
     applying again replaces the settings (and restarts the draw). See the module docstring."""
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"{_NAME}: ratio must lie in [0, 1], got {ratio}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"{_NAME}: ratio must be a number in [0, 1], got {ratio!r}")
     for arg, v in (("sx", sx), ("sy", sy), ("max_downsample", max_downsample)):
-        if not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{_NAME}: {arg} must be a positive int, got {v!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"{_NAME}: seed must be an int or None, got {seed!r}")
     net = _denoiser(model)
     blocks = [(n, m) for n, m in net.named_modules() if _class_key(m) == _BLOCK]
     if not blocks:
