@@ -374,9 +374,3 @@ def test_visualize_says_on_the_picture_when_the_weights_are_random(capsys, tmp_p
     first_note = slice(top, top + vis.LEGEND_LINE)
     assert not torch.equal(random[first_note], loaded[first_note])  # "weights: RANDOM" vs the file
     assert torch.equal(random[top + vis.LEGEND_LINE:], loaded[top + vis.LEGEND_LINE:])
-
-
-def test_visualize_dense_refuses_cells_larger_than_the_picture(capsys, tmp_path):
-    rc, _, err = run(capsys, "visualize", "-o", str(tmp_path / "d.png"), "--method", "dense",
-                     "--sx", "17")
-    assert rc == 2 and err.count("\n") == 1 and "sx and sy must be in [1, 16]" in err

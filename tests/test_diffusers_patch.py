@@ -291,7 +291,8 @@ def test_cli_visualize_dense(tmp_path, capsys):
     from PIL import Image
     assert Image.open(out).size[0] == 768
     for bad, msg in [(["--r", "4"], "--r is not for --method dense"),
-                     (["--ratio", "1.5"], "must be in \\[0, 1\\]")]:
+                     (["--ratio", "1.5"], "must be in \\[0, 1\\]"),
+                     (["--sx", "17"], "sx and sy must be in \\[1, 16\\] for a 128-pixel picture")]:
         assert cli.main(["visualize", "--method", "dense", "-o", str(out)] + bad) == 2
         assert msg.replace("\\", "") in capsys.readouterr().err
     assert cli.main(["visualize", "--method", "tome", "-o", str(out), "--draw-seed", "2"]) == 2
