@@ -126,14 +126,15 @@ def _locations(locs: Sequence[int], what: str) -> Tuple[int, ...]:
     return tuple(int(loc) for loc in locs)
 
 
-def _is_rate(value) -> bool:
+def _is_real(value) -> bool:
+    """A keep rate or an inflection: any real number but a bool (which Python counts as one)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _per_location(rates: Rates, locs: Sequence[int], what: str) -> List[float]:
-    if _is_rate(rates):
+    if _is_real(rates):
         return [float(rates)] * len(locs)
-    if isinstance(rates, (str, bytes, bool)) or not all(_is_rate(r) for r in rates):
+    if isinstance(rates, (str, bytes, bool)) or not all(_is_real(r) for r in rates):
         raise ValueError(f"{what}: keep_rate must be a number or one number per location, "
                          f"got {rates!r}")
     rates = [float(r) for r in rates]
@@ -156,8 +157,7 @@ def _schedule(r) -> RSchedule:
     if isinstance(r, list) and all(_is_count(v) and v >= 0 for v in r):
         return [int(v) for v in r]
     if (isinstance(r, tuple) and len(r) == 2 and _is_count(r[0]) and r[0] >= 0
-            and isinstance(r[1], numbers.Real) and not isinstance(r[1], bool)
-            and math.isfinite(r[1])):
+            and _is_real(r[1]) and math.isfinite(r[1])):
         return (int(r[0]), float(r[1]))
     raise ValueError("ToMe: r must be a token count >= 0, a list of counts (one per block) or "
                      f"(r, inflection) with a finite inflection, got {r!r}")
@@ -224,7 +224,7 @@ class TopK(ReductionPolicy):
                  trace_source: bool = False):
         super().__init__(trace_source)
         self.locs = _locations(locs, "TopK")
-        if _is_rate(keep_rate):
+        if _is_real(keep_rate):
             _check_rate(float(keep_rate), "TopK")
             self.rates = [float(keep_rate) ** (i + 1) for i in range(len(self.locs))]
         else:
