@@ -182,6 +182,18 @@ def test_bad_checkpoint_one_line(capsys, tmp_path):
     assert "unexpected 1 keys: not_a_weight" in err
 
 
+@pytest.mark.parametrize("argv", [
+    ["visualize", "{folder}", "-o", "{out}", "--method", "evit"],
+    ["visualize", "-o", "{out}", "--method", "evit", "--checkpoint", "{folder}"],
+    ["export", "--policy", "none", "-o", "{out}.onnx", "--checkpoint", "{folder}"],
+], ids=["image", "visualize-checkpoint", "export-checkpoint"])
+def test_a_folder_given_as_an_input_file_is_named(capsys, tmp_path, argv):
+    argv = [a.format(folder=tmp_path, out=tmp_path / "o.png") for a in argv]
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{str(tmp_path)!r} is a folder, not a file" in err
+
+
 def test_corrupt_checkpoint_one_line(capsys, tmp_path):
     ckpt = tmp_path / "corrupt.pth"
     ckpt.write_bytes(b"not a checkpoint at all")

@@ -229,6 +229,14 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
 
+def _check_input_file(path: str, what: str) -> None:
+    """Refuses an input path that is missing or is a folder, before any work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a folder, not a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+
+
 def _check_writable(path: str, option: str) -> None:
     """Refuses an output path whose folder is missing or read-only, before any work."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -314,6 +322,8 @@ def _export(args) -> int:
     import torch
 
     _check_writable(args.output, "--output")
+    if args.checkpoint is not None:
+        _check_input_file(args.checkpoint, "checkpoint")
     fmt = _export_format(args)
     write = _aoti_writer(args) if fmt == "aoti" else _onnx_writer(args)
     torch.manual_seed(0)
@@ -435,8 +445,8 @@ def _visualize(args) -> int:
     from .models.vit import ALIASES, MODELS
     from .nn.policies import policy_from_spec
 
-    if args.image is not None and not os.path.isfile(args.image):
-        raise UsageError(f"image {args.image!r} does not exist")
+    if args.image is not None:
+        _check_input_file(args.image, "image")
     if args.method == "dense":
         return _visualize_dense(args)
     dense_only = [o for o, v in (("--ratio", args.ratio), ("--draw-seed", args.draw_seed),
@@ -444,8 +454,8 @@ def _visualize(args) -> int:
                   if v is not None]
     if dense_only:
         raise UsageError(f"{', '.join(dense_only)}: for --method dense only")
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        raise UsageError(f"checkpoint {args.checkpoint!r} does not exist")
+    if args.checkpoint is not None:
+        _check_input_file(args.checkpoint, "checkpoint")
     if ALIASES.get(args.model, args.model) not in MODELS:
         raise UsageError(f"unknown model {args.model!r}")
     if args.method == "tome" and args.keep_rate is not None:
