@@ -34,6 +34,13 @@ constexpr int kTileK = 16;  // channels per tile
 using cuda::blocks_for;
 using cuda::kThreads;
 
+// match_kernel's static tiles: A rows x channels (padded against bank conflicts), B rows x
+// channels.
+template <typename acc_t>
+constexpr size_t match_static_smem_bytes() {
+  return sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
+}
+
 // Inverse norms of all n tokens, then node maxima, partners and ranks of the na A tokens.
 template <typename acc_t>
 size_t match_smem_bytes(int64_t n, int64_t na) {
@@ -53,6 +60,8 @@ __global__ void __launch_bounds__(kRows)
                  int64_t* __restrict__ dst) {
   __shared__ acc_t As[kRows][kTileK + 1];
   __shared__ acc_t Bs[kTileJ][kTileK];
+  static_assert(sizeof(As) + sizeof(Bs) == match_static_smem_bytes<acc_t>(),
+                "the host's opt-in must count every static tile");
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t n = d.n, r = d.r;
   acc_t* inv = reinterpret_cast<acc_t*>(smem);
@@ -151,19 +160,13 @@ void launch_match(const at::Tensor& metric, const TomeDims& d, const TomeTokens&
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_match_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = match_smem_bytes<acc_t>(N, d.na) + 8;
-    int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          metric.get_device()));
-    const size_t limit =
-        static_cast<size_t>(optin) - sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
+    const size_t tiles = match_static_smem_bytes<acc_t>();
+    const size_t limit = cuda::max_dynamic_smem(metric.get_device(), tiles);
     TORCH_CHECK(smem <= limit, "tokred::", op, ": argument 'metric' has N = ", N,
                 " tokens; the CUDA kernel keeps a row in shared memory and supports at most ",
                 "about ", limit / (2 * sizeof(acc_t) + 8), " tokens");
     auto kernel = match_kernel<scalar_t, acc_t>;
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    cuda::allow_dynamic_smem(kernel, smem, tiles, metric.get_device());
     kernel<<<static_cast<unsigned>(B), kRows, smem, stream>>>(
         metric.data_ptr<scalar_t>(), d, tok, D, num_protected, unm.data_ptr<int64_t>(),
         src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());

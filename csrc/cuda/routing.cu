@@ -72,14 +72,6 @@ void check_cuda_head_dims(const Dims& d, const char* op) {
               "tokred::", op, ": window sizes up to ", 65535 * kRowsPerBlock, " are supported");
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-}
-
 // ------------------------------------------------------------------------ plans
 
 // Asserts every r_idx entry before a backward builds its segments from r_idx (the segment module
@@ -533,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = fwd_smem<acc_t>(d);
     auto kernel = routed_attention_fwd_kernel<scalar_t, acc_t>;
-    allow_smem(kernel, smem);
+    cuda::allow_dynamic_smem(kernel, smem, 0, q.get_device());
     kernel<<<grid, kAttnThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         idx.data_ptr<int64_t>(), d, static_cast<acc_t>(scale), out.data_ptr<scalar_t>(),
@@ -566,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
     if (d.WQ > 0) {
       const size_t smem = dq_smem<acc_t>(d);
       auto kernel = routed_attention_dq_kernel<scalar_t, acc_t>;
-      allow_smem(kernel, smem);
+      cuda::allow_dynamic_smem(kernel, smem, 0, q.get_device());
       const dim3 grid(static_cast<unsigned>(tasks),
                       static_cast<unsigned>(ceil_div(d.WQ, kRowsPerBlock)));
       kernel<<<grid, kAttnThreads, smem, stream>>>(
@@ -579,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
     if (d.WK > 0) {
       const size_t smem = dkv_smem<acc_t>(d);
       auto kernel = routed_attention_dkv_kernel<scalar_t, acc_t>;
-      allow_smem(kernel, smem);
+      cuda::allow_dynamic_smem(kernel, smem, 0, q.get_device());
       const dim3 grid(static_cast<unsigned>(tasks),
                       static_cast<unsigned>(ceil_div(d.WK, kRowsPerBlock)));
       kernel<<<grid, kAttnThreads, smem, stream>>>(

@@ -101,6 +101,19 @@ __global__ void smem_overflow_kernel(float* out, int offset) {
   out[threadIdx.x] = 0.0f;
 }
 
+// Static tiles and dynamic shared memory share one budget: 32 KiB of tiles leave 16 KiB of
+// dynamic shared memory without cudaFuncSetAttribute. One instantiation per case, because the
+// attribute, once set, stays with the kernel.
+template <int kCase>
+__global__ void static_and_dynamic_smem_kernel(float* out) {
+  __shared__ float tile[8192];
+  extern __shared__ float s[];
+  tile[threadIdx.x] = 1.0f;
+  s[threadIdx.x] = 2.0f;
+  __syncthreads();
+  out[threadIdx.x] = tile[threadIdx.x] + s[threadIdx.x];
+}
+
 // Broken: reads static shared memory that no thread of this block wrote.
 __global__ void stale_static_smem_kernel(float* out) {
   __shared__ float cache[64];
@@ -161,6 +174,16 @@ at::Tensor run(c10::string_view kernel_name, const at::Tensor& in_tensor) {
     smem_overflow_kernel<<<1, n, smem>>>(y, -1);
   } else if (kernel == "smem_over_default_limit") {
     smem_overflow_kernel<<<1, n, 64 * 1024>>>(y, 0);
+  } else if (kernel == "static_plus_dynamic_over_default") {
+    static_and_dynamic_smem_kernel<0><<<1, n, 20 * 1024>>>(y);
+  } else if (kernel == "static_plus_dynamic_opted_in") {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(static_and_dynamic_smem_kernel<1>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, 20 * 1024));
+    static_and_dynamic_smem_kernel<1><<<1, n, 20 * 1024>>>(y);
+  } else if (kernel == "opt_in_past_device_limit") {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(static_and_dynamic_smem_kernel<2>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    static_and_dynamic_smem_kernel<2><<<1, n, 20 * 1024>>>(y);
   } else if (kernel == "block_too_large") {
     smem_overflow_kernel<<<1, 2048, smem>>>(y, 0);
   } else if (kernel == "stale_static_smem") {

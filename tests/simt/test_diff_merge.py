@@ -59,6 +59,24 @@ def test_bipartite_match_over_default_shared_memory():
     compare("bipartite_match", sign_metric(1, 2500, 3, g, torch.float64), 1000, 1)
 
 
+@pytest.mark.parametrize("n,dtype", [(3137, torch.float32), (2000, torch.float64)])
+def test_bipartite_match_with_its_tiles_over_default_shared_memory(n, dtype):
+    # Under 48 KiB of dynamic shared memory (43,936 B for float32 at a 56x56 grid plus a class
+    # token, 40,008 B for float64 at N = 2000), but over it with the kernel's static tiles (10,752
+    # and 21,504 B): the launch must opt in for the two together.
+    g = torch.Generator().manual_seed(n)
+    compare("bipartite_match", sign_metric(1, n, 3, g, dtype), n // 4, 1)
+
+
+def test_bipartite_match_plan_with_its_tiles_over_default_shared_memory():
+    # tomesd at a 48x48 latent: one destination per 2x2 cell, 43,784 B of dynamic shared memory.
+    g = torch.Generator().manual_seed(48)
+    side = 48
+    grid = torch.tensor([y * side + x for y in range(0, side, 2) for x in range(0, side, 2)])
+    compare("bipartite_match_plan", sign_metric(1, side * side, 3, g, torch.float32), grid,
+            side * side // 2)
+
+
 # --------------------------------------------------------------------------- merge family
 
 def _match(b, n, r, p, g, index_dtype=torch.int64):

@@ -69,6 +69,11 @@ def test_half_warps_sync_with_their_own_masks():
     ("smem_write_past_end", r"a write past the 256 B of dynamic shared memory \(byte 256\) in block \(0,0,0\)"),
     ("smem_write_before_start", r"a write 4 B before the start of dynamic shared memory"),
     ("smem_over_default_limit", r"dynamic shared memory of 65536 B is over the 49152 B allowed"),
+    ("static_plus_dynamic_over_default",
+     r"static shared memory of 32768 B plus dynamic of 20480 B is over the 49152 B a block has "
+     r"without cudaFuncSetAttribute"),
+    ("opt_in_past_device_limit", r"cudaFuncSetAttribute allowed 204800 B of dynamic shared memory "
+                                 r"beside 32768 B of static: over the 232448 B"),
     ("block_too_large", r"invalid block \(2048,1,1\)"),
     # Threads 0-2 see negative inputs; the schedule decides which of them fails first.
     ("assert", r"device-side assert triggered: tests/simt/selftest.cu:\d+: block \(0,0,0\) thread \([012],0,0\): "
@@ -83,6 +88,10 @@ def test_gpu_bugs_are_reported(kernel, message):
         RUN(kernel, x)
     # The failed launch leaves the emulator usable, and a later launch correct.
     assert torch.equal(RUN("reverse", x), x.flip(0))
+
+
+def test_static_and_dynamic_shared_memory_fit_together_after_the_opt_in():
+    assert torch.equal(RUN("static_plus_dynamic_opted_in", torch.zeros(64)), torch.full((64,), 3.0))
 
 
 def test_static_shared_memory_is_poisoned_in_every_block():

@@ -117,6 +117,9 @@ struct Runtime {
   std::string error;  // first failure of the running launch
   unsigned char* dynamic_smem = nullptr;
   std::vector<const void*> poisoned_static_smem;  // __shared__ arrays poisoned in this block
+  size_t static_smem_bytes = 0;                   // their sizes, added up
+  size_t dynamic_smem_bytes = 0;                  // of the running launch
+  const void* kernel = nullptr;                   // the running launch's entry
   cudaError_t last_error = cudaSuccess;
   std::string last_message;
   std::map<const void*, size_t> max_dynamic_smem;  // set by cudaFuncSetAttribute
@@ -439,6 +442,28 @@ inline void run_block(unsigned nthreads, const dim3& bdim) {
 
 inline void* dynamic_smem() { return rt.dynamic_smem; }
 
+// A GPU counts static __shared__ arrays against the same per-block budget as dynamic shared
+// memory: 48 KiB in all by default; with cudaFuncSetAttribute's opt-in, the attribute's dynamic
+// bytes plus the static ones up to the device's limit (a larger attribute makes the real call
+// fail). The emulator learns the static bytes as the block declares them, so it checks here.
+inline void check_static_smem() {
+  const size_t static_bytes = rt.static_smem_bytes;
+  auto it = rt.max_dynamic_smem.find(rt.kernel);
+  std::ostringstream o;
+  if (it == rt.max_dynamic_smem.end()) {
+    if (static_bytes + rt.dynamic_smem_bytes <= kDefaultDynamicSmem) return;
+    o << "static shared memory of " << static_bytes << " B plus dynamic of "
+      << rt.dynamic_smem_bytes << " B is over the " << kDefaultDynamicSmem
+      << " B a block has without cudaFuncSetAttribute";
+  } else {
+    if (static_bytes + it->second <= kOptinDynamicSmem) return;
+    o << "cudaFuncSetAttribute allowed " << it->second << " B of dynamic shared memory beside "
+      << static_bytes << " B of static: over the " << kOptinDynamicSmem
+      << " B a block may have (the real call fails)";
+  }
+  fail(o.str());
+}
+
 // Called by the statement cu2cpp adds after each static __shared__ array: the first thread of a
 // block to reach it poisons it, so no block sees the previous block's (or launch's) values.
 inline void poison_static_smem(void* p, size_t bytes) {
@@ -446,6 +471,8 @@ inline void poison_static_smem(void* p, size_t bytes) {
   if (std::find(seen.begin(), seen.end(), p) != seen.end()) return;
   seen.push_back(p);
   std::memset(p, kPoison, bytes);
+  rt.static_smem_bytes += bytes;
+  check_static_smem();
 }
 
 // Dynamic shared memory of one launch: [guard | smem | guard], smem 16-byte aligned.
@@ -560,6 +587,8 @@ struct Launcher {
     ensure_thread_slots(nthreads);
     DynamicSmem shared(smem);
     rt.dynamic_smem = shared.data();
+    rt.dynamic_smem_bytes = smem;
+    rt.kernel = reinterpret_cast<const void*>(f);
     rt.body = &Call<R (*)(P...), Tuple>::run;
     rt.body_arg = &call;
     rt.error.clear();
@@ -571,6 +600,7 @@ struct Launcher {
           blockIdx = {x, y, z};
           shared.start_block();
           rt.poisoned_static_smem.clear();
+          rt.static_smem_bytes = 0;
           run_block(nthreads, block);
           if (rt.error.empty()) {
             const std::string guards = shared.check_guards();
