@@ -43,8 +43,8 @@ MUTANTS = [
      "rank[a] = rank_in_row(node_max, d.na, a, true);\n  __syncthreads();",
      "rank[a] = rank_in_row(node_max, d.na, a, true);\n  if (!{on}) __syncthreads();"),
     ("launch.cuh", "off-by-one in the shared grid-stride bound (i <= total)",
-     "       i < (total); i += static_cast<int64_t>(blockDim.x) * gridDim.x)",
-     "       i < (total) + ({on} ? 1 : 0); i += static_cast<int64_t>(blockDim.x) * gridDim.x)"),
+     "threadIdx.x; i < (total); \\\n",
+     "threadIdx.x; i < (total) + ({on} ? 1 : 0); \\\n"),
     ("merge.cu", "a plan check that covers only the first batch row (merge_by_plan trusts the rest)",
      "  TOKRED_GRID_STRIDE(i, B * nout) {\n    const int64_t b = i / nout, o = i % nout;\n    const PlanFault",
      "  TOKRED_GRID_STRIDE(i, {on} ? nout : B * nout) {\n    const int64_t b = i / nout, o = i % nout;\n"
@@ -52,6 +52,9 @@ MUTANTS = [
     ("launch.cuh", "a shuffle reduction with the wrong lane offset (warp_sum starts at 8, not 16)",
      "for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync",
      "for (int o = {on} ? kWarp / 4 : kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync"),
+    ("merge.cu", "a shared memory opt-in that forgets bipartite_match's static tiles",
+     "cuda::allow_dynamic_smem(kernel, smem, tiles, metric.get_device());",
+     "cuda::allow_dynamic_smem(kernel, smem, {on} ? 0 : tiles, metric.get_device());"),
 ]
 
 
