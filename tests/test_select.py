@@ -48,6 +48,42 @@ def test_topk_nan_and_inf(device, dtype):
     assert ops.topk(scores, 2, largest=False)[1].tolist() == [[2, 6]]
 
 
+def _scores_with_signed_nans(b, n, dtype, device):
+    """Random scores where every 7th entry is a NaN with the sign bit set (x86's 0/0 gives one), and
+    every 11th a positive NaN."""
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(b, n, generator=g)
+    scores[:, 3::11] = float("nan")
+    scores[:, ::7] = -torch.tensor(float("nan"))
+    scores = scores.to(dtype)
+    assert scores[:, ::7].isnan().all() and torch.signbit(scores[:, ::7]).all()
+    return scores.to(device)
+
+
+# n = 3000: CUDA ranks rows longer than 2048 with a radix sort, which orders NaNs by their bits.
+@pytest.mark.parametrize("n", [40, 3000])
+@pytest.mark.parametrize("largest", [True, False])
+def test_topk_ranks_every_nan_above_inf_whatever_its_sign(device, dtype, n, largest):
+    scores = _scores_with_signed_nans(2, n, dtype, device)
+    nans = int(scores[0].isnan().sum())
+    for k in (1, nans, n // 2, n):
+        v, i = ops.topk(scores, k, largest)
+        rv, ri = ref.topk(scores, k, largest)
+        _assert_same(v, rv)
+        assert torch.equal(i, ri)
+    assert ops.topk(scores, nans, largest=True)[0].isnan().all()
+
+
+@pytest.mark.parametrize("n", [40, 3000])
+def test_prune_tokens_keeps_nan_scored_tokens_first_whatever_their_sign(device, n):
+    scores = _scores_with_signed_nans(2, n, torch.float32, device)
+    x = torch.randn(2, n + 1, 4).to(device)
+    for keep_order in (False, True):
+        out, idx = ops.prune_tokens(x, scores, n // 3, False, 1, keep_order)
+        rout, ridx = ref.prune_tokens(x, scores, n // 3, False, 1, keep_order)
+        assert torch.equal(idx, ridx) and torch.equal(out, rout)
+
+
 def test_topk_agrees_with_torch_topk_without_ties(device, dtype):
     scores = rows_tie_free(6, 50, dtype, device)
     for largest in (True, False):

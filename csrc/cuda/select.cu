@@ -62,10 +62,12 @@ __global__ void check_lengths_kernel(const int64_t* __restrict__ lengths, int64_
 
 // Rows longer than kMaxRankRow: a stable sort keeps the lower index first among equal values.
 // Padding past a row's length sorts last: -inf when largest (stability keeps real -inf first),
-// NaN when smallest (NaN ranks above +inf).
+// NaN when smallest (NaN ranks above +inf). CUB's radix sort orders a NaN by its bits, so one with
+// the sign bit set (0/0 on x86, or -x of a NaN) would sort below -inf (pytorch/pytorch#190781):
+// the sort sees every NaN as the positive quiet NaN, and the values are read back from scores.
 std::tuple<at::Tensor, at::Tensor> topk_by_sort(const at::Tensor& scores, int64_t k, bool largest,
                                                 const at::Tensor& lengths) {
-  at::Tensor s = scores;
+  at::Tensor s = at::where(scores.isnan(), std::numeric_limits<double>::quiet_NaN(), scores);
   const int64_t n = scores.size(-1);
   at::Tensor len;
   if (lengths.defined()) {
@@ -83,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> topk_by_sort(const at::Tensor& scores, int64_
                                            : std::numeric_limits<double>::quiet_NaN());
   }
   auto sorted = at::sort(s, /*stable=*/true, /*dim=*/-1, /*descending=*/largest);
-  at::Tensor values = std::get<0>(sorted).narrow(-1, 0, k).contiguous();
   at::Tensor indices = std::get<1>(sorted).narrow(-1, 0, k).contiguous();
+  at::Tensor values = scores.gather(-1, indices);
   if (lengths.defined()) {
     const at::Tensor empty = at::arange(k, lengths.options()).ge(len);
     values.masked_fill_(empty, largest ? -std::numeric_limits<double>::infinity()

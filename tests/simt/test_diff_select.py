@@ -9,11 +9,13 @@ INDEX_DTYPES = [torch.int64, torch.int32]
 
 
 def _scores(shape, dtype, g):
-    """Few distinct levels (many ties), with NaN and +-inf planted in the first row."""
+    """Few distinct levels (many ties), with NaN, a NaN with the sign bit set, and +-inf planted in
+    the first row."""
     s = torch.randint(0, 7, shape, generator=g).to(torch.float64) / 4
     flat = s.reshape(-1, shape[-1])
     if shape[-1] > 6:
-        flat[0, 1], flat[0, 3], flat[0, 4], flat[0, 6] = float("nan"), float("inf"), float("nan"), -float("inf")
+        flat[0, 1], flat[0, 3], flat[0, 6] = float("nan"), float("inf"), -float("inf")
+        flat[0, 4] = -torch.tensor(float("nan"))
     return s.to(dtype)
 
 
