@@ -11,10 +11,16 @@ import tokred_ext
 # A compile cache of this session's own: Inductor's on-disk cache (/tmp/torchinductor_<user>)
 # served graphs compiled against another tokred build, which called an op with its old schema.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tokred-tests-inductor-"))
+# Deterministic-mode tests run nn.Linear on CUDA too, and cuBLAS is deterministic only with a fixed
+# workspace: without this, torch.use_deterministic_algorithms(True) makes those matmuls raise. Read
+# when the first cuBLAS handle is made, so it is set before any CUDA work.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 CUDA = torch.cuda.is_available() and tokred_ext.build_info()["cuda_kernels"]
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# Random cases per fuzz test; gpu_check.sh lowers it under compute-sanitizer.
+FUZZ_CASES = int(os.environ.get("TOKRED_FUZZ_CASES", "1000"))
 # Tolerances for results that sum in a different order from the reference.
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-10),

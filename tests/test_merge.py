@@ -359,6 +359,10 @@ def test_errors(device):
         (lambda: torch.ops.tokred._unmerge_backward(x[:, 1:], unm, src, dst, 1), r"_unmerge_backward: argument 'unm_idx' and src_idx must together"),
     ]
     for fn, msg in bad:
+        if device == "cuda" and " holds " in msg:
+            # A bad index value trips a device-side assert on a GPU, which ends the CUDA context;
+            # the emulated suite (tests/simt) checks those asserts' messages.
+            continue
         with pytest.raises(RuntimeError, match=msg):
             fn()
 

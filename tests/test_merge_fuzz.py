@@ -1,4 +1,5 @@
-"""Fuzz: 1,000 random small ToMe cases per op against tokred_ext.reference, zero mismatches."""
+"""Fuzz: FUZZ_CASES (1,000 unless TOKRED_FUZZ_CASES says) random small ToMe cases per op against
+tokred_ext.reference, zero mismatches."""
 import random
 
 import torch
@@ -8,16 +9,14 @@ import tokred_ext  # noqa: F401
 from tokred_ext import ops
 from tokred_ext import reference as R
 
-from conftest import DTYPES, TOL, tie_free
-
-CASES = 1000
+from conftest import DTYPES, FUZZ_CASES, TOL, tie_free
 
 
 def test_fuzz_all_merge_ops(device):
     rng = random.Random(20261122)
     gen = torch.Generator().manual_seed(20261122)
     mismatches = []
-    for case in range(CASES):
+    for case in range(FUZZ_CASES):
         b, n, d, c = rng.randint(0, 3), rng.randint(1, 24), rng.randint(2, 9), rng.randint(1, 6)
         p = rng.choice([0, 1, 1, 2, 3, 5])
         r = rng.choice([rng.randint(-2, 14), rng.randint(0, n)])

@@ -267,6 +267,9 @@ def test_attention_errors(device_):
 
 
 def test_attention_index_out_of_range(device):
+    if device == "cuda":
+        pytest.skip("a bad r_idx trips a device-side assert on a GPU, which ends the CUDA context; "
+                    "the emulated suite (tests/simt) checks those asserts' messages")
     q, k, v, r = _good(device)
     for bad in (-1, 4):
         rb = r.clone()

@@ -1,4 +1,5 @@
-"""Fuzz: at least 1,000 random small cases per selection op, compared with the reference.
+"""Fuzz: FUZZ_CASES (1,000 unless TOKRED_FUZZ_CASES says) random small cases per selection op,
+compared with the reference.
 
 The seed changes every run and is printed on failure; set TOKRED_FUZZ_SEED to replay one.
 """
@@ -10,9 +11,7 @@ import torch
 import tokred_ext  # noqa: F401
 from tokred_ext import ops, reference as ref
 
-from conftest import DTYPES, TOL
-
-CASES = int(os.environ.get("TOKRED_FUZZ_CASES", "1000"))
+from conftest import DTYPES, FUZZ_CASES, TOL
 
 
 def _seed():
@@ -43,7 +42,7 @@ def _same(a, b):
 def test_fuzz_topk(device):
     seed = _seed()
     rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    for case in range(CASES):
+    for case in range(FUZZ_CASES):
         lead = [rnd.randint(0, 3) for _ in range(rnd.randint(0, 2))]
         n = rnd.randint(0, 40)
         k = rnd.randint(0, n)
@@ -62,7 +61,7 @@ def test_fuzz_topk(device):
 def test_fuzz_gather_and_complement(device):
     seed = _seed()
     rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    for case in range(CASES):
+    for case in range(FUZZ_CASES):
         B, N, C = rnd.randint(0, 3), rnd.randint(1, 24), rnd.randint(1, 9)
         dtype = rnd.choice(DTYPES)
         x = torch.randn(B, N, C, generator=gen).to(dtype).to(device)
@@ -84,7 +83,7 @@ def test_fuzz_gather_and_complement(device):
 def test_fuzz_prune_tokens(device):
     seed = _seed()
     rnd, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    for case in range(CASES):
+    for case in range(FUZZ_CASES):
         B, N, C, P = rnd.randint(0, 3), rnd.randint(0, 24), rnd.randint(1, 9), rnd.randint(0, 2)
         k = rnd.randint(0, N)
         fuse, keep_order = rnd.random() < 0.5, rnd.random() < 0.5

@@ -6,7 +6,9 @@
 // tome_excluded, tome_argmax_step, tome_slot). The CPU re-implements them in vector form (vec.h
 // row scoring, a std::sort by comes_before, one ascending slot pass) and calls tome_argmax_step
 // only for rows holding NaN. tests/simt/test_diff_merge.py compares its matches bitwise with the
-// CUDA kernel's (ties and NaN included), and tests/test_merge.py with the tie rule itself.
+// CUDA kernel's (ties and NaN included) on metrics whose dot products are exact, and
+// tests/test_merge.py with the tie rule itself. On other metrics the backends round differently
+// (the CPU's vector sums, the GPU's fused multiply-adds), so a near-tie may pick another partner.
 //
 // A sequence of N tokens is split by position: set A = even positions (A[a] = token 2a), set B =
 // odd positions (B[j] = token 2j + 1). The first P tokens (the model's prefix: class,
