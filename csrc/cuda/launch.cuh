@@ -16,27 +16,16 @@ namespace cuda {
 
 constexpr int kThreads = 256;
 
-// What a block may ask for without cudaFuncSetAttribute: static and dynamic shared memory
-// together.
-constexpr size_t kDefaultSmemBytes = 48 * 1024;
-
-// The most dynamic shared memory a kernel whose __shared__ arrays take `static_bytes` can launch
-// with on `device`.
-inline size_t max_dynamic_smem(int device, size_t static_bytes) {
+// Lets `kernel` launch with `dynamic_bytes` of dynamic shared memory, for kernels without static
+// __shared__ arrays (which count against the same per-block budget). Past 48 KB a launch needs
+// the opt-in; it is set to everything the device allows, one value on every call, so threads
+// launching different sizes never lower it under one another.
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, size_t dynamic_bytes, int device) {
+  if (dynamic_bytes <= 48 * 1024) return;
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<size_t>(optin) - static_bytes;
-}
-
-// Lets `kernel` launch with `dynamic_bytes` of dynamic shared memory beside its `static_bytes`.
-// Past kDefaultSmemBytes in all, the launch needs the opt-in; it is set to everything the device
-// allows, one value on every call, so threads launching different sizes never lower it under one
-// another.
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t dynamic_bytes, size_t static_bytes, int device) {
-  if (static_bytes + dynamic_bytes <= kDefaultSmemBytes) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(max_dynamic_smem(device, static_bytes))));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

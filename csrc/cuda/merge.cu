@@ -1,9 +1,9 @@
 // CUDA kernels of the ToMe ops.
 //
-// bipartite_match: one block per batch row. Inverse norms, node maxima and ranks live in shared
-// memory; similarities are computed tile by tile (A rows x B rows x channels in shared memory),
-// reduced to each A token's first maximum on the fly and never written to global memory. Ranks
-// are counts (common/rank.h), so no sort is needed and ties go to the lower index.
+// bipartite_match: four kernels. Inverse norms; each A token's first most similar B token, one
+// block per (batch row, chunk of A tokens), similarities computed tile by tile (A rows x B rows x
+// channels in shared memory) and never written to global memory; ranks by count (common/rank.h),
+// so no sort is needed and ties go to the lower index; then each A token's slot.
 //
 // merge family: a plan kernel writes dest (the output token of every input token, as on the CPU);
 // build_segments_cuda groups each row's tokens by destination in ascending order (CSR); every
@@ -34,144 +34,149 @@ constexpr int kTileK = 16;  // channels per tile
 using cuda::blocks_for;
 using cuda::kThreads;
 
-// match_kernel's static tiles: A rows x channels (padded against bank conflicts), B rows x
-// channels.
-template <typename acc_t>
-constexpr size_t match_static_smem_bytes() {
-  return sizeof(acc_t) * (kRows * (kTileK + 1) + kTileJ * kTileK);
-}
-
-// Inverse norms of all n tokens, then node maxima, partners and ranks of the na A tokens.
-template <typename acc_t>
-size_t match_smem_bytes(int64_t n, int64_t na) {
-  return sizeof(acc_t) * (n + na) + sizeof(int64_t) * 2 * na;
-}
-
 // A token position read from a partition's list (tok.of_a / of_b) is used only inside [0, n): a
 // bad list trips partition_kernel's assert, and its entries read token 0 instead of out of bounds.
 __device__ __forceinline__ int64_t in_row(int64_t t, int64_t n) {
   return (t >= 0 && t < n) ? t : 0;
 }
 
+// 1. inv [B * n]: the inverse norm of every token, one warp per token.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRows)
-    match_kernel(const scalar_t* __restrict__ metric, TomeDims d, TomeTokens tok, int64_t D,
-                 int64_t num_protected, int64_t* __restrict__ unm, int64_t* __restrict__ src,
-                 int64_t* __restrict__ dst) {
-  __shared__ acc_t As[kRows][kTileK + 1];
-  __shared__ acc_t Bs[kTileJ][kTileK];
-  static_assert(sizeof(As) + sizeof(Bs) == match_static_smem_bytes<acc_t>(),
-                "the host's opt-in must count every static tile");
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int64_t n = d.n, r = d.r;
-  acc_t* inv = reinterpret_cast<acc_t*>(smem);
-  acc_t* node_max = inv + n;
-  int64_t* node_idx = reinterpret_cast<int64_t*>(smem + ((sizeof(acc_t) * (n + d.na) + 7) / 8) * 8);
-  int64_t* rank = node_idx + d.na;
-  const int64_t b = blockIdx.x;
-  const int tid = threadIdx.x;
-  const scalar_t* m = metric + b * n * D;
-
-  // 1. inverse norms, one warp per token
-  const int lane = tid % cuda::kWarp, warp = tid / cuda::kWarp;
-  for (int64_t t = warp; t < n; t += kRows / cuda::kWarp) {
+__global__ void inv_norm_kernel(const scalar_t* __restrict__ metric, int64_t tokens, int64_t D,
+                                acc_t* __restrict__ inv) {
+  const int lane = threadIdx.x % cuda::kWarp;
+  TOKRED_WARP_STRIDE(t, tokens) {
     acc_t ss = 0;
     for (int64_t k = lane; k < D; k += cuda::kWarp) {
-      const acc_t v = static_cast<acc_t>(m[t * D + k]);
+      const acc_t v = static_cast<acc_t>(metric[t * D + k]);
       ss += v * v;
     }
     ss = cuda::warp_reduce_sum(ss);
     if (lane == 0) inv[t] = acc_t(1) / ::sqrt(ss);
   }
-  __syncthreads();
+}
 
-  // 2. each thread's A token against every B token, tile by tile; keep the first maximum
-  for (int64_t a0 = 0; a0 < d.na; a0 += kRows) {
-    const int64_t a = a0 + tid;
-    acc_t best = 0;
-    int64_t best_j = -1;
-    for (int64_t j0 = 0; j0 < d.nb; j0 += kTileJ) {
-      acc_t acc[kTileJ];
+// 2. node_max, node_idx [B, na]: each A token's best similarity and its first B token with it.
+// One block per (batch row, chunk of kRows A tokens), one thread per A token; similarities are
+// computed tile by tile (A rows x B rows x channels in shared memory) and never stored.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRows)
+    best_match_kernel(const scalar_t* __restrict__ metric, const acc_t* __restrict__ inv_all,
+                      TomeDims d, TomeTokens tok, int64_t D, int64_t num_protected, int64_t chunks,
+                      acc_t* __restrict__ node_max, int64_t* __restrict__ node_idx) {
+  __shared__ acc_t As[kRows][kTileK + 1];  // + 1: no bank conflicts between A rows
+  __shared__ acc_t Bs[kTileJ][kTileK];
+  const int64_t n = d.n;
+  const int64_t b = blockIdx.x / chunks, a0 = (blockIdx.x % chunks) * kRows;
+  const int tid = threadIdx.x;
+  const int64_t a = a0 + tid;
+  const scalar_t* m = metric + b * n * D;
+  const acc_t* inv = inv_all + b * n;
+  acc_t best = 0;
+  int64_t best_j = -1;
+  for (int64_t j0 = 0; j0 < d.nb; j0 += kTileJ) {
+    acc_t acc[kTileJ];
 #pragma unroll
-      for (int jj = 0; jj < kTileJ; ++jj) acc[jj] = 0;
-      for (int64_t k0 = 0; k0 < D; k0 += kTileK) {
-        for (int i = tid; i < kRows * kTileK; i += kRows) {
-          const int64_t row = a0 + i / kTileK, k = k0 + i % kTileK;
-          As[i / kTileK][i % kTileK] = (row < d.na && k < D)
-                                           ? static_cast<acc_t>(m[in_row(tok.of_a(row), n) * D + k])
-                                           : acc_t(0);
-        }
-        for (int i = tid; i < kTileJ * kTileK; i += kRows) {
-          const int64_t j = j0 + i / kTileK, k = k0 + i % kTileK;
-          Bs[i / kTileK][i % kTileK] = (j < d.nb && k < D)
-                                           ? static_cast<acc_t>(m[in_row(tok.of_b(j), n) * D + k])
-                                           : acc_t(0);
-        }
-        __syncthreads();
-#pragma unroll
-        for (int jj = 0; jj < kTileJ; ++jj) {
-#pragma unroll
-          for (int kk = 0; kk < kTileK; ++kk) acc[jj] += As[tid][kk] * Bs[jj][kk];
-        }
-        __syncthreads();
+    for (int jj = 0; jj < kTileJ; ++jj) acc[jj] = 0;
+    for (int64_t k0 = 0; k0 < D; k0 += kTileK) {
+      for (int i = tid; i < kRows * kTileK; i += kRows) {
+        const int64_t row = a0 + i / kTileK, k = k0 + i % kTileK;
+        As[i / kTileK][i % kTileK] = (row < d.na && k < D)
+                                         ? static_cast<acc_t>(m[in_row(tok.of_a(row), n) * D + k])
+                                         : acc_t(0);
       }
-      if (a < d.na) {
-#pragma unroll
-        for (int jj = 0; jj < kTileJ; ++jj) {
-          const int64_t j = j0 + jj;
-          if (j >= d.nb) break;
-          const acc_t v =
-              tome_score(acc[jj], inv[in_row(tok.of_a(a), n)], inv[in_row(tok.of_b(j), n)],
-                         tome_excluded(a, j, num_protected));
-          tome_argmax_step(v, j, best, best_j);
-        }
+      for (int i = tid; i < kTileJ * kTileK; i += kRows) {
+        const int64_t j = j0 + i / kTileK, k = k0 + i % kTileK;
+        Bs[i / kTileK][i % kTileK] =
+            (j < d.nb && k < D) ? static_cast<acc_t>(m[in_row(tok.of_b(j), n) * D + k]) : acc_t(0);
       }
+      __syncthreads();
+#pragma unroll
+      for (int jj = 0; jj < kTileJ; ++jj) {
+#pragma unroll
+        for (int kk = 0; kk < kTileK; ++kk) acc[jj] += As[tid][kk] * Bs[jj][kk];
+      }
+      __syncthreads();
     }
     if (a < d.na) {
-      node_max[a] = best;
-      node_idx[a] = best_j;
+#pragma unroll
+      for (int jj = 0; jj < kTileJ; ++jj) {
+        const int64_t j = j0 + jj;
+        if (j >= d.nb) break;
+        const acc_t v = tome_score(acc[jj], inv[in_row(tok.of_a(a), n)],
+                                   inv[in_row(tok.of_b(j), n)], tome_excluded(a, j, num_protected));
+        tome_argmax_step(v, j, best, best_j);
+      }
     }
   }
-  __syncthreads();
+  if (a < d.na) {
+    node_max[b * d.na + a] = best;
+    node_idx[b * d.na + a] = best_j;
+  }
+}
 
-  // 3. rank by count, 4. place every A token
-  for (int64_t a = tid; a < d.na; a += kRows) rank[a] = rank_in_row(node_max, d.na, a, true);
-  __syncthreads();
-  for (int64_t a = tid; a < d.na; a += kRows) {
-    const int64_t slot = tome_slot(rank, a, r, num_protected > 0);
+// 3. rank [B, na]: each A token's place by descending best similarity, ties to the lower index
+// (a count, common/rank.h, so no sort).
+template <typename acc_t>
+__global__ void match_rank_kernel(const acc_t* __restrict__ node_max, int64_t B, int64_t na,
+                                  int64_t* __restrict__ rank) {
+  TOKRED_GRID_STRIDE(t, B * na) {
+    const int64_t b = t / na;
+    rank[t] = rank_in_row(node_max + b * na, na, t % na, /*largest=*/true);
+  }
+}
+
+// 4. every A token to its source or unmerged slot (tome_slot).
+__global__ void match_place_kernel(const int64_t* __restrict__ rank,
+                                   const int64_t* __restrict__ node_idx, int64_t B, TomeDims d,
+                                   bool ascending, int64_t* __restrict__ unm,
+                                   int64_t* __restrict__ src, int64_t* __restrict__ dst) {
+  const int64_t r = d.r;
+  TOKRED_GRID_STRIDE(t, B * d.na) {
+    const int64_t b = t / d.na, a = t % d.na;
+    const int64_t slot = tome_slot(rank + b * d.na, a, r, ascending);
     if (slot < 0) {
       src[b * r + (-1 - slot)] = a;
-      dst[b * r + (-1 - slot)] = node_idx[a];
+      dst[b * r + (-1 - slot)] = node_idx[t];
     } else {
       unm[b * d.u + slot] = a;
     }
   }
 }
 
-// Runs match_kernel, one block per batch row: unm [B, u], src [B, r], dst [B, r] of a match
-// with r > 0 over the tokens of tok.
+// unm [B, u], src [B, r], dst [B, r] of a match with r > 0 over the tokens of tok. The row is
+// split over blocks of kRows A tokens, so a small batch of long rows (tomesd: B = 2, N = 4096)
+// fills the GPU, and no row has to fit in shared memory.
 void launch_match(const at::Tensor& metric, const TomeDims& d, const TomeTokens& tok,
                   int64_t num_protected, at::Tensor& unm, at::Tensor& src, at::Tensor& dst,
                   const char* op) {
   const int64_t B = metric.size(0), N = metric.size(1), D = metric.size(2);
-  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), "tokred::", op,
-              ": argument 'metric' has too many rows for the CUDA grid, got B = ", B);
+  const int64_t chunks = cuda::ceil_div(d.na, kRows);
+  TORCH_CHECK(B * chunks <= std::numeric_limits<int32_t>::max(), "tokred::", op,
+              ": argument 'metric' has too many tokens for the CUDA grid, got B = ", B,
+              " rows of N = ", N);
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc_opts = metric.options().dtype(at::toOpMathType(metric.scalar_type()));
+  const at::Tensor inv = at::empty({B, N}, acc_opts), node_max = at::empty({B, d.na}, acc_opts);
+  const at::Tensor node_idx = at::empty({B, d.na}, unm.options());
+  const at::Tensor rank = at::empty({B, d.na}, unm.options());
   TOKRED_DISPATCH_FLOATS(metric.scalar_type(), "tokred_match_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const size_t smem = match_smem_bytes<acc_t>(N, d.na) + 8;
-    const size_t tiles = match_static_smem_bytes<acc_t>();
-    const size_t limit = cuda::max_dynamic_smem(metric.get_device(), tiles);
-    TORCH_CHECK(smem <= limit, "tokred::", op, ": argument 'metric' has N = ", N,
-                " tokens; the CUDA kernel keeps a row in shared memory and supports at most ",
-                "about ", limit / (2 * sizeof(acc_t) + 8), " tokens");
-    auto kernel = match_kernel<scalar_t, acc_t>;
-    cuda::allow_dynamic_smem(kernel, smem, tiles, metric.get_device());
-    kernel<<<static_cast<unsigned>(B), kRows, smem, stream>>>(
-        metric.data_ptr<scalar_t>(), d, tok, D, num_protected, unm.data_ptr<int64_t>(),
-        src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());
+    inv_norm_kernel<scalar_t, acc_t><<<blocks_for(B * N * cuda::kWarp), kThreads, 0, stream>>>(
+        metric.data_ptr<scalar_t>(), B * N, D, inv.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    best_match_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * chunks), kRows, 0, stream>>>(
+        metric.data_ptr<scalar_t>(), inv.data_ptr<acc_t>(), d, tok, D, num_protected, chunks,
+        node_max.data_ptr<acc_t>(), node_idx.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    match_rank_kernel<acc_t><<<blocks_for(B * d.na), kThreads, 0, stream>>>(
+        node_max.data_ptr<acc_t>(), B, d.na, rank.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  match_place_kernel<<<blocks_for(B * d.na), kThreads, 0, stream>>>(
+      rank.data_ptr<int64_t>(), node_idx.data_ptr<int64_t>(), B, d, num_protected > 0,
+      unm.data_ptr<int64_t>(), src.data_ptr<int64_t>(), dst.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_match_cuda(const at::Tensor& metric_in,

@@ -525,7 +525,7 @@ std::tuple<at::Tensor, at::Tensor> routed_attention_cuda(const at::Tensor& q_in,
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = fwd_smem<acc_t>(d);
     auto kernel = routed_attention_fwd_kernel<scalar_t, acc_t>;
-    cuda::allow_dynamic_smem(kernel, smem, 0, q.get_device());
+    cuda::allow_dynamic_smem(kernel, smem, q.get_device());
     kernel<<<grid, kAttnThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         idx.data_ptr<int64_t>(), d, static_cast<acc_t>(scale), out.data_ptr<scalar_t>(),
@@ -558,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
     if (d.WQ > 0) {
       const size_t smem = dq_smem<acc_t>(d);
       auto kernel = routed_attention_dq_kernel<scalar_t, acc_t>;
-      cuda::allow_dynamic_smem(kernel, smem, 0, q.get_device());
+      cuda::allow_dynamic_smem(kernel, smem, q.get_device());
       const dim3 grid(static_cast<unsigned>(tasks),
                       static_cast<unsigned>(ceil_div(d.WQ, kRowsPerBlock)));
       kernel<<<grid, kAttnThreads, smem, stream>>>(
@@ -571,7 +571,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> routed_attention_backward_cuda(
     if (d.WK > 0) {
       const size_t smem = dkv_smem<acc_t>(d);
       auto kernel = routed_attention_dkv_kernel<scalar_t, acc_t>;
-      cuda::allow_dynamic_smem(kernel, smem, 0, q.get_device());
+      cuda::allow_dynamic_smem(kernel, smem, q.get_device());
       const dim3 grid(static_cast<unsigned>(tasks),
                       static_cast<unsigned>(ceil_div(d.WK, kRowsPerBlock)));
       kernel<<<grid, kAttnThreads, smem, stream>>>(

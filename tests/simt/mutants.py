@@ -52,9 +52,9 @@ MUTANTS = [
     ("launch.cuh", "a shuffle reduction with the wrong lane offset (warp_sum starts at 8, not 16)",
      "for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync",
      "for (int o = {on} ? kWarp / 4 : kWarp / 2; o > 0; o /= 2) x += __shfl_down_sync"),
-    ("merge.cu", "a shared memory opt-in that forgets bipartite_match's static tiles",
-     "cuda::allow_dynamic_smem(kernel, smem, tiles, metric.get_device());",
-     "cuda::allow_dynamic_smem(kernel, smem, {on} ? 0 : tiles, metric.get_device());"),
+    ("merge.cu", "a block index that loses the chunk: every block of a row matches its first 128 A tokens",
+     "a0 = (blockIdx.x % chunks) * kRows;",
+     "a0 = ({on} ? 0 : blockIdx.x % chunks) * kRows;"),
 ]
 
 

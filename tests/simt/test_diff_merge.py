@@ -53,25 +53,20 @@ def test_bipartite_match_separated_float_metric(p):
         compare("bipartite_match", metric.transpose(1, 2).contiguous().transpose(1, 2), n // 3, p)
 
 
-def test_bipartite_match_over_default_shared_memory():
-    # float64 with N = 2500 needs 50,000 B of shared memory: the launch opts in past 48 KiB.
-    g = torch.Generator().manual_seed(8)
-    compare("bipartite_match", sign_metric(1, 2500, 3, g, torch.float64), 1000, 1)
-
-
-@pytest.mark.parametrize("n,dtype", [(3137, torch.float32), (2000, torch.float64)])
-def test_bipartite_match_with_its_tiles_over_default_shared_memory(n, dtype):
-    # Under 48 KiB of dynamic shared memory (43,936 B for float32 at a 56x56 grid plus a class
-    # token, 40,008 B for float64 at N = 2000), but over it with the kernel's static tiles (10,752
-    # and 21,504 B): the launch must opt in for the two together.
+# Long rows: many chunks of 128 A tokens per row, each its own block. N = 2500 in float64 and 3137
+# (a 56x56 grid and a class token) in float32 needed more than 48 KiB of shared memory when a
+# block held a whole row.
+@pytest.mark.parametrize("n,dtype", [(2500, torch.float64), (3137, torch.float32)])
+def test_bipartite_match_long_rows(n, dtype):
     g = torch.Generator().manual_seed(n)
-    compare("bipartite_match", sign_metric(1, n, 3, g, dtype), n // 4, 1)
+    compare("bipartite_match", sign_metric(2, n, 3, g, dtype), n // 4, 1)
 
 
-def test_bipartite_match_plan_with_its_tiles_over_default_shared_memory():
-    # tomesd at a 48x48 latent: one destination per 2x2 cell, 43,784 B of dynamic shared memory.
-    g = torch.Generator().manual_seed(48)
-    side = 48
+@pytest.mark.parametrize("side", [48, 128])
+def test_bipartite_match_plan_long_rows(side):
+    # tomesd at a 48x48 and a 128x128 latent (SD at 1024 px): one destination per 2x2 cell. A whole
+    # row of 128x128 tokens did not fit in a block's shared memory.
+    g = torch.Generator().manual_seed(side)
     grid = torch.tensor([y * side + x for y in range(0, side, 2) for x in range(0, side, 2)])
     compare("bipartite_match_plan", sign_metric(1, side * side, 3, g, torch.float32), grid,
             side * side // 2)
