@@ -152,6 +152,7 @@ BAD = [
     # Refused before any work (issue 10): an output folder that does not exist, a format the
     # suffix does not name, a fractional ToMe r.
     ["bench", "--models", "deit_tiny", "--json", "/nonexistent/x.json"],
+    ["bench", "--models", "deit_tiny", "--json", "/"],  # a folder: refused before the benchmark
     ["visualize", "-o", "x.bmpx", "--method", "evit"],
     ["bench", "--models", "deit_tiny", "--policies", "tome:2.7"],
     ["flops", "--model", "resnet50"],

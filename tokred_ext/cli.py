@@ -238,7 +238,10 @@ def _check_input_file(path: str, what: str) -> None:
 
 
 def _check_writable(path: str, option: str) -> None:
-    """Refuses an output path whose folder is missing or read-only, before any work."""
+    """Refuses an output path that is a folder, or whose folder is missing or read-only, before
+    any work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder; name a file in it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{option} {path!r}: folder {folder!r} does not exist")
