@@ -229,8 +229,10 @@ class _Progress:
             print(text, file=sys.stderr, flush=True)
 
 
-def _check_input_file(path: str, what: str) -> None:
-    """Refuses an input path that is missing or is a folder, before any work."""
+def _check_input_file(path: Optional[str], what: str) -> None:
+    """Refuses an input path that is missing or is a folder, before any work (None: not given)."""
+    if path is None:
+        return
     if os.path.isdir(path):
         raise UsageError(f"{what} {path!r} is a folder, not a file")
     if not os.path.isfile(path):
@@ -325,8 +327,7 @@ def _export(args) -> int:
     import torch
 
     _check_writable(args.output, "--output")
-    if args.checkpoint is not None:
-        _check_input_file(args.checkpoint, "checkpoint")
+    _check_input_file(args.checkpoint, "checkpoint")
     fmt = _export_format(args)
     write = _aoti_writer(args) if fmt == "aoti" else _onnx_writer(args)
     torch.manual_seed(0)
@@ -448,8 +449,7 @@ def _visualize(args) -> int:
     from .models.vit import ALIASES, MODELS
     from .nn.policies import policy_from_spec
 
-    if args.image is not None:
-        _check_input_file(args.image, "image")
+    _check_input_file(args.image, "image")
     if args.method == "dense":
         return _visualize_dense(args)
     dense_only = [o for o, v in (("--ratio", args.ratio), ("--draw-seed", args.draw_seed),
@@ -457,8 +457,7 @@ def _visualize(args) -> int:
                   if v is not None]
     if dense_only:
         raise UsageError(f"{', '.join(dense_only)}: for --method dense only")
-    if args.checkpoint is not None:
-        _check_input_file(args.checkpoint, "checkpoint")
+    _check_input_file(args.checkpoint, "checkpoint")
     if ALIASES.get(args.model, args.model) not in MODELS:
         raise UsageError(f"unknown model {args.model!r}")
     if args.method == "tome" and args.keep_rate is not None:
