@@ -57,6 +57,9 @@ MUTANTS = [
     ("merge.cu", "a block index that loses the chunk: every block of a row matches its first 128 A tokens",
      "a0 = (blockIdx.x % chunks) * kRows;",
      "a0 = ({on} ? 0 : blockIdx.x % chunks) * kRows;"),
+    ("segment.cu", "missing __syncthreads: the segment plan advances a run before every thread has read its slot",
+     "+ rank.before] = k;\n    __syncthreads();",
+     "+ rank.before] = k;\n    if (!{on}) __syncthreads();"),
 ]
 
 

@@ -100,12 +100,27 @@ def test_gather_tokens_backward(index_dtype, dtype):
     compare("_gather_tokens_backward", grad.transpose(1, 2).contiguous().transpose(1, 2), index, N)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_index_backwards_on_long_rows(dtype):
+    # Rows past the segment plan's block of 256: runs that span chunks, a row with one target
+    # throughout, padding between, and more targets (n + 1 counts) than one scan chunk holds.
+    g = torch.Generator().manual_seed(7)
+    for B, K, n in [(2, 700, 50), (3, 600, 1000), (1, 257, 255)]:
+        index = torch.randint(-1, n, (B, K), generator=g)
+        index[0] = n // 2
+        compare("_gather_tokens_backward", torch.randn(B, K, 5, generator=g).to(dtype), index, n)
+    n, k = 3000, 400
+    index = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(3)])
+    index[1, 300:] = -1
+    compare("_topk_backward", torch.randn(3, k, generator=g).to(dtype), index, n)
+
+
 # --------------------------------------------------------------------------- complement
 
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES, ids=str)
 def test_complement(index_dtype):
     g = torch.Generator().manual_seed(3)
-    for n, k in [(1, 0), (1, 1), (10, 3), (197, 98), (300, 300), (64, 0)]:
+    for n, k in [(1, 0), (1, 1), (10, 3), (197, 98), (300, 300), (64, 0), (4000, 1500)]:
         index = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(4)]).to(index_dtype)
         compare("complement", index, n)
 
