@@ -181,17 +181,53 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor&
   return scatter_sum_rows_cuda(grad, index, n, "_gather_tokens_backward", "index");
 }
 
-// present[b, i] = how often i occurs in row b (must be 0 or 1).
-__global__ void count_present_kernel(const int64_t* __restrict__ index, int64_t B, int64_t K,
-                                     int64_t n, int64_t* __restrict__ present) {
-  TOKRED_GRID_STRIDE(t, B * n) {
-    const int64_t b = t / n, i = t % n;
-    const int64_t* row = index + b * K;
-    int64_t count = 0;
-    for (int64_t j = 0; j < K; ++j) count += row[j] == i ? 1 : 0;
-    CUDA_KERNEL_ASSERT(count <= 1 && "tokred::complement: duplicate index");
-    present[t] = count;
+// pos[b, i] = the slot k of row b's index that names token i, or -1 where none does. A token
+// listed twice keeps one of its slots, so check_kept_distinct_kernel then finds the other.
+__global__ void mark_kept_kernel(const int64_t* __restrict__ index, int64_t B, int64_t k, int64_t N,
+                                 int64_t* __restrict__ pos) {
+  TOKRED_GRID_STRIDE(t, B * k) {
+    const int64_t b = t / k, i = index[t];
+    CUDA_KERNEL_ASSERT(i >= 0 && i < N && "tokred: kept index out of range");
+    if (i >= 0 && i < N) pos[b * N + i] = t % k;
   }
+}
+
+at::Tensor kept_positions(const at::Tensor& index, int64_t N, cudaStream_t stream) {
+  const int64_t B = index.size(0), k = index.size(1);
+  at::Tensor pos = at::full({B, N}, -1, index.options());
+  if (B * k > 0) {
+    mark_kept_kernel<<<cuda::blocks_for(B * k), cuda::kThreads, 0, stream>>>(
+        index.data_ptr<int64_t>(), B, k, N, pos.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return pos;
+}
+
+// Which op's duplicate-index assert check_kept_distinct_kernel raises.
+enum class DistinctFor { kComplement, kPruneBackward };
+
+// After kept_positions: an entry whose token kept another slot is a duplicate (a user's index;
+// the forward's own are distinct). O(B · k), where counting per token would be O(B · N · k).
+__global__ void check_kept_distinct_kernel(const int64_t* __restrict__ index, int64_t B, int64_t k,
+                                           int64_t N, const int64_t* __restrict__ pos,
+                                           DistinctFor op) {
+  TOKRED_GRID_STRIDE(t, B * k) {
+    const int64_t b = t / k, i = index[t];
+    const bool distinct = i < 0 || i >= N || pos[b * N + i] == t % k;
+    CUDA_KERNEL_ASSERT((distinct || op != DistinctFor::kComplement) &&
+                       "tokred::complement: duplicate index");
+    CUDA_KERNEL_ASSERT((distinct || op != DistinctFor::kPruneBackward) &&
+                       "tokred::_prune_tokens_backward: duplicate index");
+  }
+}
+
+void check_kept_distinct(const at::Tensor& index, int64_t N, const at::Tensor& pos, DistinctFor op,
+                         cudaStream_t stream) {
+  const int64_t B = index.size(0), k = index.size(1);
+  if (B * k == 0) return;
+  check_kept_distinct_kernel<<<cuda::blocks_for(B * k), cuda::kThreads, 0, stream>>>(
+      index.data_ptr<int64_t>(), B, k, N, pos.data_ptr<int64_t>(), op);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 __global__ void check_range_kernel(const int64_t* __restrict__ index, int64_t total, int64_t n) {
@@ -200,14 +236,14 @@ __global__ void check_range_kernel(const int64_t* __restrict__ index, int64_t to
   }
 }
 
-// absent_before[b, i] counts the absent entries in [0, i]; absent i goes to slot that count - 1.
-__global__ void write_complement_kernel(const int64_t* __restrict__ present,
+// absent_upto[b, i] counts the absent tokens in [0, i]; absent i goes to slot that count - 1.
+__global__ void write_complement_kernel(const int64_t* __restrict__ pos,
                                         const int64_t* __restrict__ absent_upto, int64_t B,
                                         int64_t n, int64_t m, int64_t* __restrict__ out) {
   TOKRED_GRID_STRIDE(t, B * n) {
     const int64_t b = t / n, i = t % n;
     const int64_t slot = absent_upto[t] - 1;
-    if (present[t] == 0 && slot >= 0 && slot < m) out[b * m + slot] = i;
+    if (pos[t] < 0 && slot >= 0 && slot < m) out[b * m + slot] = i;
   }
 }
 
@@ -219,20 +255,17 @@ at::Tensor complement_cuda(const at::Tensor& index_in, int64_t n) {
   at::Tensor out = at::empty({B, m}, index.options());
   if (B == 0 || n == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (K > 0) {
+  if (K > 0) {  // first, so a bad entry fails with complement's own message
     check_range_kernel<<<cuda::blocks_for(B * K), cuda::kThreads, 0, stream>>>(
         index.data_ptr<int64_t>(), B * K, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  at::Tensor present = at::empty({B, n}, index.options());
-  count_present_kernel<<<cuda::blocks_for(B * n), cuda::kThreads, 0, stream>>>(
-      index.data_ptr<int64_t>(), B, K, n, present.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor absent_upto = at::cumsum(present.eq(0), 1, at::kLong);
+  const at::Tensor pos = kept_positions(index, n, stream);
+  check_kept_distinct(index, n, pos, DistinctFor::kComplement, stream);
+  const at::Tensor absent_upto = at::cumsum(pos.lt(0), 1, at::kLong);
   if (m > 0) {
     write_complement_kernel<<<cuda::blocks_for(B * n), cuda::kThreads, 0, stream>>>(
-        present.data_ptr<int64_t>(), absent_upto.data_ptr<int64_t>(), B, n, m,
-        out.data_ptr<int64_t>());
+        pos.data_ptr<int64_t>(), absent_upto.data_ptr<int64_t>(), B, n, m, out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
@@ -270,28 +303,6 @@ __global__ void select_kept_kernel(const score_t* __restrict__ scores, int64_t B
   }
 }
 
-__global__ void mark_kept_kernel(const int64_t* __restrict__ index, int64_t B, int64_t k, int64_t N,
-                                 int64_t* __restrict__ pos) {
-  TOKRED_GRID_STRIDE(t, B * k) {
-    const int64_t b = t / k, i = index[t];
-    CUDA_KERNEL_ASSERT(i >= 0 && i < N && "tokred: kept index out of range");
-    if (i >= 0 && i < N) pos[b * N + i] = t % k;
-  }
-}
-
-// After mark_kept_kernel: a token listed twice keeps one slot, so its other entry finds another
-// slot there (a user's index reaching the backward; the forward's own are distinct).
-__global__ void check_kept_distinct_kernel(const int64_t* __restrict__ index, int64_t B, int64_t k,
-                                           int64_t N, const int64_t* __restrict__ pos) {
-  TOKRED_GRID_STRIDE(t, B * k) {
-    const int64_t b = t / k, i = index[t];
-    if (i >= 0 && i < N) {
-      CUDA_KERNEL_ASSERT(pos[b * N + i] == t % k &&
-                         "tokred::_prune_tokens_backward: duplicate index");
-    }
-  }
-}
-
 // One warp per kept output row: the protected tokens, then the kept ones.
 template <typename x_t>
 __global__ void prune_rows_kernel(const x_t* __restrict__ x, const int64_t* __restrict__ index,
@@ -322,18 +333,6 @@ __global__ void fuse_dropped_kernel(const x_t* __restrict__ x, const score_t* __
     }
     out[(b * rows_out + P + k) * C + c] = static_cast<x_t>(acc);
   }
-}
-
-// pos[b, i] = slot of token i among the kept, or -1 if dropped.
-at::Tensor kept_positions(const at::Tensor& index, int64_t N, cudaStream_t stream) {
-  const int64_t B = index.size(0), k = index.size(1);
-  at::Tensor pos = at::full({B, N}, -1, index.options());
-  if (B * k > 0) {
-    mark_kept_kernel<<<cuda::blocks_for(B * k), cuda::kThreads, 0, stream>>>(
-        index.data_ptr<int64_t>(), B, k, N, pos.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return pos;
 }
 
 at::Tensor select_kept(const at::Tensor& scores, int64_t k, bool keep_order, cudaStream_t stream) {
@@ -459,11 +458,7 @@ std::tuple<at::Tensor, at::Tensor> prune_tokens_backward_cuda(const at::Tensor& 
   at::Tensor grad_s = at::empty({B, N}, scores.options());
   if (B == 0) return {grad_x, grad_s};
   const at::Tensor pos = kept_positions(index, N, stream);
-  if (k > 0) {
-    check_kept_distinct_kernel<<<cuda::blocks_for(B * k), cuda::kThreads, 0, stream>>>(
-        index.data_ptr<int64_t>(), B, k, N, pos.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  check_kept_distinct(index, N, pos, DistinctFor::kPruneBackward, stream);
   TOKRED_DISPATCH_FLOATS(grad.scalar_type(), "tokred_prune_tokens_backward_cuda", [&] {
     using g_t = scalar_t;
     TOKRED_DISPATCH_FLOATS(scores.scalar_type(), "tokred_prune_tokens_backward_cuda_s", [&] {
