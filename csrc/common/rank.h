@@ -1,7 +1,7 @@
 // tokred's selection order, in two forms kept in one place: comes_before / rank_in_row, the
-// counting rank of the CUDA kernels (select.cu, merge.cu), and order_key, the integer sort key of
-// the CPU kernels (cpu/select.cpp). They encode the same order (tests/simt compares the backends
-// on ties, NaN and +-0); change them together.
+// counting rank of the CUDA kernels (select.cu, merge.cu), and order_key / order_key32, the
+// integer sort keys of the CPU kernels (cpu/select.cpp). They encode the same order (tests/simt
+// compares the backends on ties, NaN and +-0); change them together.
 //
 // tokred's order is total: by value (NaN ranks above +inf, as in torch.topk), and between equal
 // values the lower index comes first. So every selection is bitwise deterministic, unlike
@@ -52,6 +52,22 @@ TOKRED_HD uint64_t order_key(double v, bool largest) {
   }
   const uint64_t sign = 1ULL << 63;
   const uint64_t key = (bits & sign) ? ~bits : (bits | sign);  // ascending in v
+  return largest ? ~key : key;
+}
+
+// order_key for values that are exactly floats (float, half, bfloat16 rows): 32 bits, the same
+// order, so a radix sort needs four 8-bit passes instead of eight.
+TOKRED_HD uint32_t order_key32(float v, bool largest) {
+  uint32_t bits;
+  if (v != v) {
+    bits = 0x7FC00000u;  // one canonical NaN, above +inf
+  } else if (v == 0.0f) {
+    bits = 0;  // -0 == +0
+  } else {
+    memcpy(&bits, &v, sizeof(bits));
+  }
+  const uint32_t sign = 1u << 31;
+  const uint32_t key = (bits & sign) ? ~bits : (bits | sign);  // ascending in v
   return largest ? ~key : key;
 }
 
