@@ -71,19 +71,30 @@ def cases(x, scores, k):
     }
 
 
-def backward_case(x, scores, k):
-    """EViT forward+backward: gradients to x and scores."""
+def backward_cases(x, scores, k):
+    """Forward+backward pairs (tokred, upstream glue): EViT's gradients to x and scores, and
+    gather_tokens' gradient to x (tokred's segmented sum against torch.gather's scatter-add)."""
     xr, sr = x.clone().requires_grad_(), scores.clone().requires_grad_()
     g = torch.randn(x.shape[0], k + 2, x.shape[-1], device=x.device, dtype=x.dtype)
+    idx = ops.topk(scores, k)[1]
+    g_kept = torch.randn(x.shape[0], k, x.shape[-1], device=x.device, dtype=x.dtype)
 
-    def tokred():
+    def tokred_evit():
         out, _ = ops.prune_tokens(xr, sr, k, fuse=True)
         return torch.autograd.grad(out, (xr, sr), g)
 
-    def upstream():
+    def upstream_evit_grad():
         return torch.autograd.grad(upstream_evit(xr, sr, k), (xr, sr), g)
 
-    return tokred, upstream
+    def tokred_gather():
+        return torch.autograd.grad(ops.gather_tokens(xr, idx), xr, g_kept)
+
+    def upstream_gather():
+        expand = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return torch.autograd.grad(torch.gather(xr, 1, expand), xr, g_kept)
+
+    return {"EViT fwd+bwd": (tokred_evit, upstream_evit_grad),
+            "gather_tokens fwd+bwd": (tokred_gather, upstream_gather)}
 
 
 def run(args):
@@ -109,10 +120,10 @@ def run(args):
                          "/ clone": t / clone_ms})
             print(f"  {name:14s} B={B:3d} C={C}: tokred {t:.3f} ms, upstream {t_up:.3f} ms, "
                   f"compiled {t_comp:.3f} ms", file=sys.stderr)
-        mine, upstream = backward_case(x, scores, k)
-        t, t_up = median_seconds(mine) * 1e3, median_seconds(upstream) * 1e3
-        rows.append({"op": "EViT fwd+bwd", "B": B, "C": C, "tokred ms": t, "upstream ms": t_up,
-                     "vs upstream": t_up / t})
+        for name, (mine, upstream) in backward_cases(x, scores, k).items():
+            t, t_up = median_seconds(mine) * 1e3, median_seconds(upstream) * 1e3
+            rows.append({"op": name, "B": B, "C": C, "tokred ms": t, "upstream ms": t_up,
+                         "vs upstream": t_up / t})
     return rows
 
 
