@@ -40,35 +40,31 @@ TOKRED_HD int64_t rank_in_row(const T* row, int64_t n, int64_t i, bool largest) 
 
 // An unsigned key whose ascending order is the selection order of the values (before the index
 // tie-break): equal values get equal keys (-0 and +0 too), NaN gets the key after +inf when
-// largest is false and the first key when it is true. Integer compares make sorts fast.
-TOKRED_HD uint64_t order_key(double v, bool largest) {
-  uint64_t bits;
+// largest is false and the first key when it is true. Integer compares make sorts fast. U is
+// F's bit width; nan_bits is F's canonical quiet NaN, which every NaN becomes.
+template <typename U, typename F>
+TOKRED_HD U float_order_key(F v, bool largest, U nan_bits) {
+  U bits;
   if (v != v) {
-    bits = 0x7FF8000000000000ULL;  // one canonical NaN, above +inf
-  } else if (v == 0.0) {
+    bits = nan_bits;
+  } else if (v == F(0)) {
     bits = 0;  // -0 == +0
   } else {
     memcpy(&bits, &v, sizeof(bits));
   }
-  const uint64_t sign = 1ULL << 63;
-  const uint64_t key = (bits & sign) ? ~bits : (bits | sign);  // ascending in v
-  return largest ? ~key : key;
+  const U sign = U(1) << (8 * sizeof(U) - 1);
+  const U key = (bits & sign) ? U(~bits) : U(bits | sign);  // ascending in v
+  return largest ? U(~key) : key;
+}
+
+TOKRED_HD uint64_t order_key(double v, bool largest) {
+  return float_order_key<uint64_t>(v, largest, 0x7FF8000000000000ULL);
 }
 
 // order_key for values that are exactly floats (float, half, bfloat16 rows): 32 bits, the same
 // order, so a radix sort needs four 8-bit passes instead of eight.
 TOKRED_HD uint32_t order_key32(float v, bool largest) {
-  uint32_t bits;
-  if (v != v) {
-    bits = 0x7FC00000u;  // one canonical NaN, above +inf
-  } else if (v == 0.0f) {
-    bits = 0;  // -0 == +0
-  } else {
-    memcpy(&bits, &v, sizeof(bits));
-  }
-  const uint32_t sign = 1u << 31;
-  const uint32_t key = (bits & sign) ? ~bits : (bits | sign);  // ascending in v
-  return largest ? ~key : key;
+  return float_order_key<uint32_t>(v, largest, 0x7FC00000u);
 }
 
 }  // namespace tokred
