@@ -34,6 +34,43 @@ def test_topk_matches_reference(device, dtype, shape, largest):
         assert torch.equal(i, ri)
 
 
+def _rows_of_kind(kind, n, dtype, g):
+    """Rows that steer the CPU selection (csrc/cpu/select.cpp) down each of its paths."""
+    if kind == "normal":
+        return torch.randn(3, n, generator=g).to(dtype)
+    if kind == "ties":  # equal keys across the heap's worst entry and the boundary bucket
+        return torch.randint(-2, 3, (3, n), generator=g).to(dtype)
+    if kind in ("ascending", "descending"):  # the heap is displaced by every entry, or none
+        row = torch.arange(n, dtype=torch.float64)
+        return (row if kind == "ascending" else -row).expand(3, n).to(dtype)
+    if kind == "clustered":  # one far outlier: the narrow cluster takes several histogram passes
+        steps = torch.randint(0, 3 * n, (3, n), generator=g).double()
+        rows = 1 + steps * torch.finfo(dtype).eps
+        rows[:, n // 3] = torch.finfo(dtype).max / 2
+        return rows.to(dtype)
+    assert kind == "specials"
+    row = torch.randn(3, n, generator=g)
+    for value, where in ((float("nan"), 5), (float("inf"), 7), (-float("inf"), 11), (0.0, 13),
+                         (-0.0, 17), (1e-40, 19), (-1e-40, 23)):
+        row[:, where // 2::where] = value
+    return row.to(dtype)
+
+
+# Every path of the CPU selection: the heap for k <= 16, one or more histogram passes, and
+# candidate sets of up to 64 (partial_sort) and more (radix sort).
+@pytest.mark.parametrize("kind", ["normal", "ties", "ascending", "descending", "clustered",
+                                  "specials"])
+@pytest.mark.parametrize("n", [40, 600, 5000])
+def test_topk_every_selection_path_matches_reference(device, dtype, kind, n):
+    rows = _rows_of_kind(kind, n, dtype, torch.Generator().manual_seed(n)).to(device)
+    for largest in (True, False):
+        for k in sorted({k for k in (1, 2, 16, 17, 64, 65, n // 8, n // 2, n - 1, n) if k <= n}):
+            v, i = ops.topk(rows, k, largest)
+            rv, ri = ref.topk(rows, k, largest)
+            _assert_same(v, rv)
+            assert torch.equal(i, ri), (kind, n, k, largest)
+
+
 def test_topk_nan_and_inf(device, dtype):
     nan, inf = float("nan"), float("inf")
     scores = torch.tensor([[1.0, nan, -inf, inf, nan, 0.0, -inf]], dtype=dtype, device=device)
