@@ -1,6 +1,8 @@
 """Times every selection op against its reference composition, eager and compiled.
 
 Sizes: DeiT-S and DeiT-B (C = 384, 768) at B = 64 and 256, N = 197 tokens, keep rate 0.7.
+A second table times topk alone against torch.topk over row lengths and k: BiFormer's region
+routing (rows of 49 or 64 regions, k = 4 or 8), a DeiT row (196) and long rows, small and large k.
 Baselines per row:
   reference  tokred_ext.reference (tie-exact: stable sort)
   upstream   the glue code users run today (torch.topk, gather, EViT's complement_idx)
@@ -17,6 +19,7 @@ import torch
 
 import tokred_ext  # noqa: F401
 from tokred_ext import ops, reference as ref
+from tokred_ext.bench import interleaved, quartiles
 
 from common import (compiled, machine, markdown_table, median_seconds, steady_allocator,
                     write_json)
@@ -97,6 +100,34 @@ def backward_cases(x, scores, k):
             "gather_tokens fwd+bwd": (tokred_gather, upstream_gather)}
 
 
+# (rows, row length, k): routing shapes (B * regions rows), a DeiT row, long rows.
+TOPK_GRID = [(4096, 49, 4), (4096, 64, 8), (64, 196, 1), (64, 196, 5), (64, 196, 138),
+             (64, 1024, 1), (64, 1024, 16), (64, 1024, 512), (64, 4096, 1), (64, 4096, 16),
+             (64, 4096, 64), (64, 4096, 1024), (64, 16384, 16), (64, 16384, 4096)]
+TOPK_GRID_QUICK = [(4096, 49, 4), (64, 196, 5), (64, 4096, 1), (64, 4096, 1024)]
+
+
+def topk_grid(args):
+    """tokred's topk against torch.topk, interleaved call by call: median ms with quartiles, and
+    the median of the per-round ratios."""
+    device, rows = torch.device(args.device), []
+    g = torch.Generator().manual_seed(0)
+    for R, n, k in TOPK_GRID_QUICK if args.quick else TOPK_GRID:
+        s = torch.randn(R, n, generator=g).to(device=device, dtype=getattr(torch, args.dtype))
+        fns = {"tokred": lambda: ops.topk(s, k), "torch.topk": lambda: torch.topk(s, k, dim=-1)}
+        for fn in fns.values():
+            fn()
+        t = interleaved(fns, min_rounds=100, min_time=0.3, device=args.device)
+        (q1, m, q3), (p1, pm, p3) = quartiles(t["tokred"]), quartiles(t["torch.topk"])
+        ratio = quartiles([b / a for a, b in zip(t["tokred"], t["torch.topk"])])[1]
+        rows.append({"rows": R, "N": n, "k": k, "tokred ms": f"{m * 1e3:.4g} ({q1 * 1e3:.3g}-{q3 * 1e3:.3g})",
+                     "torch.topk ms": f"{pm * 1e3:.4g} ({p1 * 1e3:.3g}-{p3 * 1e3:.3g})",
+                     "vs torch.topk": ratio})
+        print(f"  topk rows={R} N={n} k={k}: {m * 1e3:.3f} ms, torch.topk {pm * 1e3:.3f} ms",
+              file=sys.stderr)
+    return rows
+
+
 def run(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -139,12 +170,15 @@ def main():
     steady_allocator()
     meta = machine() | {"device": args.device, "dtype": args.dtype}
     rows = run(args)
+    grid = topk_grid(args)
     cols = ["op", "B", "C", "tokred ms", "upstream ms", "compiled ms", "reference ms",
             "vs upstream", "vs compiled", "vs reference", "/ clone"]
     print(meta)
     print(markdown_table(rows, cols))
+    print()
+    print(markdown_table(grid, ["rows", "N", "k", "tokred ms", "torch.topk ms", "vs torch.topk"]))
     if args.json:
-        write_json(args.json, meta, rows)
+        write_json(args.json, meta, rows + [{"op": "topk grid"} | r for r in grid])
 
 
 if __name__ == "__main__":
