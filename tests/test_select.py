@@ -57,7 +57,7 @@ def _rows_of_kind(kind, n, dtype, g):
 
 
 # Every path of the CPU selection: the heap for k <= 16, one or more histogram passes, and
-# candidate sets of up to 64 (partial_sort) and more (radix sort).
+# candidate sets of up to 64 (std::sort) and more (radix sort).
 @pytest.mark.parametrize("kind", ["normal", "ties", "ascending", "descending", "clustered",
                                   "specials"])
 @pytest.mark.parametrize("n", [40, 600, 5000])

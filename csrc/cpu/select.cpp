@@ -36,7 +36,7 @@ SelectKey<scalar_t> select_key(scalar_t v, bool largest) {
   }
 }
 
-// Up to this many candidates are ordered with std::partial_sort; more take the radix sort.
+// Up to this many candidates are ordered with std::sort; more take the radix sort.
 constexpr int64_t kSmallSort = 64;
 
 // One thread's scratch for select_row.
@@ -46,7 +46,7 @@ struct SelectScratch {
   std::vector<int64_t> count;                 // the histogram of the keys' range
   std::vector<Key> cand_keys, cand_keys_out;  // the candidates, and the radix sort's buffers
   std::vector<int64_t> cand_index, cand_index_out;
-  std::vector<std::pair<Key, int64_t>> small;  // few candidates, ordered with partial_sort
+  std::vector<std::pair<Key, int64_t>> small;  // the heap, or few candidates for std::sort
 };
 
 // Orders the first m of the c candidates by (key, index) and leaves their indices first in
@@ -57,7 +57,7 @@ void sort_candidates(int64_t c, int64_t m, SelectScratch<Key>& w) {
   if (c <= kSmallSort) {
     w.small.resize(c);
     for (int64_t j = 0; j < c; ++j) w.small[j] = {w.cand_keys[j], w.cand_index[j]};
-    std::partial_sort(w.small.begin(), w.small.begin() + m, w.small.end());
+    std::sort(w.small.begin(), w.small.end());
     for (int64_t j = 0; j < m; ++j) w.cand_index[j] = w.small[j].second;
     return;
   }
