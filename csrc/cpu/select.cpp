@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <bit>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -42,10 +43,10 @@ constexpr int64_t kSmallSort = 64;
 // One thread's scratch for select_row.
 template <typename Key>
 struct SelectScratch {
-  std::vector<Key> keys;                      // the row's keys
-  std::vector<int64_t> count;                 // the histogram of the keys' range
-  std::vector<Key> cand_keys, cand_keys_out;  // the candidates, and the radix sort's buffers
-  std::vector<int64_t> cand_index, cand_index_out;
+  std::vector<int64_t> count;                       // the histogram of the keys' range
+  std::vector<Key> cand_keys, cand_keys_out;        // the row's keys, then the candidates' keys
+  std::vector<int64_t> cand_index, cand_index_out;  // the candidates' indices
+  // (*_out: the radix sort's second buffers)
   std::vector<std::pair<Key, int64_t>> small;  // the heap, or few candidates for std::sort
 };
 
@@ -92,11 +93,11 @@ constexpr int64_t kHeapSelect = 16;
 // least key is no smaller is skipped whole: a vectorised min per block on most rows.
 template <typename Key>
 void heap_select(int64_t len, int64_t m, SelectScratch<Key>& w) {
+  const Key* keys = w.cand_keys.data();
   auto& heap = w.small;
   heap.resize(m);
-  for (int64_t j = 0; j < m; ++j) heap[j] = {w.keys[j], j};
+  for (int64_t j = 0; j < m; ++j) heap[j] = {keys[j], j};
   std::make_heap(heap.begin(), heap.end());
-  const Key* keys = w.keys.data();
   auto offer = [&](int64_t j) {
     if (keys[j] >= heap.front().first) return;
     std::pop_heap(heap.begin(), heap.end());
@@ -135,11 +136,11 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
   const int64_t m = std::min(k, len);
   order.resize(m);
   if (m == 0) return;
-  w.keys.resize(len);
+  Key* keys = (w.cand_keys.resize(len), w.cand_keys.data());
   Key lo = std::numeric_limits<Key>::max(), hi = 0;
   for (int64_t i = 0; i < len; ++i) {
     const Key key = select_key(row[i], largest);
-    w.keys[i] = key;
+    keys[i] = key;
     lo = std::min(lo, key);
     hi = std::max(hi, key);
   }
@@ -149,10 +150,12 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
     return;
   }
   // The window is offsets [base, base + 2^width); the `below` entries under it are all selected.
-  int width = std::bit_width(hi - lo);
+  // Past half the row, narrowing cannot halve the sort, and its passes cost more than they save.
+  const int full_width = std::bit_width(hi - lo);
+  int width = full_width;
   Key base = 0;
   int64_t below = 0, inside = len;
-  while (width > 0 && inside > std::max(kSmallSort, m / 8)) {
+  while (width > 0 && inside > std::max(kSmallSort, m / 8) && 2 * m <= len) {
     // About one bucket per entry in the window, at most 2048 (16 KiB of counts, in L1).
     const int bits =
         std::min(width, std::clamp(static_cast<int>(std::bit_width(uint64_t(inside))), 4, 11));
@@ -161,7 +164,7 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
     const size_t outside = size_t(1) << bits;  // the slot that counts entries off the window
     w.count.assign(outside + 1, 0);
     for (int64_t i = 0; i < len; ++i) {
-      const Key offset = w.keys[i] - lo - base;  // wraps above `last` for keys under the window
+      const Key offset = keys[i] - lo - base;  // wraps above `last` for keys under the window
       ++w.count[offset <= last ? size_t(offset >> shift) : outside];
     }
     size_t bucket = 0;
@@ -170,13 +173,19 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
     base += Key(bucket) << shift;
     width = shift;
   }
-  const Key last = base + low_bits<Key>(width);
-  w.cand_keys.resize(len), w.cand_index.resize(len);
+  w.cand_index.resize(len);
   int64_t c = 0;
-  for (int64_t i = 0; i < len; ++i) {  // branch-free: write every entry, keep the candidates
-    w.cand_keys[c] = w.keys[i];
-    w.cand_index[c] = i;
-    c += w.keys[i] - lo <= last;
+  if (width == full_width) {  // not narrowed: every entry is a candidate
+    std::iota(w.cand_index.begin(), w.cand_index.end(), int64_t(0));
+    c = len;
+  } else {  // keep the candidates in place, branch-free: write every entry, advance past the kept
+    const Key last = base + low_bits<Key>(width);
+    for (int64_t i = 0; i < len; ++i) {
+      const Key key = keys[i];
+      keys[c] = key;
+      w.cand_index[c] = i;
+      c += key - lo <= last;
+    }
   }
   sort_candidates(c, m, w);
   std::copy(w.cand_index.begin(), w.cand_index.begin() + m, order.begin());
