@@ -126,38 +126,27 @@ Key low_bits(int bits) {
   return bits == 0 ? Key(0) : Key(~Key(0)) >> (8 * sizeof(Key) - bits);
 }
 
-// The first m = min(k, len) entries of row[0..len) in selection order, written to `order`: the
-// heap above for small m, else a radix select. Histograms of the keys' offsets from the row's
-// least key narrow a window of offsets, a few bits per pass, down to the bucket that holds the
-// m-th entry. Every entry at or below that bucket is a candidate (about m, plus the bucket) and
-// only the candidates are sorted: O(len) per pass, and one or two passes at the usual sizes.
-template <typename scalar_t>
-void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
-                SelectScratch<SelectKey<scalar_t>>& w, std::vector<int64_t>& order) {
-  using Key = SelectKey<scalar_t>;
-  const int64_t m = std::min(k, len);
-  order.resize(m);
-  if (m == 0) return;
-  Key* keys = (w.cand_keys.resize(len), w.cand_keys.data());
-  Key lo = std::numeric_limits<Key>::max(), hi = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    const Key key = select_key(row[i], largest);
-    keys[i] = key;
-    lo = std::min(lo, key);
-    hi = std::max(hi, key);
-  }
-  if (m <= kHeapSelect) {
-    heap_select(len, m, w);
-    std::copy(w.cand_index.begin(), w.cand_index.begin() + m, order.begin());
-    return;
-  }
-  // The window is offsets [base, base + 2^width); the `below` entries under it are all selected.
+// The first m entries of the keyed row in selection order, left first in cand_index: a radix
+// select. Histograms of the keys' offsets from the row's least key narrow a window of offsets, a
+// few bits per pass, down to the bucket that holds the m-th entry. Every entry at or below that
+// bucket is a candidate (about m, plus the bucket) and only the candidates are sorted: O(len) per
+// pass, and one or two passes at the usual sizes.
+template <typename Key>
+void radix_select(int64_t len, int64_t m, SelectScratch<Key>& w) {
+  Key* keys = w.cand_keys.data();
+  w.cand_index.resize(len);
   // Past half the row, narrowing cannot halve the sort, and its passes cost more than they save.
-  const int full_width = std::bit_width(hi - lo);
-  int width = full_width;
+  if (2 * m > len) {
+    std::iota(w.cand_index.begin(), w.cand_index.end(), int64_t(0));
+    return sort_candidates(len, m, w);
+  }
+  Key lo = std::numeric_limits<Key>::max(), hi = 0;
+  for (int64_t i = 0; i < len; ++i) lo = std::min(lo, keys[i]), hi = std::max(hi, keys[i]);
+  // The window is offsets [base, base + 2^width); the `below` entries under it are all selected.
+  int width = std::bit_width(hi - lo);
   Key base = 0;
   int64_t below = 0, inside = len;
-  while (width > 0 && inside > std::max(kSmallSort, m / 8) && 2 * m <= len) {
+  while (width > 0 && inside > std::max(kSmallSort, m / 8)) {
     // About one bucket per entry in the window, at most 2048 (16 KiB of counts, in L1).
     const int bits =
         std::min(width, std::clamp(static_cast<int>(std::bit_width(uint64_t(inside))), 4, 11));
@@ -175,21 +164,34 @@ void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
     base += Key(bucket) << shift;
     width = shift;
   }
-  w.cand_index.resize(len);
+  // Keep the candidates in place, branch-free: write every entry, advance past the kept ones.
+  // (Not narrowed, `last` covers the row and every entry is kept.)
+  const Key last = base + low_bits<Key>(width);
   int64_t c = 0;
-  if (width == full_width) {  // not narrowed: every entry is a candidate
-    std::iota(w.cand_index.begin(), w.cand_index.end(), int64_t(0));
-    c = len;
-  } else {  // keep the candidates in place, branch-free: write every entry, advance past the kept
-    const Key last = base + low_bits<Key>(width);
-    for (int64_t i = 0; i < len; ++i) {
-      const Key key = keys[i];
-      keys[c] = key;
-      w.cand_index[c] = i;
-      c += key - lo <= last;
-    }
+  for (int64_t i = 0; i < len; ++i) {
+    const Key key = keys[i];
+    keys[c] = key;
+    w.cand_index[c] = i;
+    c += key - lo <= last;
   }
   sort_candidates(c, m, w);
+}
+
+// The first m = min(k, len) entries of row[0..len) in selection order, written to `order`:
+// heap_select for small m, else radix_select, over the row's keys (common/rank.h).
+template <typename scalar_t>
+void select_row(const scalar_t* row, int64_t len, int64_t k, bool largest,
+                SelectScratch<SelectKey<scalar_t>>& w, std::vector<int64_t>& order) {
+  const int64_t m = std::min(k, len);
+  order.resize(m);
+  if (m == 0) return;
+  w.cand_keys.resize(len);
+  for (int64_t i = 0; i < len; ++i) w.cand_keys[i] = select_key(row[i], largest);
+  if (m <= kHeapSelect) {
+    heap_select(len, m, w);
+  } else {
+    radix_select(len, m, w);
+  }
   std::copy(w.cand_index.begin(), w.cand_index.begin() + m, order.begin());
 }
 
