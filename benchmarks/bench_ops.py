@@ -19,10 +19,10 @@ import torch
 
 import tokred_ext  # noqa: F401
 from tokred_ext import ops, reference as ref
-from tokred_ext.bench import interleaved, quartiles
+from tokred_ext.bench import quartiles
 
-from common import (compiled, machine, markdown_table, median_seconds, steady_allocator,
-                    write_json)
+from common import (compiled, interleaved_calls, machine, markdown_table, median_seconds,
+                    steady_allocator, write_json)
 
 
 # --------------------------------------------------------------------------- upstream glue
@@ -108,16 +108,14 @@ TOPK_GRID_QUICK = [(4096, 49, 4), (64, 196, 5), (64, 4096, 1), (64, 4096, 1024)]
 
 
 def topk_grid(args):
-    """tokred's topk against torch.topk, interleaved call by call: median ms with quartiles, and
-    the median of the per-round ratios."""
+    """tokred's topk against torch.topk in interleaved rounds of 5 calls each: median ms with
+    quartiles, and the median of the per-round ratios."""
     device, rows = torch.device(args.device), []
     g = torch.Generator().manual_seed(0)
     for R, n, k in TOPK_GRID_QUICK if args.quick else TOPK_GRID:
         s = torch.randn(R, n, generator=g).to(device=device, dtype=getattr(torch, args.dtype))
         fns = {"tokred": lambda: ops.topk(s, k), "torch.topk": lambda: torch.topk(s, k, dim=-1)}
-        for fn in fns.values():
-            fn()
-        t = interleaved(fns, min_rounds=100, min_time=0.3, device=args.device)
+        t = interleaved_calls(fns, rounds=30, inner=5, device=args.device)
         (q1, m, q3), (p1, pm, p3) = quartiles(t["tokred"]), quartiles(t["torch.topk"])
         ratio = quartiles([b / a for a, b in zip(t["tokred"], t["torch.topk"])])[1]
         rows.append({"rows": R, "N": n, "k": k, "tokred ms": f"{m * 1e3:.4g} ({q1 * 1e3:.3g}-{q3 * 1e3:.3g})",

@@ -21,24 +21,14 @@ import torch
 
 import tokred_ext  # noqa: F401
 from tokred_ext import ops, reference as ref
-from tokred_ext.bench import interleaved as bench_rounds, quartiles
+from tokred_ext.bench import quartiles
 from tokred_ext.models import create_model
 from tokred_ext.nn import policy_from_spec
 
 from bench_ops import upstream_evit
-from common import machine, steady_allocator, write_json
+from common import interleaved_calls, machine, steady_allocator, write_json
 
 N, C, D = 197, 384, 64
-
-
-def interleaved(candidates, rounds, inner):
-    """{name: fn} -> {name: [seconds per call, one per round]}: tokred_ext.bench.interleaved's
-    rotated rounds, each round timing `inner` calls of every candidate, after one warm-up call."""
-    for fn in candidates.values():
-        fn()
-    repeated = {name: (lambda fn=fn: [fn() for _ in range(inner)]) for name, fn in candidates.items()}
-    times = bench_rounds(repeated, rounds, 0.0)
-    return {name: [t / inner for t in ts] for name, ts in times.items()}
 
 
 def summarise(target, case, times, goals):
@@ -74,7 +64,7 @@ def target_tome_step(quick, rounds, inner):
         x = torch.randn(b, N, C, generator=g)
         metric = torch.randn(b, N, D, generator=g)
         size = torch.ones(b, N, 1)
-        times = interleaved({
+        times = interleaved_calls({
             "tokred": lambda: tome_step(x, metric, 13, size),
             "upstream": lambda: ref.tome_step(x, metric, 13, size, 1),
             "clone": lambda: x.clone(),
@@ -89,7 +79,7 @@ def target_prune_fuse(quick, rounds, inner):
     x = torch.randn(b, N, C, generator=g)
     scores = torch.rand(b, N - 1, generator=g).softmax(-1)
     k = math.ceil(0.7 * (N - 1))
-    times = interleaved({
+    times = interleaved_calls({
         "tokred": lambda: ops.prune_tokens(x, scores, k, True, 1, False),
         "upstream": lambda: upstream_evit(x, scores, k),
         "clone": lambda: x.clone(),
@@ -116,7 +106,7 @@ def target_batch1(quick, rounds, inner):
                 with torch.inference_mode():
                     model(img)
             return call
-        times = interleaved({"tokred": run(policy), "no reduction": run(None)}, rounds, inner)
+        times = interleaved_calls({"tokred": run(policy), "no reduction": run(None)}, rounds, inner)
         rows += summarise("batch1", f"DeiT-S {spec}", times, {"no reduction": (">=", 1.0)})
     model.reduction = None
     return rows
@@ -143,7 +133,7 @@ def deit_tome_forwards(batch, r=13):
 
 def target_deit_tome(quick, rounds, inner):
     batch = 2 if quick else 8
-    times = interleaved(deit_tome_forwards(batch), rounds, inner)
+    times = interleaved_calls(deit_tome_forwards(batch), rounds, inner)
     return summarise("deit_tome", f"DeiT-S ToMe r=13 B={batch}", times, {"reference": (">=", 1.15)})
 
 

@@ -8,12 +8,24 @@ import time
 import torch
 from torch.utils import benchmark
 
+from tokred_ext.bench import interleaved
+
 
 def median_seconds(fn, min_run_time=0.3):
     """Median time of fn() over repeated blocks (syncs CUDA)."""
     fn()  # warm-up, and the first call of a compiled function
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved_calls(candidates, rounds, inner, device="cpu"):
+    """{name: fn} -> {name: [seconds per call, one per round]}: tokred_ext.bench.interleaved's
+    rotated rounds, each round timing `inner` calls of every candidate, after one warm-up call."""
+    for fn in candidates.values():
+        fn()
+    repeated = {name: (lambda fn=fn: [fn() for _ in range(inner)]) for name, fn in candidates.items()}
+    times = interleaved(repeated, rounds, 0.0, device=device)
+    return {name: [t / inner for t in ts] for name, ts in times.items()}
 
 
 def compiled(fn):
